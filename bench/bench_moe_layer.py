@@ -1,0 +1,215 @@
+"""Benchmark: one MoE layer forward+backward, ours vs HF transformers vs DeepSpeed, CPU fp32.
+
+    python bench/bench_moe_layer.py                 # the issue's shape, all implementations
+    python bench/bench_moe_layer.py --tokens 1024 --iters 3 --impls ours_loop,hf_grouped_mm
+
+Shape (issue 2): hidden 512, expert width 352, 64 routed experts top-6, 1 shared expert,
+4096 tokens, fp32. Implementations, each timed in its OWN subprocess (so peak RSS is per
+implementation) with identical weights copied from our layer:
+- ours_loop / ours_grouped_mm: `MoELayer` (dropless) with either experts path.
+- hf_grouped_mm: transformers `DeepseekV2Moe` with `config._experts_implementation =
+  "grouped_mm"` (its fast path; "batched_mm" materialises per-token weights).
+- deepspeed: `deepspeed.moe.layer.MoE(k=6, capacity_factor=1.0)` (drops tokens past capacity,
+  GShard-style [T, E, C] dispatch masks) in a 1-process gloo group, plus the same shared
+  SwiGLU expert added outside (DeepSpeed has no shared experts) so the work is comparable.
+- matmul: the ceiling, one dense [T, D] x [D, F] matmul forward+backward with the same FLOPs as
+  the MoE layer (F = 3 * H * (K + shared) + E).
+Printed per implementation: median seconds per fwd+bwd, tokens/s, peak RSS and peak RSS above
+the process baseline before the layer was built, our ratio against it, and its share of the
+matmul ceiling (ceiling time / its time). Numbers go to bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPLS = ["ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _our_layer(args, impl: str):
+    import torch
+
+    from deepseek_moe.config.model import MoEConfig
+    from deepseek_moe.model.moe import MoELayer
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_routed_experts=args.experts, n_shared_experts=1, top_k=args.top_k,
+                    moe_intermediate_size=args.expert_width, aux_loss_alpha=0.001,
+                    experts_impl=impl)
+    layer = MoELayer(args.hidden, cfg)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.02)
+    return layer
+
+
+def _build(args, impl: str):
+    """Returns step(x_TD, gy_TD) -> None running one forward+backward."""
+    import torch
+
+    if impl.startswith("ours_"):
+        layer = _our_layer(args, impl[len("ours_"):])
+
+        def step(x, gy):
+            y, aux = layer(x)
+            torch.autograd.backward([y] + list(aux.values()),
+                                    [gy] + [torch.ones_like(v) for v in aux.values()])
+        return step, layer
+
+    ours = _our_layer(args, "loop")
+    if impl == "hf_grouped_mm":
+        import transformers
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+        hf_cfg = transformers.DeepseekV2Config(
+            hidden_size=args.hidden, moe_intermediate_size=args.expert_width,
+            n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_shared_experts=1,
+            n_group=1, topk_group=1, topk_method="greedy", routed_scaling_factor=1.0,
+            hidden_act="silu", num_attention_heads=4, num_key_value_heads=4)
+        hf_cfg._experts_implementation = "grouped_mm"
+        layer = DeepseekV2Moe(hf_cfg).float()
+        with torch.no_grad():
+            layer.gate.weight.copy_(ours.gate.weight)
+            for e, ex in enumerate(ours.experts):
+                layer.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
+                layer.experts.down_proj[e].copy_(ex.down_proj.weight)
+            layer.shared_experts.load_state_dict(ours.shared_experts.state_dict())
+        del ours
+
+        def step(x, gy):
+            layer(x.unsqueeze(0)).squeeze(0).backward(gy)
+        return step, layer
+
+    if impl == "deepspeed":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+
+        from deepseek_moe.model.ffn import SwiGLU
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        moe = MoE(args.hidden, SwiGLU(args.hidden, args.expert_width), num_experts=args.experts,
+                  ep_size=1, k=args.top_k, capacity_factor=1.0, eval_capacity_factor=1.0,
+                  drop_tokens=True)
+        moe.set_deepspeed_parallelism()
+        shared = SwiGLU(args.hidden, args.expert_width)
+        with torch.no_grad():
+            moe.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
+            for e, ex in enumerate(ours.experts):
+                moe.deepspeed_moe.experts.deepspeed_experts[e].load_state_dict(ex.state_dict())
+            shared.load_state_dict(ours.shared_experts.state_dict())
+        del ours
+        moe.train()
+
+        def step(x, gy):
+            y, l_aux, _ = moe(x.unsqueeze(0))
+            y = y.squeeze(0) + shared(x)
+            torch.autograd.backward([y, l_aux], [gy, torch.ones_like(l_aux)])
+        return step, torch.nn.ModuleList([moe, shared])
+
+    if impl == "matmul":
+        F = 3 * args.expert_width * (args.top_k + 1) + args.experts
+        w = torch.nn.Parameter(torch.randn(args.hidden, F) * 0.02)
+
+        def step(x, gy):
+            (x @ w).backward(torch.ones(x.shape[0], F))
+        return step, torch.nn.ParameterList([w])
+
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
+    gy = torch.randn(args.tokens, args.hidden)
+    base = _rss_mb()
+    step, module = _build(args, args.worker)
+    times = []
+    for i in range(args.warmup + args.iters):
+        t0 = time.perf_counter()
+        step(x, gy)
+        dt = time.perf_counter() - t0
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        if i >= args.warmup:
+            times.append(dt)
+    print(json.dumps({"impl": args.worker, "sec": statistics.median(times), "min_sec": min(times),
+                      "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--expert-width", type=int, default=352)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    results = {}
+    for impl in args.impls.split(","):
+        cmd = [sys.executable, __file__, "--worker", impl] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("worker", "impls")]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        line = [l for l in res.stdout.splitlines() if l.startswith("{")]
+        if res.returncode != 0 or not line:
+            print(f"{impl}: FAILED\n{res.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[impl] = json.loads(line[-1])
+
+    T = args.tokens
+    print(f"MoE layer fwd+bwd, fp32, T={T} D={args.hidden} H={args.expert_width} "
+          f"E={args.experts} K={args.top_k} +1 shared, {args.threads} threads, median of {args.iters}")
+    ours = results.get("ours_loop") or results.get("ours_grouped_mm")
+    ceiling = results.get("matmul")
+    print("| impl | ms/iter | tokens/s | peak RSS MB | RSS over base MB | ours_loop speedup | share of matmul ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for impl, r in results.items():
+        speed = f"{r['sec'] / ours['sec']:.2f}x" if ours else "-"
+        share = f"{ceiling['sec'] / r['sec']:.0%}" if ceiling else "-"
+        print(f"| {impl} | {r['sec'] * 1e3:.0f} | {T / r['sec']:,.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['peak_rss_mb'] - r['base_rss_mb']:.0f} | {speed} | {share} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Data configuration: which corpus, which tokenizer, where the packed shards live.
+
+`DataConfig` is the `data` node of the Hydra tree (`conf/data/<preset>.yaml`). The same group is
+composed by `python -m data_prep.prepare data=<preset>` (which writes the shards) and by
+`train.py data=<preset>` (which reads them), so both agree on `out_dir`.
+
+Path resolution: relative `path`, `out_dir` and `tokenizer_model` are resolved against the
+directory the command was started from (Hydra's original cwd; `conf/config.yaml` sets
+`hydra.job.chdir: false`, so that is the process cwd). `out_dir=None` means `data/<name>`.
+See `deepseek_moe.data.meta.resolve_path`.
+
+Sources (`source`):
+- "python_stdlib": every `*.py` under the running interpreter's stdlib
+  (`sysconfig.get_paths()["stdlib"]`), minus `exclude_dirs`; `path` must be unset.
+- "local_text": one document per file; `path` is a directory (searched recursively for
+  `file_pattern`), a single file or a glob.
+- "json" (also .jsonl), "csv", "parquet": local files read by `datasets.load_dataset(<source>)`;
+  `path` is a file, a directory or a glob; each row's `text_column` is one document.
+- "hf_hub": `datasets.load_dataset(path, hf_name, split=hf_split)` (needs internet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+SOURCES = ("python_stdlib", "local_text", "json", "csv", "parquet", "hf_hub")
+
+# sentencepiece reserves these ids (unk, bos, eos, pad) and one piece per byte (byte_fallback);
+# a BPE vocab needs room for the corpus' characters on top, which the trainer checks itself.
+MIN_VOCAB_SIZE = 4 + 256 + 1
+# ids must fit the uint32 shards and a model embedding; beyond this nothing sensible is trained.
+MAX_VOCAB_SIZE = 1 << 20
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """A corpus, its tokenizer and its packed token shards (see `data_prep/prepare.py`)."""
+
+    name: str = "python_stdlib"
+    """Preset name; also names the default output directory `data/<name>`."""
+    source: str = "python_stdlib"
+    """Where documents come from: "python_stdlib", "local_text", "json", "csv", "parquet" or
+    "hf_hub" (see the module docstring)."""
+    path: Optional[str] = None
+    """Directory, file or glob for local sources; dataset name for "hf_hub"; unset for
+    "python_stdlib"."""
+    file_pattern: str = "*.txt"
+    """local_text with a directory `path`: files matching this name pattern, searched
+    recursively. (python_stdlib always uses "*.py".)"""
+    exclude_dirs: list[str] = field(default_factory=list)
+    """Directory names skipped while walking a directory source (e.g. "test", "site-packages")."""
+    text_column: str = "text"
+    """Column holding the document text for json/csv/parquet/hf_hub sources."""
+    hf_name: Optional[str] = None
+    """hf_hub: dataset configuration name (the second argument of `load_dataset`)."""
+    hf_split: str = "train"
+    """hf_hub and local table sources: the split to read; we make our own train/val split."""
+    hf_revision: Optional[str] = None
+    """hf_hub: a git revision to pin, so the source fingerprint means something."""
+    streaming: bool = False
+    """Read the source with `datasets` streaming (corpora larger than memory). Tokenisation then
+    runs in this process (num_proc is ignored) and the split is by a seeded per-document hash."""
+    max_documents: Optional[int] = None
+    """Keep only the first N documents of the source (tests and smoke runs); None keeps all."""
+    val_fraction: float = 0.01
+    """Fraction of documents held out for validation (at least one document)."""
+    split_seed: int = 1234
+    """Seed of the train/val document split; the same seed gives the same split everywhere."""
+    vocab_size: int = 8192
+    """Sentencepiece vocabulary size to train (ignored when `tokenizer_model` is given)."""
+    tokenizer_model: Optional[str] = None
+    """Reuse this existing sentencepiece `.model` instead of training one."""
+    tokenizer_sentences: int = 300_000
+    """Sentencepiece trains on at most this many lines, sampled with a fixed seed."""
+    tokenizer_max_sentence_length: int = 4192
+    """Lines longer than this (bytes) are left out of tokenizer training (not out of the data)."""
+    tokenizer_threads: int = 2
+    """Threads for sentencepiece training (its output does not depend on this)."""
+    num_proc: int = 2
+    """Worker processes for `datasets.map` tokenisation (1 = in-process)."""
+    out_dir: Optional[str] = None
+    """Where train.bin, val.bin, meta.json and tokenizer.model are written; None = data/<name>.
+    Relative paths resolve against the launch directory."""
+    force: bool = False
+    """Re-prepare even if `out_dir` already holds a complete preparation."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"data.name={self.name!r} must be a non-empty name without '/'")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r} is not one of {list(SOURCES)}; "
+                             "set data.source to one of them")
+        if self.source == "python_stdlib" and self.path is not None:
+            raise ValueError(f"data.source=python_stdlib reads the interpreter's stdlib, but "
+                             f"data.path={self.path!r} is set; unset data.path or use "
+                             "data.source=local_text")
+        if self.source not in ("python_stdlib",) and not self.path:
+            raise ValueError(f"data.source={self.source} needs data.path (a directory, file or "
+                             "glob; a dataset name for hf_hub); set data.path=...")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1), "
+                             "e.g. 0.01")
+        if self.tokenizer_model is None and not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be in "
+                             f"[{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (4 special ids + 256 byte "
+                             "pieces + merges); e.g. data.vocab_size=8192")
+        if self.max_documents is not None and self.max_documents < 2:
+            raise ValueError(f"data.max_documents={self.max_documents} must be >= 2 (one train "
+                             "and one val document) or null for all")
+        for key in ("num_proc", "tokenizer_threads", "tokenizer_sentences",
+                    "tokenizer_max_sentence_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if not self.text_column:
+            raise ValueError("data.text_column must name the column holding the text")

@@ -1,0 +1,85 @@
+"""The dispatcher seam: how token copies reach the routed experts and come back.
+
+Shapes: T local tokens, D model dim, K top-k, N token copies handled by THIS rank's experts,
+E global routed experts, L local experts (E without expert parallelism).
+
+Contract (`MoELayer` calls exactly this; the EP helper's `AllToAllDispatcher` in
+`deepseek_moe/parallel/` implements the same protocol):
+
+    x_ND, counts_L, ctx = dispatcher.dispatch(x_TD, ids_TK, num_experts)
+    y_ND = experts(x_ND, counts_L)          # same row order as x_ND
+    y_TD = dispatcher.combine(y_ND, weights_TK, ctx)
+
+- `ids_TK` (int64) holds GLOBAL expert ids in [0, num_experts), or -1 for a DROPPED copy
+  (capacity overflow; the layer marks drops before dispatch). Dispatchers must not send or
+  compute dropped copies; they contribute exactly 0 to y_TD. Without capacity (the default,
+  dropless) there is no -1.
+- `x_ND` holds the copies for this rank's local experts, grouped contiguously by local expert
+  in ascending order (local expert l = global expert local_expert_offset + l); within an expert
+  the order is unspecified (LocalDispatcher: ascending token-copy index t*K+k, i.e. stable).
+- `counts_L` is an int64 CPU-or-device tensor of copies per local expert (sum = N), including
+  zeros: experts with no tokens still get an empty slice and must still run (so every expert
+  parameter stays in the autograd graph: DeepSpeed/ZeRO and DDP expect every grad).
+- `combine` is the inverse permutation of dispatch followed by the weighted sum over the K
+  copies of each token: y_TD[t] = sum_k weights_TK[t, k] * y(copy t,k) (0 for dropped copies).
+  `weights_TK` is fp32 from the router; the sum is done in y's dtype. Gradients flow to y_ND
+  and to weights_TK (the router learns through the gates).
+- Nothing here touches torch.distributed; `LocalDispatcher` is the single-process case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class Dispatcher(Protocol):
+    def dispatch(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class LocalContext:
+    order_N: torch.Tensor
+    """Flat copy index (t*K + k) of each row of x_ND."""
+    num_tokens: int
+    top_k: int
+
+
+def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_N, counts_E): kept copy indices sorted stably by expert id, and copies per expert.
+
+    Dropped copies (id -1) are excluded from both.
+    """
+    ids_N = ids_TK.reshape(-1)
+    kept = ids_N >= 0
+    # Dropped copies get the sentinel id num_experts so a stable sort puts them last.
+    key_N = torch.where(kept, ids_N, torch.full_like(ids_N, num_experts))
+    order = torch.argsort(key_N, stable=True)
+    counts_E = torch.bincount(ids_N[kept], minlength=num_experts)
+    n_kept = int(counts_E.sum())
+    return order[:n_kept], counts_E
+
+
+class LocalDispatcher:
+    """Single-process dispatcher: a stable sort by expert, a gather and a scatter-back."""
+
+    def dispatch(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
+        T, K = ids_TK.shape
+        order_N, counts_E = sort_by_expert(ids_TK, num_experts)
+        x_ND = x_TD[order_N // K]
+        return x_ND, counts_E, LocalContext(order_N, T, K)
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
+        T, K = ctx.num_tokens, ctx.top_k
+        D = y_ND.shape[-1]
+        # Scatter back to copy slots (dropped slots stay 0), then a [T,1,K] x [T,K,D] bmm.
+        y_TKD = y_ND.new_zeros(T * K, D).index_copy(0, ctx.order_N, y_ND).view(T, K, D)
+        return torch.bmm(weights_TK.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)

@@ -1,0 +1,165 @@
+"""The DeepSeekMoE FFN: router -> dispatcher -> routed experts -> + shared experts.
+
+Shapes: B batch, S sequence, T = B*S local tokens, D model dim, H expert hidden, E global routed
+experts, K top-k, N token copies on this rank, L local experts.
+
+Interface (stable; the EP helper and the trainer build on it):
+
+    layer = MoELayer(dim, moe_cfg, layer_idx=L, ep_rank=0, ep_size=1)
+    y_BSD, aux = layer(x_BSD)       # also accepts x_TD (treated as one sequence)
+
+- `aux: dict[str, Tensor]` holds the ALPHA-SCALED balance losses enabled in the config, keys
+  "expert_balance" (per-sequence when seq_aux), "device_balance", "comm_balance", "z_loss".
+  Empty dict if all are off. The model sums them over layers into `aux_loss`.
+- Submodules / state-dict keys (HF layout): `gate.weight` [E, D] (+ buffer
+  `gate.e_score_correction_bias` [E]), `experts.<l>.{gate,up,down}_proj.weight` for the
+  L = E / ep_size LOCAL experts (l is local; global id = local_expert_offset + l),
+  `shared_experts.{gate,up,down}_proj.weight` (one fused SwiGLU of width n_shared * H; absent
+  when n_shared_experts = 0).
+- `self.dispatcher` (default `LocalDispatcher`) is the parallelism seam; see `dispatch.py`. For
+  ep_size > 1 the EP helper must assign an all-to-all dispatcher before the first forward.
+- The router sees all E experts on every rank (gate weight replicated); routing is computed on
+  the local tokens only. Device-limited routing groups = `moe_cfg.n_groups` contiguous expert
+  blocks; under EP choose n_groups = ep_size so groups are ranks.
+- Capacity (capacity_factor not None, training only): capacity C = ceil(cf * T * K / E) copies
+  per expert over the local T tokens; the lowest-affinity copies of an overfull expert get id -1
+  before dispatch (the dispatcher skips them; their output is 0). Balance losses and load stats
+  use the selections BEFORE dropping (that is what the router chose).
+- Statistics for logging accumulate in `self.stats` (training forwards only):
+  `self.stats.compute_metrics(reset=True)`; raw per-expert selections of the last forward are in
+  `self.last_counts_E` (for EP reasoning about the loss statistics).
+- `self.gate.pending_load_E` accumulates loads for the V3 bias; `self.gate.update_bias()`
+  applies it (the model's `update_router_bias()` calls it on every MoE layer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from deepseek_moe.config.model import MoEConfig
+from deepseek_moe.model import losses
+from deepseek_moe.model.dispatch import Dispatcher, LocalDispatcher
+from deepseek_moe.model.experts import RoutedExperts
+from deepseek_moe.model.ffn import SwiGLU
+from deepseek_moe.model.router import Router
+from deepseek_moe.model.router_stats import RouterStats
+
+
+def capacity_mask(
+    ids_TK: torch.Tensor, affinity_TK: torch.Tensor, *, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """kept_TK bool: per expert, keep the `capacity` highest-affinity copies (ties: lower t*K+k).
+
+    Pure function; no Python loop over tokens or experts.
+    """
+    ids_N = ids_TK.reshape(-1)
+    aff_N = affinity_TK.reshape(-1)
+    by_aff = torch.argsort(aff_N, descending=True, stable=True)
+    order = by_aff[torch.argsort(ids_N[by_aff], stable=True)]  # by expert, then affinity desc
+    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_sorted = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order]]
+    kept_N = torch.empty_like(ids_N, dtype=torch.bool)
+    kept_N[order] = pos_sorted < capacity
+    return kept_N.view_as(ids_TK)
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        cfg: MoEConfig,
+        *,
+        layer_idx: int = 0,
+        ep_rank: int = 0,
+        ep_size: int = 1,
+        dispatcher: Optional[Dispatcher] = None,
+    ) -> None:
+        super().__init__()
+        E = cfg.n_routed_experts
+        if ep_size < 1 or E % ep_size != 0:
+            raise ValueError(
+                f"n_routed_experts={E} is not divisible by ep_size={ep_size}: "
+                "choose an expert-parallel size that divides the number of routed experts."
+            )
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank={ep_rank} must be in [0, ep_size={ep_size}).")
+        self.cfg, self.dim, self.layer_idx = cfg, dim, layer_idx
+        self.num_experts = E
+        self.num_local_experts = E // ep_size
+        self.local_expert_offset = ep_rank * self.num_local_experts
+        self.gate = Router(dim, cfg)
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.experts = RoutedExperts(self.num_local_experts, dim, cfg.moe_intermediate_size,
+                                     impl=cfg.experts_impl)
+        self.shared_experts = (
+            SwiGLU(dim, cfg.n_shared_experts * cfg.moe_intermediate_size)
+            if cfg.n_shared_experts > 0 else None
+        )
+        self.stats = RouterStats(E, cfg.n_groups, ep_size)
+        self.last_counts_E: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x_BSD (or x_TD) -> (y of the same shape, alpha-scaled aux losses)."""
+        cfg, E = self.cfg, self.num_experts
+        if self.num_local_experts != E and isinstance(self.dispatcher, LocalDispatcher):
+            raise RuntimeError(
+                f"MoELayer {self.layer_idx} holds {self.num_local_experts} of {E} experts "
+                "(ep_size > 1) but uses LocalDispatcher: assign an all-to-all dispatcher."
+            )
+        shape = x.shape
+        B, S = (1, shape[0]) if x.dim() == 2 else (shape[0], shape[1])
+        x_TD = x.reshape(-1, shape[-1])
+        T = x_TD.shape[0]
+
+        r = self.gate(x_TD)
+        ids_TK = r.ids_TK
+        kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+        if cfg.capacity_factor is not None and self.training:
+            capacity = math.ceil(cfg.capacity_factor * T * cfg.top_k / E)
+            with torch.no_grad():
+                kept_TK = capacity_mask(ids_TK, r.scores_TE.gather(1, ids_TK),
+                                        num_experts=E, capacity=capacity)
+            ids_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, -1))
+
+        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, ids_TK, E)
+        y_ND = self.experts(x_ND, counts_L)
+        y_TD = self.dispatcher.combine(y_ND, r.weights_TK, ctx)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        probs_TE = r.scores_TE
+        if cfg.scoring_func == "sigmoid":  # V3: normalise sigmoid affinities for the losses
+            probs_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
+        aux = self._aux_losses(r.logits_TE, probs_TE, r.ids_TK, B, S)
+        with torch.no_grad():
+            self.last_counts_E = losses.expert_counts(r.ids_TK, E)
+            if self.training:
+                self.stats.update(probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK)
+        return y_TD.view(shape), aux
+
+    def _aux_losses(self, logits_TE, probs_TE, ids_TK, B: int, S: int) -> dict[str, torch.Tensor]:
+        cfg, E = self.cfg, self.num_experts
+        aux: dict[str, torch.Tensor] = {}
+        if cfg.aux_loss_alpha > 0:
+            if cfg.seq_aux:
+                aux["expert_balance"] = losses.seq_expert_balance_loss(
+                    probs_BSE=probs_TE.view(B, S, E), ids_BSK=ids_TK.view(B, S, -1),
+                    alpha=cfg.aux_loss_alpha)
+            else:
+                aux["expert_balance"] = losses.expert_balance_loss(
+                    probs_TE=probs_TE, ids_TK=ids_TK, alpha=cfg.aux_loss_alpha)
+        if cfg.device_aux_alpha > 0 and cfg.n_groups > 1:
+            aux["device_balance"] = losses.device_balance_loss(
+                probs_TE=probs_TE, ids_TK=ids_TK, n_groups=cfg.n_groups, alpha=cfg.device_aux_alpha)
+        if cfg.comm_aux_alpha > 0 and cfg.n_groups > 1:
+            aux["comm_balance"] = losses.comm_balance_loss(
+                probs_TE=probs_TE, ids_TK=ids_TK, n_groups=cfg.n_groups,
+                topk_groups=cfg.topk_groups, alpha=cfg.comm_aux_alpha)
+        if cfg.z_loss_coef > 0:
+            aux["z_loss"] = losses.router_z_loss(logits_TE=logits_TE, coef=cfg.z_loss_coef)
+        return aux

@@ -1,0 +1,145 @@
+"""Top-k router: fp32 affinities -> (device-limited) top-k -> gates.
+
+Shapes: T tokens, D model dim, E routed experts, K top-k, G groups (devices).
+
+Rules (see /work/shared/reference/deepseek_moe.md):
+- s_TE = softmax(x W^T) (DeepSeekMoE, V2) or sigmoid(x W^T) (V3), computed in fp32.
+- Selection uses s + b where b is the V3 selection-only bias (zero unless bias_update_rate > 0);
+  the gates use the unbiased s gathered at the selected ids.
+- Device-limited routing (V2 sec. 2.2.2): group g = experts [g*E/G, (g+1)*E/G); group score =
+  max selection score of its experts; keep the top M groups; top-K inside them. This is HF
+  deepseek_v2 `group_limited_greedy`. We use the V2 max rule also for sigmoid/V3-style configs
+  (HF V3 scores a group by its top-2 sum): the paper we follow for routing limits is V2, and
+  one rule keeps "groups = EP ranks" simple to reason about. With M = G it is plain top-k.
+- Gates: g = s at the selected ids; renormalised to sum 1 if norm_topk_prob (V3; DeepSeekMoE
+  does NOT renormalise); then multiplied by routed_scaling_factor (V2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_moe.config.model import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    logits_TE: torch.Tensor
+    """fp32 router logits (noise included in training if router_noise_std > 0)."""
+    scores_TE: torch.Tensor
+    """fp32 affinities s (softmax or sigmoid of the logits); these carry the router gradient."""
+    ids_TK: torch.Tensor
+    """int64 selected global expert ids, best first."""
+    weights_TK: torch.Tensor
+    """fp32 gates for the selected experts."""
+
+
+def device_limited_topk(
+    select_TE: torch.Tensor, *, top_k: int, n_groups: int, topk_groups: int
+) -> torch.Tensor:
+    """ids_TK of the top_k experts among the topk_groups best groups (group score = max).
+
+    With topk_groups == n_groups it is exactly torch.topk(select_TE, top_k).
+    """
+    if topk_groups >= n_groups:
+        return torch.topk(select_TE, top_k, dim=-1).indices
+    T, E = select_TE.shape
+    group_TGe = select_TE.view(T, n_groups, E // n_groups)
+    group_TG = group_TGe.max(dim=-1).values
+    keep_TM = torch.topk(group_TG, topk_groups, dim=-1).indices
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TM, True)
+    masked_TE = select_TE.masked_fill(~keep_TG.repeat_interleave(E // n_groups, dim=1), float("-inf"))
+    return torch.topk(masked_TE, top_k, dim=-1).indices
+
+
+def route(
+    logits_TE: torch.Tensor,
+    *,
+    top_k: int,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    scoring_func: str = "softmax",
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+    bias_E: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure routing rule. logits_TE (fp32) -> (scores_TE, ids_TK, weights_TK)."""
+    if scoring_func == "softmax":
+        scores_TE = logits_TE.softmax(dim=-1)
+    elif scoring_func == "sigmoid":
+        scores_TE = logits_TE.sigmoid()
+    else:
+        raise ValueError(f"scoring_func={scoring_func!r} must be 'softmax' or 'sigmoid'.")
+    with torch.no_grad():
+        # NOTE: the bias only changes which experts are selected, never the gate values.
+        select_TE = scores_TE if bias_E is None else scores_TE + bias_E
+        ids_TK = device_limited_topk(
+            select_TE, top_k=top_k, n_groups=n_groups, topk_groups=topk_groups
+        )
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if routed_scaling_factor != 1.0:
+        weights_TK = weights_TK * routed_scaling_factor
+    return scores_TE, ids_TK, weights_TK
+
+
+class Router(nn.Module):
+    """The `gate` of an MoE layer: weight [E, D] (HF key `mlp.gate.weight`).
+
+    Buffers:
+    - `e_score_correction_bias` [E] fp32 (persistent, HF V3 name): V3 selection bias.
+    - `pending_load_E` [E] fp32 (not persistent): token copies per expert selected since the
+      last `update_bias()`, accumulated in training when bias_update_rate > 0. Under DP/EP the
+      trainer all-reduces this buffer (sum) before calling `update_bias()`.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim))
+        E = cfg.n_routed_experts
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.register_buffer("pending_load_E", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        cfg = self.cfg
+        # NOTE: router math in fp32 (softmax over many experts and top-k ties are precision
+        # sensitive), whatever the activation dtype.
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.training and cfg.router_noise_std > 0:
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.router_noise_std
+        use_bias = cfg.bias_update_rate > 0
+        scores_TE, ids_TK, weights_TK = route(
+            logits_TE,
+            top_k=cfg.top_k,
+            n_groups=cfg.n_groups,
+            topk_groups=cfg.topk_groups,
+            scoring_func=cfg.scoring_func,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            bias_E=self.e_score_correction_bias if use_bias else None,
+        )
+        if self.training and use_bias:
+            with torch.no_grad():
+                self.pending_load_E += torch.bincount(
+                    ids_TK.flatten(), minlength=cfg.n_routed_experts
+                ).float()
+        return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """V3 aux-free update: b -= rate * sign(load - mean(load)); then clear the loads.
+
+        Call once per optimizer step, outside backward. No-op if off or nothing accumulated.
+        """
+        rate = self.cfg.bias_update_rate
+        load = self.pending_load_E
+        if rate > 0 and load.sum() > 0:
+            self.e_score_correction_bias -= rate * torch.sign(load - load.mean())
+        load.zero_()

@@ -1,0 +1,70 @@
+"""Per-layer router statistics, accumulated in buffers during training forwards.
+
+The module accumulates; the trainer reads (and, under DP/EP, may all-reduce the buffers with
+SUM before reading) and logs. `compute_metrics(reset=True)` returns plain floats.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RouterStats(nn.Module):
+    """Buffers (fp64, not persistent):
+    - tokens_per_expert_E: selections per global expert (before capacity dropping)
+    - counters [6]: tokens, entropy_sum, dropped_copies, total_copies, groups_sum, ranks_sum
+      (groups = the n_groups routing groups, ranks = EP ranks: distinct ones reached per token)
+    """
+
+    def __init__(self, num_experts: int, n_groups: int, num_ranks: int) -> None:
+        super().__init__()
+        self.num_experts, self.n_groups, self.num_ranks = num_experts, n_groups, num_ranks
+        self.register_buffer("tokens_per_expert_E", torch.zeros(num_experts, dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("counters", torch.zeros(6, dtype=torch.float64), persistent=False)
+
+    @torch.no_grad()
+    def update(self, *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor) -> None:
+        """probs_TE: normalised affinities; ids_TK: selected experts; kept_TK: bool not dropped."""
+        T, E = probs_TE.shape
+        self.tokens_per_expert_E += torch.bincount(ids_TK.reshape(-1), minlength=E).double()
+        p = probs_TE.double()
+        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
+        groups = _distinct_blocks(ids_TK, E // self.n_groups, self.n_groups)
+        ranks = _distinct_blocks(ids_TK, E // self.num_ranks, self.num_ranks)
+        self.counters += torch.tensor(
+            [T, float(entropy), float((~kept_TK).sum()), ids_TK.numel(), groups, ranks],
+            dtype=torch.float64, device=self.counters.device,
+        )
+
+    @torch.no_grad()
+    def compute_metrics(self, reset: bool = True) -> dict[str, float]:
+        load = self.tokens_per_expert_E
+        tokens, entropy, dropped, copies, groups, ranks = self.counters.tolist()
+        out: dict[str, float] = {}
+        if tokens > 0:
+            out = {
+                "load_imbalance": float(load.max() / load.mean()),
+                "router_entropy": entropy / tokens,
+                "dropped_frac": dropped / copies,
+                "ranks_per_token": ranks / tokens,
+                "groups_per_token": groups / tokens,
+                "max_expert_frac": float(load.max() / load.sum()),
+                "min_expert_frac": float(load.min() / load.sum()),
+            }
+        if reset:
+            self.reset()
+        return out
+
+    def reset(self) -> None:
+        self.tokens_per_expert_E.zero_()
+        self.counters.zero_()
+
+
+def _distinct_blocks(ids_TK: torch.Tensor, block: int, n_blocks: int) -> float:
+    """Sum over tokens of the number of distinct blocks (groups/ranks) their experts fall in."""
+    T = ids_TK.shape[0]
+    hit = torch.zeros(T, n_blocks, dtype=torch.bool, device=ids_TK.device)
+    hit.scatter_(1, torch.div(ids_TK, block, rounding_mode="floor"), True)
+    return float(hit.sum())

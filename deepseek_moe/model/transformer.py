@@ -1,0 +1,168 @@
+"""DeepSeekMoE decoder for causal LM pretraining.
+
+Shapes: B batch, S sequence, D model dim, V vocab.
+
+    model = DeepSeekMoEForCausalLM(cfg)                # cfg: ModelConfig
+    out = model(input_ids_BS, labels_BS)              # -> CausalLMOutput
+    out.loss.backward()                               # loss = lm_loss + aux_loss
+    model.update_router_bias()                        # once per optimizer step (V3 bias)
+    model.router_metrics(reset=True)                  # {"moe/layer{L}/load_imbalance": ...}
+
+Labels are ALREADY SHIFTED next-token targets (labels[b, s] is the token after input_ids[b, s]);
+-100 is ignored. State-dict keys follow HF DeepSeek/Llama: `model.embed_tokens.weight`,
+`model.layers.{L}.{input,post_attention}_layernorm.weight`,
+`model.layers.{L}.self_attn.{q,k,v,o}_proj.weight`, `model.layers.{L}.mlp.*` (dense SwiGLU or
+MoE, see moe.py), `model.norm.weight`, `lm_head.weight` (absent from parameters when tied).
+
+Build big presets without memory: `with torch.device("meta"): DeepSeekMoEForCausalLM(cfg)`;
+after `model.to_empty(device=...)` call `model.init_weights()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.model.attention import Attention
+from deepseek_moe.model.ffn import SwiGLU
+from deepseek_moe.model.moe import MoELayer
+from deepseek_moe.model.norm import RMSNorm
+from deepseek_moe.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits_BSV: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    """lm_loss + aux_loss; None without labels."""
+    lm_loss: Optional[torch.Tensor] = None
+    """Mean next-token cross-entropy over non-ignored labels; None without labels."""
+    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    """Sum of all alpha-scaled balance losses over layers (0 for a dense model)."""
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per kind ("expert_balance", "device_balance", "comm_balance", "z_loss"), summed over layers."""
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)). FFN is dense SwiGLU or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ep_rank: int, ep_size: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            assert cfg.moe is not None
+            self.mlp: nn.Module = MoELayer(cfg.hidden_size, cfg.moe, layer_idx=layer_idx,
+                                           ep_rank=ep_rank, ep_size=ep_size)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD))
+        h_BSD = self.post_attention_layernorm(x_BSD)
+        if isinstance(self.mlp, MoELayer):
+            y_BSD, aux = self.mlp(h_BSD)
+        else:
+            y_BSD, aux = self.mlp(h_BSD), {}
+        return x_BSD + y_BSD, aux
+
+
+class DeepSeekMoEModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_rank: int, ep_size: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i, ep_rank, ep_size) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepSeekMoEForCausalLM(nn.Module):
+    """`ep_rank`/`ep_size` (keyword-only, default no EP) make each MoE layer hold only its
+    E/ep_size local experts; the EP helper then swaps in an all-to-all dispatcher."""
+
+    def __init__(self, cfg: ModelConfig, *, ep_rank: int = 0, ep_size: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = DeepSeekMoEModel(cfg, ep_rank, ep_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every linear/embedding/router weight, ones for norms,
+        zero V3 biases, fresh RoPE tables. Safe to call after `to_empty()` from meta."""
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, RotaryEmbedding):
+                if m.cos.device.type != "meta":
+                    m.reset_tables()
+        for layer in self.moe_layers():
+            nn.init.normal_(layer.gate.weight, mean=0.0, std=std)
+            layer.gate.e_score_correction_bias.zero_()
+            layer.gate.pending_load_E.zero_()
+            layer.stats.reset()
+
+    def moe_layers(self) -> Iterator[MoELayer]:
+        for block in self.model.layers:
+            if isinstance(block.mlp, MoELayer):
+                yield block.mlp
+
+    def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None
+                ) -> CausalLMOutput:
+        x_BSD = self.model.embed_tokens(input_ids_BS)
+        aux_losses: dict[str, torch.Tensor] = {}
+        for block in self.model.layers:
+            x_BSD, aux = block(x_BSD)
+            for name, value in aux.items():
+                aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
+        logits_BSV = self.lm_head(self.model.norm(x_BSD))
+        aux_loss = (torch.stack(list(aux_losses.values())).sum() if aux_losses
+                    else torch.zeros((), device=logits_BSV.device))
+        out = CausalLMOutput(logits_BSV=logits_BSV, aux_loss=aux_loss, aux_losses=aux_losses)
+        if labels_BS is not None:
+            if labels_BS.shape != input_ids_BS.shape:
+                raise ValueError(
+                    f"labels shape {tuple(labels_BS.shape)} != input_ids shape "
+                    f"{tuple(input_ids_BS.shape)}: pass already-shifted next-token labels."
+                )
+            out.lm_loss = lm_cross_entropy(logits_BSV, labels_BS)
+            out.loss = out.lm_loss + aux_loss
+        return out
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """Apply the V3 selection-bias update on every MoE layer (no-op when off)."""
+        for layer in self.moe_layers():
+            layer.gate.update_bias()
+
+    @torch.no_grad()
+    def router_metrics(self, reset: bool = True) -> dict[str, float]:
+        """Per-layer router stats since the last reset, keyed "moe/layer{L}/<name>"."""
+        out: dict[str, float] = {}
+        for layer in self.moe_layers():
+            for name, value in layer.stats.compute_metrics(reset=reset).items():
+                out[f"moe/layer{layer.layer_idx}/{name}"] = value
+        return out
+
+
+def lm_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (fp32) over labels != -100; 0 (not NaN) if every label is ignored."""
+    V = logits_BSV.shape[-1]
+    total = F.cross_entropy(logits_BSV.float().reshape(-1, V), labels_BS.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (labels_BS != IGNORE_INDEX).sum().clamp_min(1)
+    return total / count

@@ -1,0 +1,96 @@
+"""Print one JSON object describing a model preset, without allocating its weights.
+
+    python -m deepseek_moe.summary model=deepseek_moe_16b
+    python -m deepseek_moe.summary model=deepseek_moe_tiny model.moe.top_k=2 seq_len=128
+
+`model=NAME` selects `conf/model/NAME.yaml` (or a path to a yaml); `model.<field>=value`
+overrides fields; `seq_len=` sets the sequence length for FLOPs (default max_seq_len). The
+model is built on the meta device, so even the 145B preset answers in seconds; the parameter
+count is taken from the built model and cross-checked against `ModelConfig.num_params()`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from deepseek_moe.config.model import ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+
+
+def load_model_config(name: str, overrides: Sequence[str] = ()) -> ModelConfig:
+    """Compose conf/model/<name>.yaml (or a yaml path) onto ModelConfig, apply dotted overrides
+    ("moe.top_k=2"), validate, and return the dataclass."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONF_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no model preset {name!r} ({path}); known presets: {known}")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path),
+                             OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, ModelConfig)
+    return cfg
+
+
+def summarize(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
+    from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
+
+    with torch.device("meta"):
+        model = DeepSeekMoEForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    if total != cfg.num_params():
+        raise AssertionError(f"built model has {total} params, ModelConfig.num_params() says "
+                             f"{cfg.num_params()}: the analytic count is out of date")
+    S = cfg.max_seq_len if seq_len is None else seq_len
+    layers = ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_layers)]
+    out: dict[str, Any] = {
+        "total_params": total,
+        "active_params": cfg.num_active_params(),
+        "total_params_b": round(total / 1e9, 4),
+        "active_params_b": round(cfg.num_active_params() / 1e9, 4),
+        "embedding_params": cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_embeddings else 2),
+        "seq_len": S,
+        "flops_per_token": cfg.flops_per_token(S),
+        "layout": layers,
+        "num_dense_layers": layers.count("dense"),
+        "num_moe_layers": layers.count("moe"),
+    }
+    if cfg.moe is not None:
+        m = cfg.moe
+        out["experts"] = {
+            "routed": m.n_routed_experts, "shared": m.n_shared_experts, "top_k": m.top_k,
+            "expert_width": m.moe_intermediate_size,
+            "groups": m.n_groups, "topk_groups": m.topk_groups,
+        }
+    return out
+
+
+def main(argv: Sequence[str]) -> None:
+    name, seq_len, overrides = None, None, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value arguments, got {arg!r} (e.g. model=deepseek_moe_16b)")
+        if key == "model":
+            name = value
+        elif key == "seq_len":
+            seq_len = int(value)
+        elif key.startswith("model."):
+            overrides.append(f"{key[len('model.'):]}={value}")
+        else:
+            raise SystemExit(f"unknown argument {key!r}: use model=NAME, model.<field>=V, seq_len=N")
+    if name is None:
+        raise SystemExit("usage: python -m deepseek_moe.summary model=NAME [model.<field>=V] [seq_len=N]")
+    print(json.dumps(summarize(load_model_config(name, overrides), seq_len)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,78 @@
+"""Hydra glue for `train.py`: the structured schema and DictConfig -> RunConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from deepseek_moe.config.train import RunConfig
+
+SCHEMA_NAME = "run_schema"
+
+
+def register_schema() -> None:
+    """Make `run_schema` (the RunConfig dataclass) available to `conf/config.yaml`'s defaults.
+
+    Composing YAML onto it gives struct mode (unknown keys fail) and type checks (a string for an
+    int fails) at composition time, before anything is built."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+
+
+def apply_cli_intent(cfg: DictConfig, task_overrides: list[str]) -> None:
+    """Command-line choices that the schema cannot see: an explicit `model.vocab_size=N` means
+    "use N", not "follow the tokenizer" (unless vocab_from_tokenizer is also given)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in task_overrides}
+    if "model.vocab_size" in keys and "vocab_from_tokenizer" not in keys:
+        cfg.vocab_from_tokenizer = False
+
+
+def _dataclass_of(tp) -> type | None:
+    """The dataclass in `tp` (also inside Optional[...]), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that `schema` does not declare, dotted. Hydra's `+key=value` bypasses struct
+    mode and OmegaConf.to_object drops such keys silently: a typo must not pass unnoticed."""
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    bad = []
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            bad.append(dotted)
+            continue
+        sub_schema = _dataclass_of(hints[key])
+        value = cfg._get_node(key)
+        if sub_schema is not None and isinstance(value, DictConfig) and not value._is_none():
+            bad.extend(unknown_keys(value, sub_schema, f"{dotted}."))
+    return bad
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Validate into our dataclasses; a bad value exits with the check's message (no traceback)."""
+    bad = unknown_keys(cfg, RunConfig)
+    if bad:
+        sys.exit(f"Config error: unknown key(s) {bad}; check the spelling against "
+                 "`python train.py --cfg job` (the schema is deepseek_moe/config/*.py)")
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except Exception as err:  # noqa: BLE001 - OmegaConf wraps __post_init__ errors
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            nxt = cause.__cause__ or cause.__context__
+            if isinstance(cause, ValueError) and not type(cause).__module__.startswith("omegaconf"):
+                break
+            cause = nxt
+        sys.exit(f"Config error: {cause}")
+    assert isinstance(run_cfg, RunConfig)
+    return run_cfg

@@ -1,0 +1,59 @@
+"""The DeepSpeed config dict, generated from our `RunConfig` (users never write DS JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deepseek_moe.config.train import RunConfig
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """"auto" -> bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if precision in ("bf16", "fp16") and device_type != "cuda":
+        raise ValueError(
+            f"trainer.precision={precision} needs a GPU; on {device_type} use trainer.precision=fp32"
+        )
+    return precision
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, device_type: str) -> dict[str, Any]:
+    """DeepSpeed config for `cfg` on `world_size` processes.
+
+    The optimizer and LR scheduler are ours (passed to `deepspeed.initialize`), so the dict has
+    no "optimizer"/"scheduler" sections; DeepSpeed still owns accumulation, clipping, ZeRO
+    partitioning, precision and checkpoint files."""
+    accum = cfg.grad_accum_steps(world_size)
+    precision = resolve_precision(cfg.trainer.precision, device_type)
+    return {
+        "train_batch_size": cfg.trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # torch.optim.AdamW is ZeRO-safe; the flag only silences DeepSpeed's client-optimizer check.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,  # we print our own progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def peak_flops_per_device(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    # Dense tensor-core peaks (no sparsity), from the vendor data sheets.
+    table_bf16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
+                  "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+    if precision == "fp32":
+        return None  # TF32 vs strict fp32 depends on settings; do not guess
+    for key, value in table_bf16.items():
+        if key in name:
+            return value
+    return None

@@ -1,0 +1,77 @@
+"""metrics.jsonl: one JSON object per line, written by rank 0 only.
+
+Train lines carry `step`, `loss`, `lm_loss`, `aux_loss`, one key per aux loss
+(`aux/<name>`), `lr`, `grad_norm`, `tokens_per_s`, `mfu` (null when the device peak is unknown,
+e.g. on CPU) and the per-MoE-layer router metrics (`moe/layer{L}/load_imbalance`, ...). Eval
+lines carry `step` and `val_loss`. Every line is flushed as it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line parses with any JSON reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends to `<run_dir>/metrics.jsonl`. A no-op object on ranks other than 0."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        self._file = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from `step`: drop lines logged after it by the interrupted launch (they were
+        never checkpointed and will be recomputed), so the file reads as one clean run."""
+        if not self.enabled or not self.path.exists():
+            return
+        self._file.close()
+        keep = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    pass  # a line cut by a crash
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_total: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices."""
+    if not peak_flops_total:
+        return None
+    return tokens_per_s * flops_per_token / peak_flops_total
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (for tests and analysis notebooks)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

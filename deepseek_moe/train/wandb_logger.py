@@ -1,0 +1,63 @@
+"""wandb from rank 0, never blocking: offline unless an API key is present.
+
+The run lives under `<run_dir>/wandb/`. Its id is stored in every checkpoint, so a relaunch that
+resumes the checkpoint also resumes the same wandb run (`resume="allow"`).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Optional
+
+from deepseek_moe.config.train import LoggerConfig
+
+
+def resolve_mode(cfg: LoggerConfig) -> str:
+    """WANDB_MODE env wins; else cfg.mode; "auto" = online iff WANDB_API_KEY is set."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class WandbLogger:
+    """Thin wrapper; `run_id` is None for a fresh run (a new id is generated)."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any],
+                 run_id: Optional[str]) -> None:
+        import wandb  # imported lazily: logger=none runs never pay for it
+
+        self._wandb = wandb
+        self.mode = resolve_mode(cfg)
+        # secrets, not random: drawing from the seeded RNGs would change the training run
+        self.run_id = run_id or secrets.token_hex(4)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_dir.name,
+            tags=list(cfg.tags),
+            id=self.run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            mode=self.mode,
+            # console="off": do not wrap stdout (launchers and our progress lines own it);
+            # no git/code scanning: the run directory may be anywhere.
+            settings=wandb.Settings(console="off", silent=True, disable_git=True,
+                                    save_code=False, init_timeout=120),
+        )
+
+    @property
+    def run_path(self) -> Optional[str]:
+        return getattr(self.run, "dir", None)
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()

@@ -1,0 +1,61 @@
+"""meta.json and token-file checks: each bad directory fails naming the file and the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepseek_moe.data.loader import build_train_loader
+from deepseek_moe.data.meta import check_model_vocab, load_meta, padded_vocab_size
+from deepseek_moe.data.packed import PackedTokens
+
+
+def test_missing_meta_names_file_and_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"meta.json is missing.*data_prep.prepare"):
+        load_meta(tmp_path)
+
+
+def test_truncated_bin_is_rejected(make_prepared):
+    meta = make_prepared(1000, 100)
+    path = meta.dir / "train.bin"
+    path.write_bytes(path.read_bytes()[:-2])  # one uint16 token short
+    with pytest.raises(ValueError, match=r"train.bin is truncated or corrupt.*force=true"):
+        PackedTokens(load_meta(meta.dir), "train")
+    with pytest.raises(ValueError, match="truncated"):
+        build_train_loader(meta.dir, seq_len=8, global_batch_size=2, micro_batch_size=1)
+
+
+def test_missing_bin_is_rejected(make_prepared):
+    meta = make_prepared(1000, 100)
+    (meta.dir / "val.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="val.bin is missing"):
+        PackedTokens(meta, "val")
+
+
+def test_edited_or_corrupt_meta_is_rejected(make_prepared):
+    meta = make_prepared(1000, 100)
+    raw = json.loads((meta.dir / "meta.json").read_text())
+    raw["splits"]["train"]["num_tokens"] = 999  # claims a different file
+    (meta.dir / "meta.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="fingerprint does not match"):
+        load_meta(meta.dir)
+    (meta.dir / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json is corrupt"):
+        load_meta(meta.dir)
+
+
+def test_missing_tokenizer_is_rejected(make_prepared):
+    meta = make_prepared(1000, 100)
+    (meta.dir / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.model is missing"):
+        load_meta(meta.dir)
+
+
+def test_model_vocab_must_hold_the_tokenizer_vocab(make_prepared):
+    meta = make_prepared(1000, 100)  # vocab 50000
+    assert padded_vocab_size(50000) == 50048 and padded_vocab_size(64) == 64
+    check_model_vocab(meta, 50048)
+    check_model_vocab(meta, 50000)
+    with pytest.raises(ValueError, match=r"model.vocab_size=49999 is smaller.*>= 50048"):
+        check_model_vocab(meta, 49999)

@@ -1,0 +1,117 @@
+"""End-to-end preparation on a small corpus: round trip, determinism, atomicity, no-op re-runs."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import prepare as prepare_mod
+from data_prep.prepare import ensure_prepared, main, prepare
+from deepseek_moe.data.loader import build_train_loader
+from deepseek_moe.data.meta import load_meta
+from deepseek_moe.data.tokenizer import Tokenizer
+from tests.data_prep.conftest import corpus_config
+
+FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.model")
+
+
+def decode_split(meta, split: str) -> list[str]:
+    """Documents of a split: the token file cut at EOS, each piece decoded."""
+    ids = np.fromfile(meta.split_path(split), dtype={"uint16": "<u2", "uint32": "<u4"}[meta.dtype])
+    cuts = np.flatnonzero(ids == meta.eos_id)
+    assert len(ids) and cuts[-1] == len(ids) - 1, "every document, the last too, ends with EOS"
+    tok = Tokenizer(meta.tokenizer_path)
+    starts = np.concatenate([[0], cuts[:-1] + 1])
+    return [tok.decode(ids[s:e]) for s, e in zip(starts, cuts)]
+
+
+def test_round_trip_gives_back_every_document_once(prepared):
+    cfg, out, expected = prepared
+    meta = load_meta(out)
+    train, val = decode_split(meta, "train"), decode_split(meta, "val")
+    # All kept documents across train and val, none twice (the corpus has one duplicate file,
+    # so compare multisets), nothing else.
+    assert Counter(train + val) == Counter(expected.values())
+    n = len(expected)
+    assert len(val) == round(n * cfg.val_fraction)
+    assert (meta.splits["train"].num_documents, meta.splits["val"].num_documents) == (len(train), len(val))
+    assert meta.skipped_documents == {"not_utf8": 1, "empty": 1}
+    # Documents keep their source order inside each split (sorted relative paths).
+    in_order = iter([expected[k] for k in sorted(expected)])
+    assert all(any(t == s for s in in_order) for t in val), "val is a subsequence of the source"
+    assert meta.vocab_size == 512 and meta.dtype == "uint16"
+    assert (meta.unk_id, meta.bos_id, meta.eos_id, meta.pad_id) == (0, 1, 2, 3)
+    for split in ("train", "val"):
+        ids = np.fromfile(meta.split_path(split), dtype="<u2")
+        assert len(ids) == meta.splits[split].num_tokens and ids.max() < meta.vocab_size
+        assert (ids == meta.bos_id).sum() == 0 and (ids == meta.unk_id).sum() == 0
+
+
+def test_tokenizer_round_trips_edge_cases_and_uses_its_vocab(prepared):
+    _, out, _ = prepared
+    tok = Tokenizer(Path(out) / "tokenizer.model")
+    text = "if x:\n        return {'a': [1, 2]}\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text.encode()) / 1.5, "BPE merges should compress ordinary code"
+    assert tok.sp.piece_to_id("▁▁▁▁") != tok.unk_id, "indentation runs are pieces"
+
+
+def test_two_preparations_are_identical(prepared, corpus, tmp_path):
+    cfg, out, _ = prepared
+    again = prepare(corpus_config(corpus[0], tmp_path / "again", num_proc=1))
+    for name in FILES:
+        assert (Path(out) / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_rerun_is_a_noop_unless_forced_and_config_changes_need_force(corpus, tmp_path):
+    cfg = corpus_config(corpus[0], tmp_path / "out", max_documents=12, vocab_size=400)
+    out = prepare(cfg)
+    stamp = {n: (out / n).stat().st_mtime_ns for n in FILES}
+    assert prepare(cfg) == out
+    assert {n: (out / n).stat().st_mtime_ns for n in FILES} == stamp
+    assert ensure_prepared(cfg).fingerprint == load_meta(out).fingerprint
+    changed = corpus_config(corpus[0], tmp_path / "out", max_documents=12, vocab_size=420)
+    with pytest.raises(ValueError, match=r"vocab_size: 400 there, 420 now.*data.force=true"):
+        prepare(changed)
+    changed.force = True
+    prepare(changed)
+    assert load_meta(out).vocab_size == 420
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temp dirs left behind"
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(corpus, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod, "_write_splits", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus_config(corpus[0], tmp_path / "out", max_documents=6, vocab_size=400))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_replace_a_directory_it_did_not_write(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        prepare(corpus_config(corpus[0], out, max_documents=6, vocab_size=400))
+    assert (out / "precious.txt").read_text() == "user data"
+
+
+def test_cli_composes_the_data_group_and_feeds_the_loader(corpus, tmp_path, capsys):
+    out = tmp_path / "cli"
+    main(["data=local_text", f"data.path={corpus[0]}", "data.file_pattern=*.py",
+          f"data.out_dir={out}", "data.vocab_size=400", "data.max_documents=8",
+          "data.num_proc=1", "data.val_fraction=0.25"])
+    assert "train" in capsys.readouterr().out
+    meta = load_meta(out)
+    assert meta.vocab_size == 400 and meta.splits["val"].num_documents == 2
+    assert meta.prepare_config["source"] == "local_text"
+    batch = next(build_train_loader(out, seq_len=16, global_batch_size=4, micro_batch_size=2))
+    assert batch["input_ids"].shape == (2, 16)
+    assert json.loads((out / "meta.json").read_text())["tokenizer_sha256"] == meta.tokenizer_sha256

@@ -1,0 +1,130 @@
+"""launch/train.sbatch on a real one-node SLURM cluster, with a stand-in trainer.
+
+`fake_train.py` keeps train.py's launch contract (torch env vars, one gloo group, resume from
+run_dir, checkpoint + exit 0 on USR1/TERM) but takes a second to start, so these tests pin down
+the batch script's own logic: env mapping, requeue on USR1, SLURM's requeue on SIGTERM,
+--kill-on-bad-exit. test_train_slurm.py runs the real train.py.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    """A copy of launch/ next to the stand-in trainer as train.py."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "launch", repo / "launch", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(Path(__file__).with_name("fake_train.py"), repo / "train.py")
+    return repo
+
+
+def submit(cluster, repo, tmp_path, name, overrides, tasks=2):
+    """sbatch launch/train.sbatch from `repo`; runs under tmp_path/runs/<name>. Returns the job id."""
+    env = {
+        "DSMOE_RUN_ROOT": str(tmp_path / "runs"),
+        # The job inherits this environment (sbatch --export=ALL): put this venv's python first.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    args = [f"--job-name={name}", "--nodes=1", f"--ntasks-per-node={tasks}", f"--output={tmp_path}/%x-%j.out"]
+    return cluster.sbatch([*args, "launch/train.sbatch", *overrides], cwd=repo, env=env)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def wait_for_steps(cluster, job_id, metrics, n, timeout=60):
+    deadline = time.monotonic() + timeout
+    while len(read_jsonl(metrics)) < n:
+        info = cluster.job(job_id)
+        assert time.monotonic() < deadline and info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"no step {n} in {metrics}: job {info['JobState']}\n{cluster.job_log(info)}"
+        )
+        time.sleep(0.2)
+
+
+def test_two_tasks_one_process_group(slurm_cluster, fake_repo, tmp_path):
+    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-ok", ["trainer.max_steps=3", "step_seconds=0.1"])
+    info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=60)
+    assert info["Restarts"] == "0"
+    run_dir = tmp_path / "runs" / "fake-ok"
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    # sum of ranks 0 + 1 over one all_reduce: both tasks joined one group of 2
+    assert {(m["world_size"], m["ranks_sum"]) for m in read_jsonl(run_dir / "metrics.jsonl")} == {(2, 1.0)}
+    for rank in (0, 1):
+        (launch,) = read_jsonl(run_dir / f"launch_rank{rank}.jsonl")
+        assert launch["env"] == {
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": slurm_cluster.node,
+            "MASTER_PORT": str(10000 + job % 20000),
+        }
+    log = Path(info["StdOut"])
+    assert log.name == f"fake-ok-{job}.out", "one log file per job, named <job name>-<job id>.out"
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, fake_repo, tmp_path):
+    """What a time limit does (--signal=B:USR1@300), sent by hand."""
+    run_dir = tmp_path / "runs" / "fake-usr1"
+    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-usr1", ["trainer.max_steps=10", "step_seconds=0.3"])
+    wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 2)
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=90, min_restarts=1)
+
+    assert info["Restarts"] == "1"
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 11))
+    first, second = read_jsonl(run_dir / "launch_rank0.jsonl")
+    assert first["resume_step"] == 0 and 2 <= second["resume_step"] < 10
+    assert first["job"] == second["job"] == str(job)
+    log = slurm_cluster.job_log(info)
+    assert "requeueing job" in log and "start #0" in log and "start #1" in log  # one log, appended
+
+
+def test_scontrol_requeue_resumes(slurm_cluster, fake_repo, tmp_path):
+    """SIGTERM path (preemption with PreemptMode=REQUEUE behaves the same): SLURM requeues."""
+    run_dir = tmp_path / "runs" / "fake-term"
+    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-term", ["trainer.max_steps=10", "step_seconds=0.3"])
+    wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 2)
+    slurm_cluster.run(["scontrol", "requeue", str(job)])
+    info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=90, min_restarts=1)
+
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 11))
+    resumes = [r["resume_step"] for r in read_jsonl(run_dir / "launch_rank0.jsonl")]
+    assert len(resumes) == 2 and resumes[0] == 0 and resumes[1] >= 2, resumes
+    assert "SIGTERM" in slurm_cluster.job_log(info)
+
+
+def test_failed_rank_ends_job_without_requeue(slurm_cluster, fake_repo, tmp_path):
+    """Rank 1 exits 3 while rank 0 hangs: --kill-on-bad-exit ends the job, which is not requeued."""
+    start = time.monotonic()
+    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-fail", ["fail_rank=1", "step_seconds=0.1"])
+    info = slurm_cluster.wait_job(job, {"FAILED"}, timeout=60)
+    assert time.monotonic() - start < 60
+    assert info["Restarts"] == "0" and info["ExitCode"].split(":")[0] != "0"
+    assert "failing on purpose" in slurm_cluster.job_log(info)
+
+
+def test_usr1_during_startup_still_requeues(slurm_cluster, fake_repo, tmp_path):
+    """USR1 before train.py installed its handler kills the tasks (status 138): still requeue."""
+    run_dir = tmp_path / "runs" / "fake-early"
+    overrides = ["trainer.max_steps=3", "step_seconds=0.1", "startup_seconds=3"]
+    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-early", overrides)
+    deadline = time.monotonic() + 60
+    while not all((run_dir / f"starting_rank{r}").exists() for r in (0, 1)):
+        assert time.monotonic() < deadline, slurm_cluster.job_log(slurm_cluster.job(job))
+        time.sleep(0.1)
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=90, min_restarts=1)
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["resume_step"] for r in read_jsonl(run_dir / "launch_rank0.jsonl")] == [0]  # first launch died early
+    assert "(status 138)" in slurm_cluster.job_log(info)

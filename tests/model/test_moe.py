@@ -1,0 +1,186 @@
+"""MoELayer against a per-token loop reference (outputs and gradients) and HF DeepseekV2Moe."""
+
+import math
+
+import pytest
+import torch
+
+from deepseek_moe.config.model import MoEConfig
+from deepseek_moe.model.moe import MoELayer, capacity_mask
+
+D = 16
+
+
+def _layer(seed=0, **kw) -> MoELayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(**{**dict(n_routed_experts=8, n_shared_experts=2, top_k=2,
+                              moe_intermediate_size=8, aux_loss_alpha=0.0), **kw})
+    layer = MoELayer(D, cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def reference_moe(layer: MoELayer, x_TD: torch.Tensor, capacity=None) -> torch.Tensor:
+    """Loop reference: per-token routing (sorting python lists), per-copy expert calls."""
+    cfg = layer.cfg
+    E, K = cfg.n_routed_experts, cfg.top_k
+    per = E // cfg.n_groups
+    probs = torch.softmax(x_TD.float() @ layer.gate.weight.float().T, dim=-1)
+    copies = []  # (t, k, expert, score)
+    for t in range(x_TD.shape[0]):
+        row = probs[t].tolist()
+        gmax = [max(row[g * per:(g + 1) * per]) for g in range(cfg.n_groups)]
+        keep = sorted(range(cfg.n_groups), key=lambda g: -gmax[g])[:cfg.topk_groups]
+        allowed = [e for e in range(E) if e // per in keep]
+        for k, e in enumerate(sorted(allowed, key=lambda e: -row[e])[:K]):
+            copies.append((t, k, e, row[e]))
+    if capacity is not None:
+        kept = []
+        for e in range(E):
+            mine = sorted([c for c in copies if c[2] == e], key=lambda c: (-c[3], c[0] * K + c[1]))
+            kept += mine[:capacity]
+        copies = kept
+    out = [layer.shared_experts(x_TD[t:t + 1])[0] if layer.shared_experts is not None
+           else torch.zeros(x_TD.shape[1]) for t in range(x_TD.shape[0])]
+    for t, k, e, _ in copies:
+        gate = probs[t, e] * cfg.routed_scaling_factor
+        out[t] = out[t] + gate * layer.experts[e](x_TD[t:t + 1])[0]
+    return torch.stack(out)
+
+
+def _grads(layer, x, y, gy):
+    params = [x] + list(layer.parameters())
+    return torch.autograd.grad(y, params, gy, allow_unused=False)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
+def test_layer_matches_loop_reference(impl, groups):
+    layer = _layer(experts_impl=impl, n_groups=groups[0], topk_groups=groups[1],
+                   routed_scaling_factor=1.5)
+    x = torch.randn(2, 9, D, requires_grad=True)
+    y, aux = layer(x)
+    assert aux == {} and y.shape == x.shape
+    ref = reference_moe(layer, x.view(-1, D)).view_as(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    gy = torch.randn_like(y)
+    for a, b in zip(_grads(layer, x, y, gy), _grads(layer, x, ref, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_experts_with_zero_tokens_stay_in_graph(impl):
+    layer = _layer(experts_impl=impl)
+    with torch.no_grad():
+        layer.gate.weight[5:, 0] = -50.0  # experts 5..7 never win when x[:, 0] > 0
+    x = torch.randn(10, D)
+    x[:, 0] = x[:, 0].abs() + 1.0
+    x.requires_grad_(True)
+    y, _ = layer(x)
+    assert layer.last_counts_E[5:].sum() == 0
+    y.sum().backward()  # expanded (stride-0) output grad: grouped_mm needs it made contiguous
+    for e in range(5, 8):
+        for p in layer.experts[e].parameters():
+            assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+    ref = reference_moe(layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_mm_rejects_unaligned_widths():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        _layer(experts_impl="grouped_mm", moe_intermediate_size=6)
+
+
+def test_capacity_mask_matches_loop():
+    torch.manual_seed(0)
+    T, K, E = 40, 3, 6
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    aff = torch.rand(T, K)
+    aff[0, 0] = aff[1, 0]  # a tie, broken by copy index
+    cap = 13
+    kept = capacity_mask(ids, aff, num_experts=E, capacity=cap)
+    ref = torch.zeros(T, K, dtype=torch.bool)
+    for e in range(E):
+        mine = sorted([(t, k) for t in range(T) for k in range(K) if ids[t, k] == e],
+                      key=lambda c: (-aff[c].item(), c[0] * K + c[1]))
+        for c in mine[:cap]:
+            ref[c] = True
+    assert torch.equal(kept, ref)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_capacity_dropping_matches_reference_and_reports(impl):
+    layer = _layer(experts_impl=impl, capacity_factor=0.5)
+    with torch.no_grad():
+        layer.gate.weight[0] += 1.0  # make expert 0 popular so it overflows
+    x = torch.randn(24, D, requires_grad=True)
+    layer.train()
+    y, _ = layer(x)
+    cap = math.ceil(0.5 * 24 * 2 / 8)
+    ref = reference_moe(layer, x, capacity=cap)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    gy = torch.randn_like(y)
+    for a, b in zip(_grads(layer, x, y, gy), _grads(layer, x, ref, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    dropped = layer.stats.compute_metrics()["dropped_frac"]
+    assert dropped > 0
+    # Eval never drops.
+    layer.eval()
+    y_eval, _ = layer(x)
+    torch.testing.assert_close(y_eval, reference_moe(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_aux_losses_and_metrics_wired():
+    layer = _layer(aux_loss_alpha=0.01, device_aux_alpha=0.02, comm_aux_alpha=0.03,
+                   z_loss_coef=1e-3, n_groups=4, topk_groups=2)
+    layer.train()
+    x = torch.randn(3, 5, D)
+    _, aux = layer(x)
+    assert set(aux) == {"expert_balance", "device_balance", "comm_balance", "z_loss"}
+    m = layer.stats.compute_metrics(reset=True)
+    assert m["load_imbalance"] >= 1.0 and m["dropped_frac"] == 0.0
+    assert 1.0 <= m["groups_per_token"] <= 2.0 and m["ranks_per_token"] == 1.0
+    assert 0 < m["router_entropy"] <= math.log(8) + 1e-6
+    assert layer.stats.compute_metrics() == {}  # reset
+
+
+def test_ep_layer_requires_a_real_dispatcher():
+    cfg = MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=4)
+    layer = MoELayer(D, cfg, ep_rank=1, ep_size=2)
+    assert len(layer.experts) == 4 and layer.local_expert_offset == 4
+    with pytest.raises(RuntimeError, match="all-to-all dispatcher"):
+        layer(torch.randn(3, D))
+    with pytest.raises(ValueError, match="ep_size=3"):
+        MoELayer(D, cfg, ep_size=3)
+
+
+# ---- HF transformers parity -------------------------------------------------------------------
+
+@pytest.mark.parametrize("topk_method, n_group, topk_group", [("greedy", 1, 1),
+                                                              ("group_limited_greedy", 4, 2)])
+def test_parity_with_hf_deepseek_v2_moe(topk_method, n_group, topk_group):
+    """HF DeepseekV2Moe (eager experts) == ours. HF V2 never renormalises top-k gates and
+    multiplies by routed_scaling_factor, like DeepSeekMoE/V2 (our norm_topk_prob=False)."""
+    import transformers
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    E, H, K = 8, 8, 3
+    layer = _layer(n_routed_experts=E, moe_intermediate_size=H, top_k=K, n_shared_experts=2,
+                   n_groups=n_group, topk_groups=topk_group, routed_scaling_factor=1.3)
+    hf_cfg = transformers.DeepseekV2Config(
+        hidden_size=D, moe_intermediate_size=H, n_routed_experts=E, num_experts_per_tok=K,
+        n_shared_experts=2, n_group=n_group, topk_group=topk_group, topk_method=topk_method,
+        routed_scaling_factor=1.3, hidden_act="silu", num_attention_heads=4,
+        num_key_value_heads=4)
+    hf = DeepseekV2Moe(hf_cfg).float()
+    with torch.no_grad():
+        hf.gate.weight.copy_(layer.gate.weight)
+        for e, ex in enumerate(layer.experts):
+            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
+            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(hf.shared_experts, name).weight.copy_(getattr(layer.shared_experts, name).weight)
+    x = torch.randn(2, 11, D)
+    y, _ = layer(x)
+    torch.testing.assert_close(y, hf(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,97 @@
+"""EP=2 and EP=4 give the EP=1 outputs, losses and gradients (fp32, 1e-5), no DeepSpeed engine.
+
+Reference: ONE process runs the EP=1 model on every rank's micro-batch (same seed, same global
+batch) and backpropagates the mean loss. The EP run: each rank builds the full model from the
+seed, `parallelize_moe` keeps its experts and installs the all-to-all dispatcher.
+"""
+
+import pytest
+import torch
+
+from deepseek_moe.model.router import device_limited_topk
+from deepseek_moe.parallel.deepspeed_moe import ep_metrics, parallelize_moe
+from tests.distributed import run_distributed
+from tests.parallel._ep_common import (build_full_model, hf_grads, micro_batch,
+                                       reference_forward_backward, set_bias, tiny_config)
+
+
+def _ep_run(rank, world, ep_size, moe_overrides, bias):
+    cfg = tiny_config(**moe_overrides)
+    model = parallelize_moe(build_full_model(cfg), ep_size)
+    if bias:
+        set_bias(model, bias)
+    ids, labels = micro_batch(0, rank)
+    o = model(ids, labels)
+    (o.loss / world).backward()
+    return {
+        "logits": o.logits_BSV.detach(), "loss": o.loss.detach(), "aux": o.aux_loss.detach(),
+        "grads": hf_grads(model), "ep": ep_metrics(model),
+        "counts": [l.last_counts_E for l in model.moe_layers()],
+    }
+
+
+def _check_against_reference(world, ep_size, moe_overrides=None, bias=None):
+    moe_overrides = moe_overrides or {}
+    cfg = tiny_config(**moe_overrides)
+    ref_outs, ref_grads = reference_forward_backward(cfg, world, bias)
+    results = run_distributed(_ep_run, world, ep_size, moe_overrides, bias)
+    for r, res in enumerate(results):
+        for key in ("logits", "loss", "aux"):
+            torch.testing.assert_close(res[key], ref_outs[r][key], rtol=1e-5, atol=1e-5)
+        assert res["grads"].keys() == ref_grads.keys()
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(res["grads"][name], g, rtol=1e-5, atol=1e-5, msg=name)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_equals_ep1_outputs_losses_grads(world):
+    results = _check_against_reference(world, ep_size=world)
+    # device-limited routing with M=2 groups of 2 experts: a token reaches at most 2 groups;
+    # at EP=4 the groups ARE the ranks, so at most 2 ranks per token
+    for res in results:
+        for key, value in res["ep"].items():
+            if key.endswith("a2a_ranks_per_token") and world == 4:
+                assert 1.0 <= value <= 2.0
+            if key.endswith("a2a_bytes"):
+                assert value > 0
+
+
+def test_ep2_inside_dp4_equals_ep1():
+    # world 4, EP=2: two EP groups, expert grads also reduced over the EDP group
+    _check_against_reference(4, ep_size=2)
+
+
+def test_m1_every_token_reaches_one_rank():
+    # one routing group per EP rank, M = 1: each token's experts live on exactly one rank
+    results = _check_against_reference(
+        2, ep_size=2, moe_overrides=dict(n_groups=2, topk_groups=1, device_aux_alpha=0.0,
+                                         comm_aux_alpha=0.0))
+    for res in results:
+        ranks = [v for k, v in res["ep"].items() if k.endswith("a2a_ranks_per_token")]
+        assert ranks and all(v == 1.0 for v in ranks)  # a mean of integers >= 1 equal to 1
+
+
+def test_empty_expert_and_empty_rank():
+    # selection bias: experts 4..7 (all of EP rank 1) and expert 0 are never chosen, so rank 1
+    # receives no token at all and expert 0 of rank 0 runs on an empty slice
+    bias = {0: -1e4, 4: -1e4, 5: -1e4, 6: -1e4, 7: -1e4}
+    results = _check_against_reference(
+        2, ep_size=2, moe_overrides=dict(bias_update_rate=1e-3, n_groups=1, topk_groups=1,
+                                         device_aux_alpha=0.0, comm_aux_alpha=0.0), bias=bias)
+    for res in results:
+        for counts_E in res["counts"]:
+            assert counts_E[[0, 4, 5, 6, 7]].sum() == 0
+        # the empty experts' params still got a (zero) gradient, so ZeRO/DP see every param
+        g = res["grads"]["model.layers.1.mlp.experts.5.up_proj.weight"]
+        assert torch.count_nonzero(g) == 0
+
+
+def test_m_equals_groups_is_plain_topk():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(50, 8, generator=g)
+    ids = device_limited_topk(scores, top_k=3, n_groups=4, topk_groups=4)
+    assert torch.equal(ids, torch.topk(scores, 3).indices)
+    # and M = 1 keeps every token inside one group of 2 experts (hand rule: group = id // 2)
+    ids1 = device_limited_topk(scores, top_k=2, n_groups=4, topk_groups=1)
+    assert torch.all(ids1[:, 0] // 2 == ids1[:, 1] // 2)

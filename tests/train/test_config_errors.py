@@ -1,0 +1,97 @@
+"""Bad configuration fails at start with a message naming the key and the fix."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from deepseek_moe.config.train import RunConfig
+from deepseek_moe.train.cli import apply_cli_intent, register_schema, unknown_keys
+from tests.train.helpers import REPO, run_train
+
+
+def _compose(overrides):
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_default_config_composes_to_run_config():
+    cfg = OmegaConf.to_object(_compose([]))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.run_dir == "runs/default"  # deterministic: relaunching resumes
+    assert cfg.data.name == "python_stdlib" and cfg.logger.kind == "wandb"
+    assert cfg.model.moe is not None
+    for key in ("max_steps", "seed", "global_batch_size", "micro_batch_size", "eval_every"):
+        assert hasattr(cfg.trainer, key)
+    assert (cfg.checkpoint.every, cfg.checkpoint.keep) == (100, 2)
+    assert (cfg.parallel.ep_size, cfg.parallel.zero_stage) == (1, 1)
+
+
+def test_appended_misspelt_key_fails():
+    """`+key=value` gets past Hydra's struct mode; our schema walk still catches it."""
+    cfg = _compose(["+trainer.max_stesp=3", "+model.moe.topk=2", "+extra=1"])
+    assert sorted(unknown_keys(cfg, RunConfig)) == ["extra", "model.moe.topk", "trainer.max_stesp"]
+    assert unknown_keys(_compose(["model.moe=null"]), RunConfig) == []
+
+
+@pytest.mark.parametrize("override", ["trainer.max_stesp=3", "optim.lr_max=1", "model.moe.topk=1"])
+def test_misspelt_key_fails(override):
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose([override])
+    assert "not in" in str(err.value.__cause__ or err.value) or "Could not" in str(err.value)
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_steps"):
+        _compose(["trainer.max_steps=abc"])
+
+
+def test_logger_none_and_group_choice():
+    cfg = OmegaConf.to_object(_compose(["logger=none", "optim=deepseek_step", "trainer.max_steps=3000"]))
+    assert cfg.logger.kind == "none"
+    assert cfg.optim.schedule == "step" and cfg.optim.step_decay_at == [0.8, 0.9]
+
+
+def test_explicit_vocab_size_turns_off_tokenizer_vocab():
+    cfg = _compose(["model.vocab_size=1000"])
+    apply_cli_intent(cfg, ["model.vocab_size=1000"])
+    assert cfg.vocab_from_tokenizer is False
+    cfg = _compose([])
+    apply_cli_intent(cfg, ["trainer.seed=3"])
+    assert cfg.vocab_from_tokenizer is True
+
+
+def test_ep_size_must_divide_world_size():
+    cfg = OmegaConf.to_object(_compose(["parallel.ep_size=2", "trainer.micro_batch_size=1", "trainer.global_batch_size=12"]))
+    cfg.check_world(2)
+    cfg.check_world(4)
+    with pytest.raises(ValueError, match="parallel.ep_size=2 must divide the world size 3"):
+        cfg.check_world(3)
+
+
+def test_ep_size_must_divide_experts():
+    cfg = OmegaConf.to_object(_compose(["parallel.ep_size=3", "trainer.global_batch_size=24"]))
+    with pytest.raises(ValueError, match="n_routed_experts=16 is not divisible by parallel.ep_size=3"):
+        cfg.check_world(3)
+
+
+def test_batch_sizes_must_divide():
+    cfg = OmegaConf.to_object(_compose(["trainer.global_batch_size=24", "trainer.micro_batch_size=8"]))
+    assert cfg.grad_accum_steps(1) == 3 and cfg.grad_accum_steps(3) == 1
+    with pytest.raises(ValueError, match=r"global_batch_size=24 is not divisible by "
+                                         r"trainer.micro_batch_size=8 x world_size=2 = 16"):
+        cfg.grad_accum_steps(2)
+
+
+def test_train_py_reports_config_errors_cleanly():
+    """The entry point itself: exit code 1 and a one-line reason, before any model is built."""
+    proc = run_train(["trainer.max_stesp=3"], check=False, timeout=60)
+    assert proc.returncode == 1
+    assert "Key 'max_stesp' not in 'TrainerConfig'" in proc.stderr + proc.stdout
+    proc = run_train(["+trainer.max_stesp=3"], check=False, timeout=60)
+    assert proc.returncode == 1 and "unknown key(s) ['trainer.max_stesp']" in proc.stderr
+    proc = run_train(["optim.warmup_steps=500"], check=False, timeout=60)
+    assert proc.returncode == 1
+    assert "Config error: optim.warmup_steps=500 must be smaller" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -2,6 +2,7 @@
 
     python bench/bench_moe_layer.py                 # the issue's shape, all implementations
     python bench/bench_moe_layer.py --tokens 1024 --iters 3 --impls ours_loop,hf_grouped_mm
+    python bench/bench_moe_layer.py --tiny-step     # training step of the tiny preset
 
 Shape (issue 2): hidden 512, expert width 352, 64 routed experts top-6, 1 shared expert,
 4096 tokens, fp32. Implementations, each timed in its OWN subprocess (so peak RSS is per
@@ -14,9 +15,11 @@ implementation) with identical weights copied from our layer:
   SwiGLU expert added outside (DeepSpeed has no shared experts) so the work is comparable.
 - matmul: the ceiling, one dense [T, D] x [D, F] matmul forward+backward with the same FLOPs as
   the MoE layer (F = 3 * H * (K + shared) + E).
-Printed per implementation: median seconds per fwd+bwd, tokens/s, peak RSS and peak RSS above
-the process baseline before the layer was built, our ratio against it, and its share of the
-matmul ceiling (ceiling time / its time). Numbers go to bench/README.md.
+Timing: all implementations are built in ONE process and stepped round-robin (so load changes
+on a shared machine hit all alike); median per implementation. Memory: each implementation runs
+2 steps in its own subprocess; we report its peak RSS and the peak above the RSS measured just
+before the layer was built. Printed: ms/step, tokens/s, ours_loop's speedup against it (its
+time / ours), its share of the matmul ceiling (ceiling time / its time). Table in bench/README.md.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing the package
 IMPLS = ["ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
 
 
@@ -144,7 +148,14 @@ def _build(args, impl: str):
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
 
+def _zero_grads(x, module) -> None:
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+
+
 def worker(args) -> None:
+    """Memory run of ONE implementation in this process: warmup + one step, then peak RSS."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -153,18 +164,59 @@ def worker(args) -> None:
     gy = torch.randn(args.tokens, args.hidden)
     base = _rss_mb()
     step, module = _build(args, args.worker)
+    for _ in range(2):
+        step(x, gy)
+        _zero_grads(x, module)
+    print(json.dumps({"impl": args.worker, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}))
+
+
+def time_all(args, impls: list[str]) -> dict[str, list[float]]:
+    """Time every implementation in THIS process, round-robin (one step of each in turn), so a
+    load change on a shared machine hits all of them alike. Returns seconds per step."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
+    gy = torch.randn(args.tokens, args.hidden)
+    built = {impl: _build(args, impl) for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for i in range(args.warmup + args.iters):
+        for impl, (step, module) in built.items():
+            t0 = time.perf_counter()
+            step(x, gy)
+            dt = time.perf_counter() - t0
+            _zero_grads(x, module)
+            if i >= args.warmup:
+                times[impl].append(dt)
+    return times
+
+
+def tiny_step(args) -> None:
+    """Tokens/s of one fwd+bwd+AdamW step of the deepseek_moe_tiny preset at 8 x 256."""
+    import torch
+
+    from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
+    from deepseek_moe.summary import load_model_config
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_model_config("deepseek_moe_tiny")
+    model = DeepSeekMoEForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    window = torch.randint(0, cfg.vocab_size, (8, cfg.max_seq_len + 1))
     times = []
     for i in range(args.warmup + args.iters):
         t0 = time.perf_counter()
-        step(x, gy)
-        dt = time.perf_counter() - t0
-        x.grad = None
-        for p in module.parameters():
-            p.grad = None
+        out = model(window[:, :-1], window[:, 1:])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         if i >= args.warmup:
-            times.append(dt)
-    print(json.dumps({"impl": args.worker, "sec": statistics.median(times), "min_sec": min(times),
-                      "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}))
+            times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    print(f"deepseek_moe_tiny fwd+bwd+AdamW, micro-batch 8 x {cfg.max_seq_len}, {args.threads} threads: "
+          f"{s * 1e3:.0f} ms/step, {8 * cfg.max_seq_len / s:,.0f} tokens/s (median of {args.iters})")
 
 
 def main() -> None:
@@ -178,37 +230,50 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--no-memory", action="store_true", help="skip the per-implementation RSS runs")
+    p.add_argument("--tiny-step", action="store_true",
+                   help="instead: time a training step of the deepseek_moe_tiny preset")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
+    if args.tiny_step:
+        tiny_step(args)
+        return
+    impls = args.impls.split(",")
 
-    results = {}
-    for impl in args.impls.split(","):
+    memory: dict[str, dict] = {}
+    for impl in [] if args.no_memory else impls:
         cmd = [sys.executable, __file__, "--worker", impl] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("worker", "impls")]
+            if k not in ("worker", "impls", "no_memory")]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         line = [l for l in res.stdout.splitlines() if l.startswith("{")]
         if res.returncode != 0 or not line:
-            print(f"{impl}: FAILED\n{res.stderr[-2000:]}", file=sys.stderr)
+            print(f"{impl}: memory run FAILED\n{res.stderr[-2000:]}", file=sys.stderr)
             continue
-        results[impl] = json.loads(line[-1])
+        memory[impl] = json.loads(line[-1])
 
+    times = time_all(args, impls)
+    sec = {impl: statistics.median(t) for impl, t in times.items()}
     T = args.tokens
     print(f"MoE layer fwd+bwd, fp32, T={T} D={args.hidden} H={args.expert_width} "
-          f"E={args.experts} K={args.top_k} +1 shared, {args.threads} threads, median of {args.iters}")
-    ours = results.get("ours_loop") or results.get("ours_grouped_mm")
-    ceiling = results.get("matmul")
-    print("| impl | ms/iter | tokens/s | peak RSS MB | RSS over base MB | ours_loop speedup | share of matmul ceiling |")
+          f"E={args.experts} K={args.top_k} +1 shared, {args.threads} threads, "
+          f"median of {args.iters} round-robin steps")
+    ours = sec.get("ours_loop") or sec.get("ours_grouped_mm")
+    ceiling = sec.get("matmul")
+    print("| impl | ms/step (min-max) | tokens/s | ours_loop speedup vs it | share of matmul ceiling "
+          "| peak RSS MB | RSS over base MB |")
     print("|---|---|---|---|---|---|---|")
-    for impl, r in results.items():
-        speed = f"{r['sec'] / ours['sec']:.2f}x" if ours else "-"
-        share = f"{ceiling['sec'] / r['sec']:.0%}" if ceiling else "-"
-        print(f"| {impl} | {r['sec'] * 1e3:.0f} | {T / r['sec']:,.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_rss_mb'] - r['base_rss_mb']:.0f} | {speed} | {share} |")
+    for impl, s in sec.items():
+        m = memory.get(impl)
+        mem = (f"{m['peak_rss_mb']:.0f} | {m['peak_rss_mb'] - m['base_rss_mb']:.0f}" if m else "- | -")
+        speed = f"{s / ours:.2f}x" if ours else "-"
+        share = f"{ceiling / s:.0%}" if ceiling else "-"
+        print(f"| {impl} | {s * 1e3:.0f} ({min(times[impl]) * 1e3:.0f}-{max(times[impl]) * 1e3:.0f}) "
+              f"| {T / s:,.0f} | {speed} | {share} | {mem} |")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ directory. datasets' cache lives inside that temp dir and is deleted with it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +55,7 @@ _NOT_CONTENT = {"name", "out_dir", "force", "num_proc"}
 
 def _prepare_config(cfg: DataConfig) -> dict:
     d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in _NOT_CONTENT}
-    d["exclude_dirs"] = list(cfg.exclude_dirs)
+    d["exclude_dirs"] = cfg.excluded_dirs()
     if cfg.path is not None and cfg.source != "hf_hub":
         d["path"] = str(resolve_path(cfg.path))
     if cfg.tokenizer_model is not None:
@@ -72,8 +74,8 @@ def _complete_meta(out: Path, cfg: DataConfig) -> Optional[DataMeta]:
     diff = {k: (meta.prepare_config.get(k), v) for k, v in want.items()
             if meta.prepare_config.get(k) != v}
     if diff:
-        raise ValueError(f"{out} was prepared with a different data config "
-                         f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+        changes = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"{out} was prepared with a different data config ({changes}); "
                          "set data.force=true to rebuild it, or choose another data.out_dir")
     return meta
 
@@ -179,8 +181,8 @@ def _tokenizer(cfg: DataConfig, source: Source, is_val) -> Tokenizer:
                              "needs between documents; train one with an eos_id")
         return tok
     ds = source.dataset
-    if is_val is None:  # streaming: the head of the stream
-        texts = (row["text"] for row in ds)
+    if is_val is None:  # streaming: the train documents at the head of the stream
+        texts = (row["text"] for i, row in enumerate(ds) if not _hash_is_val(i, cfg))
     else:  # a seeded random order of the train documents, so the sample spans the corpus
         train_idx = np.flatnonzero(~is_val)
         order = np.random.default_rng(cfg.split_seed + 1).permutation(train_idx)
@@ -227,14 +229,15 @@ def prepare(cfg: DataConfig) -> Path:
         t2 = time.perf_counter()
         dtype = dtype_for_vocab(tok.vocab_size)
         encode = _EncodeWithEOS(tok)
-        if cfg.streaming:
-            tokenized = source.dataset.map(encode, batched=True,
-                                              remove_columns=source.dataset.column_names or ["text"])
+        columns = source.dataset.column_names or ["text"]
+        if cfg.streaming:  # lazy: runs while _write_splits iterates, in this process
+            tokenized = source.dataset.map(encode, batched=True, remove_columns=columns)
         else:
             tokenized = source.dataset.map(
-                encode, batched=True, batch_size=64, num_proc=cfg.num_proc if cfg.num_proc > 1
-                else None, remove_columns=source.dataset.column_names, desc="tokenize",
-                cache_file_name=str(tmp / "cache" / "tokenized.arrow"), new_fingerprint=tok.sha256[:32])
+                encode, batched=True, batch_size=64, remove_columns=columns, desc="tokenize",
+                num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                cache_file_name=str(tmp / "cache" / "tokenized.arrow"),
+                new_fingerprint=tok.sha256[:32])  # datasets caps fingerprints at 64 chars
         splits, empty = _write_splits(tokenized, is_val, cfg, tmp, dtype, n)
         t3 = time.perf_counter()
         skipped = dict(source.skipped)
@@ -262,19 +265,35 @@ def prepare(cfg: DataConfig) -> Path:
 
 
 def ensure_prepared(cfg: DataConfig) -> DataMeta:
-    """For the trainer: prepare if needed (call on one rank first), then return the meta."""
+    """For the trainer: prepare if needed (call on one rank first), then return the meta.
+
+    `data.force` is ignored here: a training launch (or a requeued one) never rebuilds a
+    complete directory under ranks that may already read it; rebuild with the prepare CLI.
+    """
+    if cfg.force:
+        print("[prepare] data.force is ignored by training; rebuild with "
+              "`python -m data_prep.prepare ... data.force=true`", flush=True)
+        cfg = dataclasses.replace(cfg, force=False)
     return load_meta(prepare(cfg))
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """Root of conf/prepare.yaml: just the data group."""
+
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def compose_data_config(overrides: list[str]) -> DataConfig:
     """Compose `conf/prepare.yaml` (the data group only) with CLI overrides into a DataConfig."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="prepare", overrides=overrides)
-    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data)
-    return OmegaConf.to_object(merged)
+    return OmegaConf.to_object(cfg).data
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -282,7 +301,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
-    prepare(compose_data_config(argv))
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        prepare(compose_data_config(argv))
+    except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
+        sys.exit(f"data_prep.prepare: error: {e}")  # a user error: the message, no traceback
 
 
 if __name__ == "__main__":

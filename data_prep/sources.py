@@ -23,7 +23,7 @@ import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import datasets
 from tqdm.auto import tqdm
@@ -75,40 +75,58 @@ def _no_files(cfg: DataConfig, where: str) -> ValueError:
                          if cfg.source == "local_text" else ""))
 
 
-def _file_documents(cfg: DataConfig) -> Source:
+def _read_utf8(path: str) -> Optional[str]:
+    """The file's text, or None if it is empty or not valid UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
+
+
+def _file_rows(paths: list[str]):
+    """datasets generator: one row per kept file (bounded memory: one file at a time)."""
+    for path in paths:
+        yield {"text": _read_utf8(path)}
+
+
+def _file_documents(cfg: DataConfig, cache_dir: Path) -> Source:
     if cfg.source == "python_stdlib":
         root = stdlib_dir()
-        files = _walk(root, "*.py", list(cfg.exclude_dirs))
+        files = _walk(root, "*.py", cfg.excluded_dirs())
     else:
-        root, files = _expand(cfg.path, cfg.file_pattern, list(cfg.exclude_dirs))
+        root, files = _expand(cfg.path, cfg.file_pattern, cfg.excluded_dirs())
     if not files:
         raise _no_files(cfg, str(resolve_path(cfg.path or root)))
     if cfg.max_documents is not None:
         files = files[:cfg.max_documents]
-    texts, names = [], []
+    # Pass 1 (bytes only): decide what to keep, count what is skipped, fingerprint the kept
+    # bytes. Pass 2 (the generator) reads the kept files again, one at a time.
+    kept: list[str] = []
     skipped = {"not_utf8": 0, "empty": 0}
     h = hashlib.sha256(cfg.source.encode())
-    for f in tqdm(files, desc=f"read {cfg.source}", unit="file", mininterval=2):
+    for f in tqdm(files, desc=f"scan {cfg.source}", unit="file", mininterval=2):
         raw = f.read_bytes()
         if not raw:
             skipped["empty"] += 1
             continue
         try:
-            text = raw.decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError:
             skipped["not_utf8"] += 1
             continue
-        name = f.relative_to(root).as_posix()
-        h.update(f"{name}\0{hashlib.sha256(raw).hexdigest()}\0".encode())
-        texts.append(text)
-        names.append(name)
-    if not texts:
+        h.update(f"{f.relative_to(root).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\0".encode())
+        kept.append(str(f))
+    if not kept:
         raise ValueError(f"data.source={cfg.source} at {root}: all {len(files)} files are empty "
                          f"or not UTF-8 ({skipped}); point data.path at real text")
-    ds = datasets.Dataset.from_dict({"text": texts, "name": names})
-    if cfg.streaming:
-        ds = ds.to_iterable_dataset()
-    return Source(ds, h.hexdigest()[:16], skipped)
+    # An on-disk arrow copy in the temp dir: bounded memory whatever the corpus size. (With
+    # streaming we iterate that copy; IterableDataset.from_generator would write lock files
+    # to ~/.cache.)
+    features = datasets.Features({"text": datasets.Value("string")})
+    ds = datasets.Dataset.from_generator(_file_rows, features=features,
+                                         gen_kwargs={"paths": kept}, cache_dir=str(cache_dir))
+    return Source(ds.to_iterable_dataset() if cfg.streaming else ds, h.hexdigest()[:16], skipped)
 
 
 def _check_column(ds, cfg: DataConfig, where: str):
@@ -147,7 +165,9 @@ def _table_documents(cfg: DataConfig, cache_dir: Path) -> Source:
     return _finish(ds, cfg, h.hexdigest()[:16])
 
 
-def _hub_documents(cfg: DataConfig) -> Source:
+def _hub_documents(cfg: DataConfig, cache_dir: Path) -> Source:
+    # Unlike local files, hub data uses the usual Hugging Face cache (HF_HOME): a re-run or a
+    # forced rebuild does not download it again. `cache_dir` is unused on purpose.
     try:
         ds = datasets.load_dataset(cfg.path, cfg.hf_name, split=cfg.hf_split,
                                    revision=cfg.hf_revision, streaming=cfg.streaming)
@@ -181,7 +201,7 @@ def _finish(ds, cfg: DataConfig, fingerprint: str) -> Source:
 def load_documents(cfg: DataConfig, cache_dir: Path) -> Source:
     """The documents of `cfg` as a dataset with a "text" column (see the module docstring)."""
     if cfg.source in ("python_stdlib", "local_text"):
-        return _file_documents(cfg)
+        return _file_documents(cfg, cache_dir)
     if cfg.source in TABLE_EXTENSIONS:
         return _table_documents(cfg, cache_dir)
-    return _hub_documents(cfg)
+    return _hub_documents(cfg, cache_dir)

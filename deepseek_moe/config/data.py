@@ -21,13 +21,16 @@ Sources (`source`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 SOURCES = ("python_stdlib", "local_text", "json", "csv", "parquet", "hf_hub")
+# The stdlib's test suites are ~60% of its bytes, hold deliberately mis-encoded files and
+# generated data; the default corpus is the library code itself.
+STDLIB_EXCLUDE_DIRS = ["site-packages", "test", "tests", "idle_test", "__pycache__"]
 
 # sentencepiece reserves these ids (unk, bos, eos, pad) and one piece per byte (byte_fallback);
-# a BPE vocab needs room for the corpus' characters on top, which the trainer checks itself.
+# a BPE vocab needs room for the corpus' characters on top, which sentencepiece checks itself.
 MIN_VOCAB_SIZE = 4 + 256 + 1
 # ids must fit the uint32 shards and a model embedding; beyond this nothing sensible is trained.
 MAX_VOCAB_SIZE = 1 << 20
@@ -48,8 +51,9 @@ class DataConfig:
     file_pattern: str = "*.txt"
     """local_text with a directory `path`: files matching this name pattern, searched
     recursively. (python_stdlib always uses "*.py".)"""
-    exclude_dirs: list[str] = field(default_factory=list)
-    """Directory names skipped while walking a directory source (e.g. "test", "site-packages")."""
+    exclude_dirs: Optional[list[str]] = None
+    """Directory names skipped while walking a directory source; None = the source's default
+    (python_stdlib: STDLIB_EXCLUDE_DIRS, local_text: none)."""
     text_column: str = "text"
     """Column holding the document text for json/csv/parquet/hf_hub sources."""
     hf_name: Optional[str] = None
@@ -59,12 +63,15 @@ class DataConfig:
     hf_revision: Optional[str] = None
     """hf_hub: a git revision to pin, so the source fingerprint means something."""
     streaming: bool = False
-    """Read the source with `datasets` streaming (corpora larger than memory). Tokenisation then
-    runs in this process (num_proc is ignored) and the split is by a seeded per-document hash."""
+    """Read json/csv/parquet/hub sources with `datasets` streaming (larger than memory or disk).
+    Tokenisation then runs in this process (num_proc is ignored) and the split is a seeded
+    per-document hash. (File-per-document sources never hold the corpus in memory anyway.)"""
     max_documents: Optional[int] = None
-    """Keep only the first N documents of the source (tests and smoke runs); None keeps all."""
-    val_fraction: float = 0.01
-    """Fraction of documents held out for validation (at least one document)."""
+    """Read only the first N files / rows of the source (tests and smoke runs), before empty or
+    non-UTF-8 ones are dropped; None reads all."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation (at least one document). 0.05 suits the
+    small default corpus; the local/hub presets use 0.01."""
     split_seed: int = 1234
     """Seed of the train/val document split; the same seed gives the same split everywhere."""
     vocab_size: int = 8192
@@ -76,14 +83,22 @@ class DataConfig:
     tokenizer_max_sentence_length: int = 4192
     """Lines longer than this (bytes) are left out of tokenizer training (not out of the data)."""
     tokenizer_threads: int = 2
-    """Threads for sentencepiece training (its output does not depend on this)."""
+    """Threads for sentencepiece training. The learned pieces do not depend on it (checked on
+    the stdlib), but the .model file records it, so it is part of the data fingerprint."""
     num_proc: int = 2
     """Worker processes for `datasets.map` tokenisation (1 = in-process)."""
     out_dir: Optional[str] = None
     """Where train.bin, val.bin, meta.json and tokenizer.model are written; None = data/<name>.
     Relative paths resolve against the launch directory."""
     force: bool = False
-    """Re-prepare even if `out_dir` already holds a complete preparation."""
+    """`python -m data_prep.prepare`: rebuild even if `out_dir` holds a complete preparation
+    (needed after changing a data.* value). Training ignores it and never rebuilds."""
+
+    def excluded_dirs(self) -> list[str]:
+        """`exclude_dirs`, or the source's default when it is None."""
+        if self.exclude_dirs is not None:
+            return list(self.exclude_dirs)
+        return list(STDLIB_EXCLUDE_DIRS) if self.source == "python_stdlib" else []
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

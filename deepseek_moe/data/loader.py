@@ -14,7 +14,7 @@ Trainer API:
                                    dp_world=W, num_batches=n):   # same n batches every time
         ...
 
-Order: epoch e is `rng([seed, e]).permutation(num_windows)` of the train windows (see
+Order: epoch e is `rng([seed, e]).shuffle(arange(num_windows))` of the train windows (see
 `packed.py`); global batch j of the epoch is permutation[j*G:(j+1)*G] (the incomplete last
 batch is dropped). Rank r takes the contiguous slice [r*G/W, (r+1)*G/W) of it and yields it as
 accum_steps micro-batches of B windows, in order. So the set of windows in every global batch
@@ -96,8 +96,12 @@ class TrainLoader:
     def permutation(self, epoch: int) -> np.ndarray:
         """The window order of `epoch` (cached for the current epoch)."""
         if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._perm_epoch = epoch
+            # uint32 halves the memory of a long corpus' order (100B tokens / 2048 = 49M
+            # windows = 195 MB per rank); shuffling in place avoids an int64 intermediate.
+            dtype = np.uint32 if self.num_windows < 1 << 32 else np.int64
+            perm = np.arange(self.num_windows, dtype=dtype)
+            np.random.default_rng([self.seed, epoch]).shuffle(perm)
+            self._perm, self._perm_epoch = perm, epoch
         return self._perm
 
     def global_batch_windows(self, epoch: int, step: int) -> np.ndarray:

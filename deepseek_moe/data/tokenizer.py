@@ -62,7 +62,7 @@ class Tokenizer:
         """Inverse of `encode`; special ids (BOS/EOS/PAD) decode to nothing."""
         return unescape_text(self.sp.decode([int(i) for i in ids]))
 
-    def __getstate__(self):  # picklable for datasets.map workers: ship the bytes, not the C++ object
+    def __getstate__(self):  # for datasets.map workers: ship the bytes, not the C++ object
         return {"model_bytes": self.model_bytes}
 
     def __setstate__(self, state):

@@ -5,8 +5,10 @@ Shapes: N token copies (sorted by expert), D model dim, H expert hidden, L local
 `RoutedExperts` IS the `nn.ModuleList` of experts, so the state-dict keys are the HF layout
 `experts.<i>.{gate,up,down}_proj.weight` (and DeepSpeed can split experts by parameter name).
 Two compute paths, identical math:
-- "loop" (default): one gate/up/down matmul chain per expert on its contiguous slice of x_ND.
-  Empty slices run too (a [0, D] matmul), so every expert parameter is in the graph (grad 0).
+- "loop" (default): per expert, gate/up/down matmuls on its contiguous slice of x_ND, written
+  into preallocated buffers, inside one autograd Function with a hand-written backward (see
+  `_ExpertLoop`). Every expert parameter is an input of that Function, so every expert gets a
+  gradient (zeros when it received no tokens).
 - "grouped_mm": `torch.nn.functional.grouped_mm` over weights stacked at each call (the stack
   is a copy of all expert weights per forward; its gradient is split back by autograd).
 bench/bench_moe_layer.py measured which is faster on CPU (see bench/README.md).
@@ -45,8 +47,11 @@ class RoutedExperts(nn.ModuleList):
         return self._loop(x_ND, counts_L)
 
     def _loop(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        chunks = torch.split(x_ND, counts_L.tolist(), dim=0)
-        return torch.cat([expert(chunk) for expert, chunk in zip(self, chunks)], dim=0)
+        ends = torch.cumsum(counts_L, 0).tolist()
+        bounds = list(zip([0] + ends[:-1], ends))
+        weights = ([e.gate_proj.weight for e in self] + [e.up_proj.weight for e in self]
+                   + [e.down_proj.weight for e in self])
+        return _ExpertLoop.apply(x_ND, bounds, *weights)
 
     def _grouped_mm(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_L, dim=0).to(device=x_ND.device, dtype=torch.int32)
@@ -58,6 +63,66 @@ class RoutedExperts(nn.ModuleList):
         return _GradContiguous.apply(
             F.grouped_mm(F.silu(g_NH) * u_NH, w_down.transpose(-2, -1), offs=offs)
         )
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """SwiGLU over contiguous per-expert slices with a hand-written backward.
+
+    Why not plain autograd: with E experts autograd records ~10 nodes per expert, and the
+    split/cat copies plus per-node overhead dominated on CPU. Here the matmuls write into
+    preallocated buffers (`out=`), the SwiGLU elementwise math runs once over all N rows, and
+    backward saves only x_ND, gate and up pre-activations (the activation is recomputed).
+    Inputs: x_ND, bounds (python list of (start, end)), then L gate, L up, L down weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, bounds, *weights):
+        L = len(bounds)
+        w_gate, w_up, w_down = weights[:L], weights[L:2 * L], weights[2 * L:]
+        N, H = x_ND.shape[0], w_gate[0].shape[0]
+        g_NH = x_ND.new_empty(N, H)
+        u_NH = x_ND.new_empty(N, H)
+        for (s, e), wg, wu in zip(bounds, w_gate, w_up):
+            if e > s:
+                torch.mm(x_ND[s:e], wg.t(), out=g_NH[s:e])
+                torch.mm(x_ND[s:e], wu.t(), out=u_NH[s:e])
+        a_NH = F.silu(g_NH).mul_(u_NH)
+        y_ND = x_ND.new_empty(N, x_ND.shape[1])
+        for (s, e), wd in zip(bounds, w_down):
+            if e > s:
+                torch.mm(a_NH[s:e], wd.t(), out=y_ND[s:e])
+        ctx.bounds = bounds
+        ctx.save_for_backward(x_ND, g_NH, u_NH, *weights)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        x_ND, g_NH, u_NH, *weights = ctx.saved_tensors
+        bounds = ctx.bounds
+        L = len(bounds)
+        w_gate, w_up, w_down = weights[:L], weights[L:2 * L], weights[2 * L:]
+        dy_ND = dy_ND.contiguous()
+        sig_NH = torch.sigmoid(g_NH)
+        silu_NH = g_NH * sig_NH
+        a_NH = silu_NH * u_NH
+        da_NH = torch.empty_like(g_NH)
+        d_down = []
+        for (s, e), wd in zip(bounds, w_down):
+            d_down.append(torch.mm(dy_ND[s:e].t(), a_NH[s:e]))  # [D, H]; zeros if empty
+            if e > s:
+                torch.mm(dy_ND[s:e], wd, out=da_NH[s:e])
+        du_NH = da_NH * silu_NH
+        # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        dg_NH = da_NH.mul_(u_NH).mul_(sig_NH * (1 + g_NH * (1 - sig_NH)))
+        dx_ND = torch.empty_like(x_ND)
+        d_gate, d_up = [], []
+        for (s, e), wg, wu in zip(bounds, w_gate, w_up):
+            d_gate.append(torch.mm(dg_NH[s:e].t(), x_ND[s:e]))
+            d_up.append(torch.mm(du_NH[s:e].t(), x_ND[s:e]))
+            if e > s:
+                torch.mm(dg_NH[s:e], wg, out=dx_ND[s:e])
+                dx_ND[s:e].addmm_(du_NH[s:e], wu)
+        return (dx_ND, None, *d_gate, *d_up, *d_down)
 
 
 class _GradContiguous(torch.autograd.Function):

@@ -29,8 +29,7 @@ class RouterStats(nn.Module):
         """probs_TE: normalised affinities; ids_TK: selected experts; kept_TK: bool not dropped."""
         T, E = probs_TE.shape
         self.tokens_per_expert_E += torch.bincount(ids_TK.reshape(-1), minlength=E).double()
-        p = probs_TE.double()
-        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
+        entropy = torch.special.entr(probs_TE.float()).sum()  # -sum p log p, 0 log 0 = 0
         groups = _distinct_blocks(ids_TK, E // self.n_groups, self.n_groups)
         ranks = _distinct_blocks(ids_TK, E // self.num_ranks, self.num_ranks)
         self.counters += torch.tensor(

@@ -1,30 +1,40 @@
 """`AllToAllDispatcher`: the expert-parallel implementation of the dispatcher seam.
 
 Shapes: T local tokens, D model dim, K top-k, E global routed experts, W ranks in the EP group,
-L = E / W local experts, N copies sent by this rank (kept copies of its T*K),
-R copies received by this rank (N_D below: what the local experts compute on).
+L = E / W local experts, P (token, destination rank) pairs this rank sends, R pairs it
+receives, N token copies its local experts compute on (x_ND).
 
-Rank w of the EP group owns global experts [w*L, (w+1)*L). Dispatch, per MoE layer call:
-1. sort this rank's kept token copies by global expert id (stable). Experts are contiguous per
-   rank, so this is also "by destination rank, then by local expert"; `counts_E` is copies per
-   global expert (block w = what goes to rank w's L experts);
-2. exchange `counts_E` with an even all-to-all: we learn, for every source rank, how many copies
-   it sends to each of OUR local experts (`recv_WL`);
-3. one host sync (`.tolist()`) for the split sizes, then the uneven all-to-all of the rows;
-4. what arrived is ordered (source rank, local expert); a stable permutation regroups it as
-   (local expert, source rank), which is the contiguous-by-local-expert layout `experts` wants.
-Combine runs 4 -> 3 -> 1 backwards (inverse permutation, reverse all-to-all, scatter back to
-copy slots) and takes the gate-weighted sum over the K copies, exactly as `LocalDispatcher`.
+Rank w of the EP group owns global experts [w*L, (w+1)*L).
 
-Both all-to-alls are autograd Functions (`parallel.all_to_all`), so gradients reach x_TD, the
-expert weights and the gates. Every rank calls both collectives once per layer call whatever its
-counts: a rank (or an expert) with zero copies sends/receives empty splits and never skips a
-collective, which is what keeps an unlucky rank from hanging the group.
+A token is sent ONCE to each rank that holds at least one of its experts (not once per copy):
+with top-6 routing a token usually has several experts on the same rank, and device-limited
+routing (M ranks per token) then bounds the rows a token costs to M, which is the point of
+DeepSeek-V2's device limit. The receiver expands a row into the copies for its local experts,
+and weights and sums them before sending ONE row back. Per MoE layer call:
+
+dispatch(x_TD, ids_TK):
+1. pairs: for each destination rank w (ascending) the tokens t (ascending) that have an expert
+   there, and the local expert ids of those copies (`local_PK`, -1 for copies elsewhere);
+2. exchange pair counts (even all-to-all); one host sync (`.tolist()`) for the split sizes;
+3. all-to-all `local_PK` (int64) and the rows `x_TD[pair_t]` (uneven, differentiable);
+4. receiver: expand the R rows into copies and sort them stably by local expert
+   -> x_ND grouped contiguously by local expert, `counts_L` copies per local expert.
+combine(y_ND, weights_TK):
+5. all-to-all the gates of each pair's copies (`w_PK`, differentiable: the router learns);
+6. receiver: y_RD[r] = sum of its copies' outputs times their gates (index_add);
+7. reverse all-to-all of y_RD; sender: y_TD = sum over the pairs of each token (index_add).
+Dropped copies (id -1) are in no pair; a token with every copy dropped gets 0.
+
+All exchanges of floats are autograd Functions (`parallel.all_to_all`), so gradients reach x_TD,
+the expert weights and the gates. Every rank calls every collective once per layer call
+whatever its counts: a rank (or an expert) with zero rows sends/receives empty splits and never
+skips a collective, which keeps an unlucky rank from hanging the group.
 
 Statistics (accumulated until `pop_stats()`; the trainer reduces/logs them):
 - `ranks_per_token`: distinct destination EP ranks per token (<= M with device-limited routing);
-- `a2a_bytes`: bytes this rank sent to OTHER ranks in forward dispatch + combine (the backward
-  moves the same amount again); self-sends are local copies and not counted.
+- `a2a_bytes`: bytes this rank sent to OTHER ranks in forward dispatch + combine (rows, local
+  ids and gates; the backward moves the row and gate bytes again); self-sends are not counted;
+- `copy_bytes`: what a dispatcher sending one row per token COPY would have sent (comparison).
 """
 
 from __future__ import annotations
@@ -35,33 +45,24 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from deepseek_moe.model.dispatch import LocalContext, LocalDispatcher, sort_by_expert
 from deepseek_moe.parallel.all_to_all import all_to_all, exchange_counts
 
-__all__ = ["AllToAllDispatcher", "EPContext", "ranks_per_token"]
+__all__ = ["AllToAllDispatcher", "EPContext"]
 
 
 @dataclass
 class EPContext:
-    local: LocalContext
-    """Copy-slot order of the rows this rank sent (for the final scatter + weighted sum)."""
-    input_splits: list[int]
+    num_tokens: int
+    pair_t_P: torch.Tensor
+    """Token index of each sent row (rows grouped by destination rank)."""
+    mask_PK: torch.Tensor
+    """Which of the token's K copies belong to the pair's destination rank."""
+    send_splits: list[int]
     """Rows sent to each EP rank in dispatch (= rows received back in combine)."""
-    output_splits: list[int]
+    recv_splits: list[int]
     """Rows received from each EP rank in dispatch."""
-    regroup_R: torch.Tensor
-    """x_ND = received[regroup_R]: (source rank, local expert) order -> local-expert order."""
-
-
-def ranks_per_token(ids_TK: torch.Tensor, experts_per_rank: int) -> torch.Tensor:
-    """Distinct destination ranks of each token, `[T]` int64 (dropped copies, id -1, excluded)."""
-    if ids_TK.numel() == 0:
-        return torch.zeros(ids_TK.shape[0], dtype=torch.long, device=ids_TK.device)
-    rank_TK = torch.where(ids_TK >= 0, ids_TK // experts_per_rank, torch.full_like(ids_TK, -1))
-    rank_TK = rank_TK.sort(dim=1).values
-    new_TK = torch.ones_like(rank_TK, dtype=torch.bool)
-    new_TK[:, 1:] = rank_TK[:, 1:] != rank_TK[:, :-1]
-    return (new_TK & (rank_TK >= 0)).sum(dim=1)
+    copy_slot_N: torch.Tensor
+    """For each row of x_ND: its flat slot r*K + k among the received rows' copies."""
 
 
 class AllToAllDispatcher:
@@ -90,14 +91,17 @@ class AllToAllDispatcher:
         self._tokens = 0
         self._ranks_sum = 0
         self._a2a_bytes = 0
+        self._copy_bytes = 0
         self._calls = 0
 
     def pop_stats(self, reset: bool = True) -> dict[str, float]:
-        """{"ranks_per_token": mean over tokens seen, "a2a_bytes": total since last reset,
-        "a2a_calls": layer forwards since last reset}. Local to this rank."""
+        """{"ranks_per_token": mean over tokens seen, "a2a_bytes" / "copy_bytes": totals since
+        the last reset (see module docstring), "a2a_calls": layer forwards since the last
+        reset}. Local to this rank."""
         out = {
             "ranks_per_token": self._ranks_sum / max(self._tokens, 1),
             "a2a_bytes": float(self._a2a_bytes),
+            "copy_bytes": float(self._copy_bytes),
             "a2a_calls": float(self._calls),
         }
         if reset:
@@ -115,37 +119,61 @@ class AllToAllDispatcher:
             )
         T, K = ids_TK.shape
         W, L = self.world, self.num_local_experts
-        # 1. local sort by global expert = by (destination rank, local expert)
-        order_N, counts_E = sort_by_expert(ids_TK, num_experts)
-        x_send_ND = x_TD[order_N // K]
-        # 2. counts exchange: recv_WL[w, l] = copies rank w sends to our local expert l
-        recv_WL = exchange_counts(counts_E, self.group).view(W, L)
-        # 3. one host sync for both split lists
-        splits = torch.stack([counts_E.view(W, L).sum(1), recv_WL.sum(1)]).tolist()
-        input_splits, output_splits = splits[0], splits[1]
-        x_recv_RD = all_to_all(x_send_ND, output_splits, input_splits, self.group)
-        # 4. (source rank, local expert) -> (local expert, source rank), stable
-        expert_R = torch.arange(L, device=recv_WL.device).repeat(W).repeat_interleave(recv_WL.reshape(-1))
-        regroup_R = torch.argsort(expert_R, stable=True).to(x_recv_RD.device)
-        x_ND = x_recv_RD[regroup_R]
-        counts_L = recv_WL.sum(0)
+        # 1. (destination rank, token) pairs, sorted by rank then token
+        kept_TK = ids_TK >= 0
+        dest_TK = torch.where(kept_TK, torch.div(ids_TK, L, rounding_mode="floor"),
+                              torch.full_like(ids_TK, W))  # W = "nowhere" for dropped copies
+        hit_TW = torch.zeros(T, W + 1, dtype=torch.bool, device=ids_TK.device)
+        hit_TW.scatter_(1, dest_TK, True)
+        hit_TW = hit_TW[:, :W]
+        pair_w_P, pair_t_P = hit_TW.t().nonzero(as_tuple=True)
+        mask_PK = dest_TK[pair_t_P] == pair_w_P.unsqueeze(1)
+        local_PK = torch.where(mask_PK, ids_TK[pair_t_P] - pair_w_P.unsqueeze(1) * L,
+                               torch.full_like(mask_PK, -1, dtype=ids_TK.dtype))
+        # 2. pair counts; the one host sync of the layer
+        send_W = hit_TW.sum(0)
+        recv_W = exchange_counts(send_W, self.group)
+        splits = torch.stack([send_W, recv_W]).tolist()
+        send_splits, recv_splits = splits[0], splits[1]
+        # 3. local expert ids, then the rows
+        local_RK = all_to_all(local_PK, recv_splits, send_splits, self.group)
+        x_RD = all_to_all(x_TD[pair_t_P], recv_splits, send_splits, self.group)
+        # 4. expand received rows into copies, grouped by local expert (stable)
+        local_N = local_RK.reshape(-1)
+        key_N = torch.where(local_N >= 0, local_N, torch.full_like(local_N, L))
+        counts_L = torch.bincount(local_N[local_N >= 0], minlength=L)
+        copy_slot_N = torch.argsort(key_N, stable=True)[: int(counts_L.sum())]
+        x_ND = x_RD[torch.div(copy_slot_N, K, rounding_mode="floor")]
 
         with torch.no_grad():
             self._calls += 1
             self._tokens += T
-            self._ranks_sum += int(ranks_per_token(ids_TK, L).sum())
-            remote_rows = sum(input_splits) - input_splits[self.rank]
-            # dispatch sends remote_rows rows; combine sends back what we received from others
-            remote_rows += sum(output_splits) - output_splits[self.rank]
-            self._a2a_bytes += remote_rows * x_TD.shape[-1] * x_TD.element_size()
+            self._ranks_sum += int(send_W.sum())
+            remote_sent = sum(send_splits) - send_splits[self.rank]
+            remote_recv = sum(recv_splits) - recv_splits[self.rank]
+            row = x_TD.shape[-1] * x_TD.element_size()
+            # dispatch: rows + int64 ids + fp32 gates per sent pair; combine: one row back per
+            # received pair
+            self._a2a_bytes += remote_sent * (row + K * 8 + K * 4) + remote_recv * row
+            # a one-row-per-copy dispatcher: remote copies out, remote copies' outputs back
+            off = sum(recv_splits[: self.rank])
+            self_copies = int((local_RK[off: off + recv_splits[self.rank]] >= 0).sum())
+            remote_copies = int((kept_TK & (dest_TK != self.rank)).sum())
+            self._copy_bytes += (remote_copies + int(counts_L.sum()) - self_copies) * row
 
-        ctx = EPContext(LocalContext(order_N, T, K), input_splits, output_splits, regroup_R)
+        ctx = EPContext(T, pair_t_P, mask_PK, send_splits, recv_splits, copy_slot_N)
         return x_ND, counts_L, ctx
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: EPContext) -> torch.Tensor:
-        # 4^-1: back to (source rank, local expert) order
-        y_recv_RD = y_ND.new_zeros(y_ND.shape).index_copy(0, ctx.regroup_R, y_ND)
-        # 3^-1: reverse exchange (we send back exactly what we received)
-        y_send_ND = all_to_all(y_recv_RD, ctx.input_splits, ctx.output_splits, self.group)
-        # 1^-1 + weighted sum over K: identical to the single-process dispatcher
-        return LocalDispatcher().combine(y_send_ND, weights_TK, ctx.local)
+        K = weights_TK.shape[1]
+        # 5. the gates of each pair's copies travel with the pair (0 for copies elsewhere)
+        w_PK = torch.where(ctx.mask_PK, weights_TK[ctx.pair_t_P], torch.zeros((), dtype=weights_TK.dtype))
+        w_RK = all_to_all(w_PK, ctx.recv_splits, ctx.send_splits, self.group)
+        # 6. weighted sum of each received row's copies
+        w_N = w_RK.reshape(-1)[ctx.copy_slot_N].to(y_ND.dtype)
+        R = w_RK.shape[0]
+        y_RD = y_ND.new_zeros(R, y_ND.shape[-1]).index_add(
+            0, torch.div(ctx.copy_slot_N, K, rounding_mode="floor"), y_ND * w_N.unsqueeze(1))
+        # 7. one row back per pair; sum the pairs of each token
+        y_PD = all_to_all(y_RD, ctx.send_splits, ctx.recv_splits, self.group)
+        return y_PD.new_zeros(ctx.num_tokens, y_PD.shape[-1]).index_add(0, ctx.pair_t_P, y_PD)

@@ -167,3 +167,13 @@ def test_loader_accepts_a_data_config(make_prepared, tmp_path):
     assert ld.meta.fingerprint == meta.fingerprint
     other = build_train_loader(meta, seq_len=S, global_batch_size=4, micro_batch_size=4)
     assert window_id(next(ld)) == window_id(next(other))
+
+
+def test_uint32_tokens_above_uint16_range(tmp_path):
+    from tests.data.conftest import write_prepared
+
+    meta = write_prepared(tmp_path / "u32", 5 * S + 1, 100, dtype="uint32", offset=70_000)
+    batch = next(build_train_loader(meta, seq_len=S, global_batch_size=5, micro_batch_size=5))
+    starts = sorted(int(x) for x in batch["input_ids"][:, 0])
+    assert starts == [70_000 + i * S for i in range(5)]
+    assert int(batch["labels"].max()) == 70_000 + 5 * S

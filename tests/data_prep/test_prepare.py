@@ -115,3 +115,19 @@ def test_cli_composes_the_data_group_and_feeds_the_loader(corpus, tmp_path, caps
     batch = next(build_train_loader(out, seq_len=16, global_batch_size=4, micro_batch_size=2))
     assert batch["input_ids"].shape == (2, 16)
     assert json.loads((out / "meta.json").read_text())["tokenizer_sha256"] == meta.tokenizer_sha256
+
+
+def test_streaming_local_text_round_trip(corpus, tmp_path):
+    root, expected = corpus
+    cfg = corpus_config(root, tmp_path / "s", streaming=True, vocab_size=400, val_fraction=0.3)
+    meta = load_meta(prepare(cfg))
+    train, val = decode_split(meta, "train"), decode_split(meta, "val")
+    assert Counter(train + val) == Counter(expected.values()) and train and val
+    assert meta.skipped_documents == {"not_utf8": 1, "empty": 1}
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=r"data_prep.prepare: error: .*matches no files"):
+        main(["data=local_text", f"data.path={tmp_path / 'none'}", f"data.out_dir={tmp_path / 'o'}"])
+    with pytest.raises(SystemExit, match="data.vocab_siz"):
+        main(["data.vocab_siz=10"])

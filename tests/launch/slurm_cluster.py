@@ -4,6 +4,7 @@ Debian's slurm-wlm: munged, slurmctld and slurmd run in the foreground as childr
 process, with keys, config, state, spool, sockets and logs in one temp directory, on free ports;
 `stop()` cancels every job, waits for it to leave the node and kills the three daemons. Client
 commands get the cluster through `SLURM_CONF` in `self.env` (never written to os.environ).
+Everything runs as the current user (SlurmUser = SlurmdUser = you), so root is not required.
 
 Install: `.ci/install_slurm.sh` (apt-get install slurm-wlm munge).
 """
@@ -11,26 +12,43 @@ Install: `.ci/install_slurm.sh` (apt-get install slurm-wlm munge).
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
 REQUIRED = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+FINISHED_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+}  # fmt: skip
 
 
 def missing_binaries() -> list[str]:
+    """SLURM/munge programs not on PATH (nor in /usr/sbin, often not on a user's PATH)."""
     return [name for name in REQUIRED if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
 
 
 def _which(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to the daemon when the test process dies, so a killed
+    pytest does not leave a cluster behind (Linux prctl PR_SET_PDEATHSIG; no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _free_port() -> int:
@@ -70,7 +88,8 @@ class SlurmCluster:
         log = open(self.root / "log" / f"{name}.stdout", "wb")
         # Own session: the daemons ignore the terminal's ^C; stop() signals them by pid.
         self.procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env or None
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env or None,
+            preexec_fn=_die_with_parent,
         )
         log.close()
 
@@ -232,3 +251,33 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             lines = path.read_text(errors="replace").splitlines()[-tail:]
             parts.append(f"--- {path.name}\n" + "\n".join(lines))
         return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- launch/train.sbatch jobs
+def submit(cluster, repo, tmp_path, name, overrides, tasks=2):
+    """sbatch launch/train.sbatch from `repo`; runs under tmp_path/runs/<name>. Returns the job id."""
+    env = {
+        "DSMOE_RUN_ROOT": str(tmp_path / "runs"),
+        # The job inherits this environment (sbatch --export=ALL): run it with this interpreter's
+        # venv (launch/site.sh activates DSMOE_VENV), whichever venv pytest runs in.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DSMOE_VENV": sys.prefix,
+    }
+    args = [f"--job-name={name}", "--nodes=1", f"--ntasks-per-node={tasks}", f"--output={tmp_path}/%x-%j.out"]
+    return cluster.sbatch([*args, "launch/train.sbatch", *overrides], cwd=repo, env=env)
+
+
+def read_jsonl(path):
+    """Records of a .jsonl file; [] if it does not exist."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def wait_for_steps(cluster, job_id, metrics, n, timeout=60):
+    """Wait until `metrics` has n complete lines (the job is running and past its n-th step)."""
+    deadline = time.monotonic() + timeout
+    while (Path(metrics).read_text().count("\n") if Path(metrics).exists() else 0) < n:
+        info = cluster.job(job_id)
+        assert time.monotonic() < deadline and info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"no step {n} in {metrics}: job {info['JobState']}\n{cluster.job_log(info)}"
+        )
+        time.sleep(0.2)

@@ -142,10 +142,10 @@ def _run_module(env, *cmd):
 
 
 def test_cli_execs_command_with_torch_env():
-    code = "import os, json, sys; print(json.dumps({k: os.environ[k] for k in ('RANK','MASTER_ADDR')} | {'argv': sys.argv[1:]}))"
+    code = "import os, json, sys; print(json.dumps([os.environ['RANK'], os.environ['MASTER_ADDR'], sys.argv[1:]]))"
     res = _run_module(_srun_env(), "--", sys.executable, "-c", code, "model=x", "trainer.max_steps=5")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == {"RANK": "5", "MASTER_ADDR": "gpu07", "argv": ["model=x", "trainer.max_steps=5"]}
+    assert json.loads(res.stdout) == ["5", "gpu07", ["model=x", "trainer.max_steps=5"]]
 
 
 def test_cli_outside_slurm_fails_clearly():

@@ -2,20 +2,18 @@
 
 `fake_train.py` keeps train.py's launch contract (torch env vars, one gloo group, resume from
 run_dir, checkpoint + exit 0 on USR1/TERM) but takes a second to start, so these tests pin down
-the batch script's own logic: env mapping, requeue on USR1, SLURM's requeue on SIGTERM,
---kill-on-bad-exit. test_train_slurm.py runs the real train.py.
+the batch script's own logic: env mapping, SLURM's requeue on SIGTERM, --kill-on-bad-exit, USR1
+before the trainer's handler exists. test_train_slurm.py runs the real train.py (including the
+USR1 checkpoint-requeue-resume path).
 """
 
-import json
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch.slurm_cluster import REPO, read_jsonl, submit, wait_for_steps
 
 
 @pytest.fixture
@@ -25,31 +23,6 @@ def fake_repo(tmp_path):
     shutil.copytree(REPO / "launch", repo / "launch", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(Path(__file__).with_name("fake_train.py"), repo / "train.py")
     return repo
-
-
-def submit(cluster, repo, tmp_path, name, overrides, tasks=2):
-    """sbatch launch/train.sbatch from `repo`; runs under tmp_path/runs/<name>. Returns the job id."""
-    env = {
-        "DSMOE_RUN_ROOT": str(tmp_path / "runs"),
-        # The job inherits this environment (sbatch --export=ALL): put this venv's python first.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    args = [f"--job-name={name}", "--nodes=1", f"--ntasks-per-node={tasks}", f"--output={tmp_path}/%x-%j.out"]
-    return cluster.sbatch([*args, "launch/train.sbatch", *overrides], cwd=repo, env=env)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
-
-
-def wait_for_steps(cluster, job_id, metrics, n, timeout=60):
-    deadline = time.monotonic() + timeout
-    while len(read_jsonl(metrics)) < n:
-        info = cluster.job(job_id)
-        assert time.monotonic() < deadline and info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
-            f"no step {n} in {metrics}: job {info['JobState']}\n{cluster.job_log(info)}"
-        )
-        time.sleep(0.2)
 
 
 def test_two_tasks_one_process_group(slurm_cluster, fake_repo, tmp_path):
@@ -71,23 +44,6 @@ def test_two_tasks_one_process_group(slurm_cluster, fake_repo, tmp_path):
         }
     log = Path(info["StdOut"])
     assert log.name == f"fake-ok-{job}.out", "one log file per job, named <job name>-<job id>.out"
-
-
-def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, fake_repo, tmp_path):
-    """What a time limit does (--signal=B:USR1@300), sent by hand."""
-    run_dir = tmp_path / "runs" / "fake-usr1"
-    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-usr1", ["trainer.max_steps=10", "step_seconds=0.3"])
-    wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 2)
-    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
-    info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=90, min_restarts=1)
-
-    assert info["Restarts"] == "1"
-    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 11))
-    first, second = read_jsonl(run_dir / "launch_rank0.jsonl")
-    assert first["resume_step"] == 0 and 2 <= second["resume_step"] < 10
-    assert first["job"] == second["job"] == str(job)
-    log = slurm_cluster.job_log(info)
-    assert "requeueing job" in log and "start #0" in log and "start #1" in log  # one log, appended
 
 
 def test_scontrol_requeue_resumes(slurm_cluster, fake_repo, tmp_path):

@@ -105,9 +105,10 @@ def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
 
 
 def test_ep1_two_process_resume(tiny_data, tmp_path):
-    """EP=1 with 2 data-parallel ranks: resume equality (experts replicated, ZeRO-1 sharded)."""
+    """EP=1 with 2 data-parallel ranks: resume equality (experts replicated, ZeRO-1 sharded),
+    with the V3 selection bias on (its loads are all-reduced; the bias buffer is checkpointed)."""
     base = TINY + tiny_data + ["trainer.max_steps=4", "trainer.eval_every=0", "checkpoint.every=0",
-                               "logger=none"]
+                               "logger=none", "model.moe.bias_update_rate=0.01"]
     straight = tmp_path / "straight"
     run_train(base + [f"run_dir={straight}"], nproc=2, launcher="torchrun")
     resumed = tmp_path / "resumed"

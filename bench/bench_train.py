@@ -1,0 +1,202 @@
+"""Training throughput: our train.py vs HF transformers DeepseekV2ForCausalLM through DeepSpeed.
+
+    python bench/bench_train.py                 # both EP sizes, prints a table and the ratios
+    python bench/bench_train.py --ep 2 --steps 10
+
+The nearest thing a user could pick instead of this framework is HF's `DeepseekV2ForCausalLM`
+trained with DeepSpeed (AutoEP for expert parallelism). Both run here in the same invocation, as
+2 CPU processes (torchrun, gloo, 1 intra-op thread each), at one shape:
+
+    hidden 256, 4 layers (layer 0 dense, FFN 1024), 16 routed + 1 shared experts of width 128,
+    top-4, 2 expert groups with M=1 (group-limited routing), vocab 1024, seq 256,
+    micro-batch 8 per rank (global 16, no accumulation), AdamW, ZeRO-1, fp32.
+
+- ours: `train.py` itself (the real trainer: router metrics, aux loss, metrics.jsonl) with
+  `parallel.ep_size` 1 or 2; tokens/s from its metrics.jsonl.
+- hf: `DeepseekV2ForCausalLM` (`topk_method="group_limited_greedy"`, experts implementation
+  `grouped_mm`, its fast path), `deepspeed.initialize` with ZeRO-1; for EP=2 DeepSpeed AutoEP
+  (`"expert_parallel": {"enabled": true, "autoep_size": 2, "preset_model": "deepseek_v2"}`).
+  HF DeepSeek-V2 attention is MLA; we configure it close to our MHA (no q compression,
+  kv_lora_rank 128, head dim 32 nope + 32 rope, v 64) and say so. HF computes no balance loss
+  here (output_router_logits=False); ours does (alpha1 = 0.01).
+
+Both read the same prepared python_stdlib windows (vocab 1024) through our loader. Timing: median
+optimizer-step wall time over the steps after `--warmup`; tokens/s = 16 x 256 / median.
+Target (issue 5): ours >= 1.5x hf tokens/s at both EP sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+HIDDEN, LAYERS, DENSE_FFN, EXPERTS, EXPERT_W, TOP_K, GROUPS, M = 256, 4, 1024, 16, 128, 4, 2, 1
+VOCAB, SEQ, MICRO, WORLD = 1024, 256, 8, 2
+GLOBAL = MICRO * WORLD
+DATA = [f"data.out_dir={REPO / 'data' / 'bench_stdlib_v1024'}", "data.vocab_size=1024",
+        "data.max_documents=400", "data.num_proc=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+            "--master_port", str(_free_port()), *args]
+
+
+def data_config():
+    from omegaconf import OmegaConf
+
+    from deepseek_moe.config.data import DataConfig
+
+    cfg = OmegaConf.structured(DataConfig)
+    cfg.merge_with(OmegaConf.load(REPO / "conf" / "data" / "python_stdlib.yaml"))
+    cfg.merge_with(OmegaConf.from_dotlist([d.removeprefix("data.") for d in DATA]))
+    return OmegaConf.to_object(cfg)
+
+
+# ---- ours: the real entry point ---------------------------------------------------------------
+def run_ours(ep: int, steps: int, warmup: int) -> dict:
+    overrides = [
+        f"model.hidden_size={HIDDEN}", f"model.num_layers={LAYERS}", "model.num_heads=4",
+        "model.num_kv_heads=4", "model.head_dim=64", f"model.intermediate_size={DENSE_FFN}",
+        "model.first_k_dense=1", f"model.max_seq_len={SEQ}", f"model.moe.n_routed_experts={EXPERTS}",
+        "model.moe.n_shared_experts=1", f"model.moe.moe_intermediate_size={EXPERT_W}",
+        f"model.moe.top_k={TOP_K}", f"model.moe.n_groups={GROUPS}", f"model.moe.topk_groups={M}",
+        f"trainer.seq_len={SEQ}", f"trainer.global_batch_size={GLOBAL}",
+        f"trainer.micro_batch_size={MICRO}", f"trainer.max_steps={warmup + steps}",
+        "trainer.eval_every=0", "trainer.log_every=1000", "checkpoint.every=0", "logger=none",
+        "optim.warmup_steps=1", f"parallel.ep_size={ep}", "parallel.zero_stage=1", *DATA,
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(_torchrun(["train.py", f"run_dir={tmp}/run", *overrides]), cwd=REPO,
+                              env=_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ours EP={ep} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+    times = [r["step_time_s"] for r in rows if "loss" in r][warmup:]
+    return {"step_s": statistics.median(times), "loss_first": rows[0]["lm_loss"],
+            "loss_last": [r for r in rows if "loss" in r][-1]["lm_loss"]}
+
+
+# ---- hf: DeepseekV2ForCausalLM + DeepSpeed (+ AutoEP) -----------------------------------------
+def hf_worker(ep: int, steps: int, warmup: int, out: str) -> None:
+    import deepspeed
+    import torch
+    import transformers
+
+    from deepseek_moe.data import build_train_loader, ensure_prepared
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=DENSE_FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
+        n_routed_experts=EXPERTS, n_shared_experts=1, moe_intermediate_size=EXPERT_W,
+        num_experts_per_tok=TOP_K, n_group=GROUPS, topk_group=M, topk_method="group_limited_greedy",
+        norm_topk_prob=False, routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=128,
+        qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=SEQ,
+        use_cache=False, initializer_range=0.02)
+    cfg._experts_implementation = "grouped_mm"
+    model = transformers.DeepseekV2ForCausalLM(cfg).float()
+    ds_config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
+                 "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+                 "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+                 "steps_per_print": 10**9}
+    if ep > 1:
+        ds_config["expert_parallel"] = {"enabled": True, "autoep_size": ep, "preset_model": "deepseek_v2"}
+    def make_optimizer(params):
+        # A callable: DeepSpeed builds it after AutoEP replaced the MoE blocks, and ZeRO needs
+        # the expert params in their own "moe" groups.
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": [p for p in params if p.requires_grad], "name": "params"})
+        return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer, config=ds_config)
+    meta = ensure_prepared(data_config())
+    loader = build_train_loader(meta, seq_len=SEQ, global_batch_size=GLOBAL, micro_batch_size=MICRO,
+                                dp_rank=rank, dp_world=WORLD, seed=0)
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        batch = next(loader)
+        t0 = time.time()
+        # HF shifts labels itself: pass the full window (inputs + last label) as both.
+        ids = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)[:, :SEQ]
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        t = torch.tensor([time.time() - t0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        times.append(float(t))
+        losses.append(float(loss))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"step_s": statistics.median(times[warmup:]),
+                                         "loss_first": losses[0], "loss_last": losses[-1]}))
+
+
+def run_hf(ep: int, steps: int, warmup: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/hf.json"
+        proc = subprocess.run(_torchrun([__file__, "--worker", "hf", "--ep", str(ep), "--steps",
+                                         str(steps), "--warmup", str(warmup), "--out", out]),
+                              cwd=REPO, env=_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"hf EP={ep} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ep", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    parser.add_argument("--worker", choices=["hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "hf":
+        hf_worker(args.ep[0], args.steps, args.warmup, args.out)
+        return
+
+    from deepseek_moe.data import ensure_prepared
+
+    ensure_prepared(data_config())  # once, before any timing
+    tokens = GLOBAL * SEQ
+    print(f"shape: hidden {HIDDEN}, {LAYERS} layers (first dense), {EXPERTS}+1 experts x {EXPERT_W}, "
+          f"top-{TOP_K}, {GROUPS} groups M={M}, vocab {VOCAB}, seq {SEQ}, micro {MICRO}/rank x "
+          f"{WORLD} ranks, ZeRO-1, fp32; {args.steps} timed steps after {args.warmup}")
+    print(f"{'EP':>3} | {'ours tok/s':>10} | {'hf tok/s':>9} | {'ratio':>6} | ours loss | hf loss")
+    for ep in args.ep:
+        ours = run_ours(ep, args.steps, args.warmup)  # peers timed back to back in one run
+        hf = run_hf(ep, args.steps, args.warmup)
+        a, b = tokens / ours["step_s"], tokens / hf["step_s"]
+        print(f"{ep:>3} | {a:>10,.0f} | {b:>9,.0f} | {a / b:>5.2f}x | "
+              f"{ours['loss_first']:.2f}->{ours['loss_last']:.2f} | "
+              f"{hf['loss_first']:.2f}->{hf['loss_last']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

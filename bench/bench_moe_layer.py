@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing the package
+_SHAPE_ARGS = ("tokens", "hidden", "expert_width", "experts", "top_k", "threads")
 IMPLS = ["ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
 
 
@@ -246,8 +247,7 @@ def main() -> None:
     memory: dict[str, dict] = {}
     for impl in [] if args.no_memory else impls:
         cmd = [sys.executable, __file__, "--worker", impl] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("worker", "impls", "no_memory")]
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _SHAPE_ARGS]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         line = [l for l in res.stdout.splitlines() if l.startswith("{")]

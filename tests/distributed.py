@@ -20,8 +20,9 @@ How it works (and why):
 - Results and tracebacks travel through files in a temp dir (`torch.save`), not a pipe: a CPU
   tensor sent through a multiprocessing queue is shared by file descriptor and dies with its
   process, and a large result in a pipe can deadlock a `join`.
-- A rank that raises makes `run_distributed` raise `RuntimeError` carrying that rank's traceback;
-  the other ranks are terminated (they may be blocked in a collective forever). A rank that dies
+- A rank that raises makes `run_distributed` raise `RuntimeError` carrying that rank's traceback
+  (the earliest error first: its peers typically fail next with "connection closed"); the other
+  ranks are terminated after a 3 s grace (they may be blocked in a collective forever). A rank that dies
   without a report (segfault, `os._exit`) is reported with its exit code.
 - `timeout` bounds the whole run: a hang fails the test instead of blocking CI. gloo collectives
   also get the same timeout, so a rank stuck in a collective raises on its own.
@@ -101,6 +102,28 @@ def _worker(
                 pass
 
 
+def _root_cause(out_dir: str, world_size: int, first_seen: str) -> str:
+    """The earliest-written error report first (a rank that raised makes its peers fail with
+    "connection closed" a moment later), then one line per other failing rank."""
+    reports = []
+    for rank in range(world_size):
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        if os.path.exists(path):
+            report = torch.load(path, weights_only=False)
+            if not report["ok"]:
+                reports.append((os.stat(path).st_mtime_ns, rank, report["error"]))
+    reports.sort()
+    if "without reporting" in first_seen or not reports:
+        msg = first_seen  # a silent crash is the root cause; the reports came after it
+    else:
+        _, rank, error = reports.pop(0)
+        msg = f"rank {rank} of {world_size} raised:\n{error}"
+    for _, other, err in reports:
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        msg += f"\n(then rank {other} raised: {last[:300]})"
+    return msg
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -163,6 +186,12 @@ def run_distributed(
                             "without reporting a result (crash or os._exit)"
                         )
                         break
+                if failure is not None:
+                    # the other ranks usually fail right after (peer connection closed): give
+                    # them a moment to report so the root cause can be picked by time
+                    grace = time.monotonic() + 3.0
+                    while time.monotonic() < grace and any(p.is_alive() for p in procs):
+                        time.sleep(0.05)
                 if len(results) < world_size and failure is None:
                     if time.monotonic() > deadline:
                         missing = [r for r in range(world_size) if r not in results]
@@ -182,5 +211,5 @@ def run_distributed(
                     p.kill()
                     p.join()
         if failure is not None:
-            raise RuntimeError(failure)
+            raise RuntimeError(_root_cause(out_dir, world_size, failure))
         return [results[r] for r in range(world_size)]

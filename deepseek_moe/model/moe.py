@@ -26,8 +26,9 @@ Interface (stable; the EP helper and the trainer build on it):
   before dispatch (the dispatcher skips them; their output is 0). Balance losses and load stats
   use the selections BEFORE dropping (that is what the router chose).
 - Statistics for logging accumulate in `self.stats` (training forwards only):
-  `self.stats.compute_metrics(reset=True)`; raw per-expert selections of the last forward are in
-  `self.last_counts_E` (for EP reasoning about the loss statistics).
+  `self.stats.compute_metrics(reset=True)`. The balance-loss statistics of the last forward are
+  kept (detached) for EP reasoning: `self.last_counts_E` (selections per expert, the f_i
+  numerator) and `self.last_probs_mean_E` (P_i), both over this rank's local tokens.
 - `self.gate.pending_load_E` accumulates loads for the V3 bias; `self.gate.update_bias()`
   applies it (the model's `update_router_bias()` calls it on every MoE layer).
 """
@@ -102,6 +103,7 @@ class MoELayer(nn.Module):
         )
         self.stats = RouterStats(E, cfg.n_groups, ep_size)
         self.last_counts_E: Optional[torch.Tensor] = None
+        self.last_probs_mean_E: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x_BSD (or x_TD) -> (y of the same shape, alpha-scaled aux losses)."""
@@ -138,6 +140,7 @@ class MoELayer(nn.Module):
         aux = self._aux_losses(r.logits_TE, probs_TE, r.ids_TK, B, S)
         with torch.no_grad():
             self.last_counts_E = losses.expert_counts(r.ids_TK, E)
+            self.last_probs_mean_E = probs_TE.mean(dim=0).detach()
             if self.training:
                 self.stats.update(probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK)
         return y_TD.view(shape), aux

@@ -32,10 +32,12 @@ class RouterStats(nn.Module):
         entropy = torch.special.entr(probs_TE.float()).sum()  # -sum p log p, 0 log 0 = 0
         groups = _distinct_blocks(ids_TK, E // self.n_groups, self.n_groups)
         ranks = _distinct_blocks(ids_TK, E // self.num_ranks, self.num_ranks)
-        self.counters += torch.tensor(
-            [T, float(entropy), float((~kept_TK).sum()), ids_TK.numel(), groups, ranks],
-            dtype=torch.float64, device=self.counters.device,
-        )
+        # No host sync: everything stays a tensor on the buffers' device.
+        self.counters += torch.stack([
+            torch.tensor(float(T), device=entropy.device), entropy,
+            (~kept_TK).sum().float(), torch.tensor(float(ids_TK.numel()), device=entropy.device),
+            groups, ranks,
+        ]).to(self.counters)
 
     @torch.no_grad()
     def compute_metrics(self, reset: bool = True) -> dict[str, float]:
@@ -61,9 +63,9 @@ class RouterStats(nn.Module):
         self.counters.zero_()
 
 
-def _distinct_blocks(ids_TK: torch.Tensor, block: int, n_blocks: int) -> float:
+def _distinct_blocks(ids_TK: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
     """Sum over tokens of the number of distinct blocks (groups/ranks) their experts fall in."""
     T = ids_TK.shape[0]
     hit = torch.zeros(T, n_blocks, dtype=torch.bool, device=ids_TK.device)
     hit.scatter_(1, torch.div(ids_TK, block, rounding_mode="floor"), True)
-    return float(hit.sum())
+    return hit.sum().float()

@@ -101,6 +101,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, init_std) for every linear/embedding/router weight, ones for norms,
         zero V3 biases, fresh RoPE tables. Safe to call after `to_empty()` from meta."""
+        if self.lm_head.weight.is_meta:  # nothing to initialise (summary / deferred init)
+            return
         std = self.cfg.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -108,8 +110,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
             elif isinstance(m, RotaryEmbedding):
-                if m.cos.device.type != "meta":
-                    m.reset_tables()
+                m.reset_tables()
         for layer in self.moe_layers():
             nn.init.normal_(layer.gate.weight, mean=0.0, std=std)
             layer.gate.e_score_correction_bias.zero_()

@@ -53,7 +53,8 @@ from deepseek_moe.model.dispatch import LocalDispatcher
 from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.moe import MoELayer
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher
-from deepseek_moe.parallel.groups import ensure_ep_groups, expert_group_name, get_ep_group
+from deepseek_moe.parallel.groups import (ensure_ep_groups, expert_group_name, get_ep_group,
+                                          validate_ep_size)
 
 __all__ = [
     "DeepSpeedExperts",
@@ -154,8 +155,6 @@ def parallelize_moe(model: nn.Module, ep_size: int) -> nn.Module:
     world = dist.get_world_size() if dist.is_initialized() else 1
     ep_rank, group = _ep_rank_and_group(ep_size)
     for name, layer in layers:
-        from deepseek_moe.parallel.groups import validate_ep_size
-
         validate_ep_size(ep_size, world, layer.cfg)
         E = layer.num_experts
         L = E // ep_size

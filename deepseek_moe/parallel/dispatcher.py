@@ -13,9 +13,10 @@ DeepSeek-V2's device limit. The receiver expands a row into the copies for its l
 and weights and sums them before sending ONE row back. Per MoE layer call:
 
 dispatch(x_TD, ids_TK):
-1. pairs: for each destination rank w (ascending) the tokens t (ascending) that have an expert
-   there, and the local expert ids of those copies (`local_PK`, -1 for copies elsewhere);
-2. exchange pair counts (even all-to-all); one host sync (`.tolist()`) for the split sizes;
+1. which EP ranks each token reaches; pair and copy counts per destination rank;
+2. exchange the counts (even all-to-all); one host sync (`.tolist()`) per layer; then the pairs:
+   for each destination rank w (ascending) the tokens t (ascending) that have an expert there,
+   and the local expert ids of those copies (`local_PK`, -1 for copies elsewhere);
 3. all-to-all `local_PK` (int64) and the rows `x_TD[pair_t]` (uneven, differentiable);
 4. receiver: expand the R rows into copies and sort them stably by local expert
    -> x_ND grouped contiguously by local expert, `counts_L` copies per local expert.
@@ -119,47 +120,52 @@ class AllToAllDispatcher:
             )
         T, K = ids_TK.shape
         W, L = self.world, self.num_local_experts
-        # 1. (destination rank, token) pairs, sorted by rank then token
+        # 1. which ranks each token goes to
         kept_TK = ids_TK >= 0
         dest_TK = torch.where(kept_TK, torch.div(ids_TK, L, rounding_mode="floor"),
                               torch.full_like(ids_TK, W))  # W = "nowhere" for dropped copies
         hit_TW = torch.zeros(T, W + 1, dtype=torch.bool, device=ids_TK.device)
         hit_TW.scatter_(1, dest_TK, True)
         hit_TW = hit_TW[:, :W]
-        pair_w_P, pair_t_P = hit_TW.t().nonzero(as_tuple=True)
+        # 2. pair and copy counts per rank; the one host sync of the layer. (No boolean
+        # indexing or nonzero elsewhere: on GPUs each of those would be another sync.)
+        send_W = hit_TW.sum(0)
+        copies_W = torch.bincount(dest_TK.reshape(-1), minlength=W + 1)[:W]
+        recv_W2 = exchange_counts(torch.stack([send_W, copies_W], dim=1).reshape(-1), self.group)
+        counts = torch.cat([send_W, copies_W, recv_W2]).tolist()
+        send_splits, copies_sent = counts[:W], counts[W:2 * W]
+        recv_splits, copies_recv = counts[2 * W::2], counts[2 * W + 1::2]
+        # (destination rank, token) pairs sorted by rank then token: the first P positions of a
+        # stable sort that puts the hits first
+        flat_hit = hit_TW.t().reshape(-1)
+        pair_idx_P = torch.argsort((~flat_hit).to(torch.uint8), stable=True)[: sum(send_splits)]
+        pair_w_P = torch.div(pair_idx_P, T, rounding_mode="floor")
+        pair_t_P = pair_idx_P - pair_w_P * T
         mask_PK = dest_TK[pair_t_P] == pair_w_P.unsqueeze(1)
         local_PK = torch.where(mask_PK, ids_TK[pair_t_P] - pair_w_P.unsqueeze(1) * L,
                                torch.full_like(mask_PK, -1, dtype=ids_TK.dtype))
-        # 2. pair counts; the one host sync of the layer
-        send_W = hit_TW.sum(0)
-        recv_W = exchange_counts(send_W, self.group)
-        splits = torch.stack([send_W, recv_W]).tolist()
-        send_splits, recv_splits = splits[0], splits[1]
         # 3. local expert ids, then the rows
         local_RK = all_to_all(local_PK, recv_splits, send_splits, self.group)
         x_RD = all_to_all(x_TD[pair_t_P], recv_splits, send_splits, self.group)
         # 4. expand received rows into copies, grouped by local expert (stable)
         local_N = local_RK.reshape(-1)
         key_N = torch.where(local_N >= 0, local_N, torch.full_like(local_N, L))
-        counts_L = torch.bincount(local_N[local_N >= 0], minlength=L)
-        copy_slot_N = torch.argsort(key_N, stable=True)[: int(counts_L.sum())]
+        counts_L = torch.bincount(key_N, minlength=L + 1)[:L]
+        copy_slot_N = torch.argsort(key_N, stable=True)[: sum(copies_recv)]
         x_ND = x_RD[torch.div(copy_slot_N, K, rounding_mode="floor")]
 
-        with torch.no_grad():
-            self._calls += 1
-            self._tokens += T
-            self._ranks_sum += int(send_W.sum())
-            remote_sent = sum(send_splits) - send_splits[self.rank]
-            remote_recv = sum(recv_splits) - recv_splits[self.rank]
-            row = x_TD.shape[-1] * x_TD.element_size()
-            # dispatch: rows + int64 ids + fp32 gates per sent pair; combine: one row back per
-            # received pair
-            self._a2a_bytes += remote_sent * (row + K * 8 + K * 4) + remote_recv * row
-            # a one-row-per-copy dispatcher: remote copies out, remote copies' outputs back
-            off = sum(recv_splits[: self.rank])
-            self_copies = int((local_RK[off: off + recv_splits[self.rank]] >= 0).sum())
-            remote_copies = int((kept_TK & (dest_TK != self.rank)).sum())
-            self._copy_bytes += (remote_copies + int(counts_L.sum()) - self_copies) * row
+        # statistics from the host-side counts only (no extra device sync)
+        me = self.rank
+        row = x_TD.shape[-1] * x_TD.element_size()
+        remote_sent = sum(send_splits) - send_splits[me]
+        remote_recv = sum(recv_splits) - recv_splits[me]
+        self._calls += 1
+        self._tokens += T
+        self._ranks_sum += sum(send_splits)
+        # dispatch: row + int64 ids + fp32 gates per sent pair; combine: one row per received pair
+        self._a2a_bytes += remote_sent * (row + K * 8 + K * 4) + remote_recv * row
+        # a one-row-per-copy dispatcher: remote copies out, remote copies' outputs back
+        self._copy_bytes += (sum(copies_sent) - copies_sent[me] + sum(copies_recv) - copies_recv[me]) * row
 
         ctx = EPContext(T, pair_t_P, mask_PK, send_splits, recv_splits, copy_slot_N)
         return x_ND, counts_L, ctx

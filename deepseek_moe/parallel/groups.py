@@ -21,6 +21,8 @@ reduction, ZeRO partitioning of expert param groups, expert checkpoint file numb
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.distributed as dist
 
 __all__ = [
@@ -38,13 +40,23 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def validate_ep_size(ep_size: int, world_size: int, moe) -> None:
+def validate_ep_size(
+    ep_size: int,
+    world_size: int,
+    moe,
+    *,
+    zero_stage: Optional[int] = None,
+    grad_clip: float = 0.0,
+) -> None:
     """Raise ValueError unless `ep_size` fits the world and the MoE config (`MoEConfig`).
 
     - `ep_size` must divide the world size (EP groups tile the data-parallel world);
     - `n_routed_experts % ep_size == 0` (every rank holds the same number of experts);
     - device-limited routing (`topk_groups < n_groups`) is about EP ranks, so the routing groups
       must map onto ranks: `n_groups % ep_size == 0` (each rank holds n_groups/ep_size groups).
+    - pass `zero_stage` and `grad_clip` too: DeepSpeed's ZeRO-0 fp32 clipping averages each
+      rank's LOCAL grad norm, which under EP > 1 sees only that rank's experts, so the clip is
+      wrong; ZeRO-1/2 count every expert once (tested), hence EP > 1 with clipping needs them.
     """
     if ep_size < 1:
         raise ValueError(f"parallel.ep_size={ep_size} must be >= 1")
@@ -70,6 +82,13 @@ def validate_ep_size(ep_size: int, world_size: int, moe) -> None:
             f"n_groups={moe.n_groups}) needs model.moe.n_groups divisible by "
             f"parallel.ep_size={ep_size} so that routing groups are EP ranks; set "
             f"n_groups={ep_size} (one group per rank)"
+        )
+    if ep_size > 1 and zero_stage == 0 and grad_clip > 0:
+        raise ValueError(
+            f"parallel.zero_stage=0 with parallel.ep_size={ep_size} and gradient clipping "
+            f"(optim.grad_clip={grad_clip}): DeepSpeed's stage-0 clipping averages per-rank grad "
+            "norms that each see only that rank's experts, so the clip would be wrong; use "
+            "parallel.zero_stage=1 or 2 (or disable clipping)"
         )
 
 

@@ -239,6 +239,22 @@ class Trainer:
 
     # ---- main -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """Set up, train to max_steps (or until a signal / max_steps_per_launch), save, report."""
+        # Installed first: a SIGTERM during setup still ends in one step, a save and exit 0.
+        self.preempt = PreemptionFlag()
+        self.metrics: Optional[MetricsWriter] = None
+        self.wandb = None
+        try:
+            self._setup()
+            return self._loop()
+        finally:
+            self.preempt.restore()
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+    def _setup(self) -> None:
         cfg = self.cfg
         self.dist = dist = init_distributed()
         self._setup_logging()
@@ -251,7 +267,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         meta = self._prepare_data()
         self._set_vocab(meta)
-        if dist.is_main:  # the resolved config, for humans and for `--config-path` reruns
+        if dist.is_main:  # the resolved config (vocab included), for humans and reruns
             ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
                                     OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
         self._build_engine()
@@ -259,72 +275,77 @@ class Trainer:
         self.last_saved_step = -1
         self._maybe_resume()
 
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
-        metrics.truncate_after(self.step)
-        wandb_logger = None
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
+        self.metrics.truncate_after(self.step)
         if dist.is_main and cfg.logger.kind == "wandb":
             from deepseek_moe.train.wandb_logger import WandbLogger
 
-            wandb_logger = WandbLogger(cfg.logger, self.run_dir, dataclasses.asdict(cfg), self.wandb_run_id)
-            self.wandb_run_id = wandb_logger.run_id
-        # every rank stores the id in its state file; rank 0's is the one that is read back
-        precision = resolve_precision(cfg.trainer.precision, dist.device.type)
-        peak = peak_flops_per_device(dist.device, precision)
-        peak_total = peak * dist.world_size if peak else None
-        flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
-        tokens_per_step = cfg.trainer.global_batch_size * cfg.seq_len
+            try:
+                self.wandb = WandbLogger(cfg.logger, self.run_dir, dataclasses.asdict(cfg),
+                                         self.wandb_run_id)
+            except Exception as err:  # noqa: BLE001 - the tracker must not block training
+                log.warning("wandb.init failed (%s: %s); training without wandb (metrics.jsonl "
+                            "is still written; logger=none silences this)", type(err).__name__, err)
+            else:
+                # Stored in every checkpoint from now on; only rank 0's copy is ever read back.
+                self.wandb_run_id = self.wandb.run_id
 
+        self.precision = resolve_precision(cfg.trainer.precision, dist.device.type)
+        peak = peak_flops_per_device(dist.device, self.precision)
+        self.peak_flops_total = peak * dist.world_size if peak else None
+        self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
+        self.tokens_per_step = cfg.trainer.global_batch_size * cfg.seq_len
         main_print(
             f"run_dir {self.run_dir} | world {dist.world_size} (ep {cfg.parallel.ep_size}, zero "
-            f"{cfg.parallel.zero_stage}, {precision}) | params {cfg.model.num_params() / 1e6:.2f}M "
+            f"{cfg.parallel.zero_stage}, {self.precision}) | params {cfg.model.num_params() / 1e6:.2f}M "
             f"total, {cfg.model.num_active_params() / 1e6:.2f}M active | vocab {cfg.model.vocab_size} | "
-            f"{tokens_per_step} tokens/step, accum {self.engine.gradient_accumulation_steps()} | "
+            f"{self.tokens_per_step} tokens/step, accum {self.engine.gradient_accumulation_steps()} | "
             f"steps {self.step}->{cfg.trainer.max_steps}")
 
-        preempt = PreemptionFlag()
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def _loop(self) -> dict[str, Any]:
+        cfg, tcfg = self.cfg, self.cfg.trainer
         batches = iter(self.train_loader)
-        stop_at = cfg.trainer.max_steps
-        if cfg.trainer.max_steps_per_launch is not None:
-            stop_at = min(stop_at, self.step + cfg.trainer.max_steps_per_launch)
+        stop_at = tcfg.max_steps
+        if tcfg.max_steps_per_launch is not None:
+            stop_at = min(stop_at, self.step + tcfg.max_steps_per_launch)
         last_val: Optional[float] = None
-        last_eval_step = -1
         start_step, t_start = self.step, time.time()
         stopped_by_signal = False
         while self.step < stop_at:
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.scheduler.get_last_lr()[0]  # the LR this step's update uses
             t0 = time.time()
             values = self._train_step(batches)
-            self.step += 1
-            self.tokens_seen += tokens_per_step
             dt = time.time() - t0
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
             grad_norm = self.engine.get_global_grad_norm()
-            tok_s = tokens_per_step / dt
+            tok_s = self.tokens_per_step / dt
             record = {"step": self.step, **values, "lr": lr,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_s": tok_s, "mfu": mfu(tok_s, flops_per_token, peak_total),
+                      "tokens_per_s": tok_s, "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops_total),
                       "tokens_seen": self.tokens_seen, "step_time_s": dt}
             record.update(self._router_metrics())
-            metrics.write(record)
-            if wandb_logger:
-                wandb_logger.log(record, step=self.step)
+            self._log(record)
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(f"loss is {values['loss']} at step {self.step}; lower optim.lr "
-                                         f"or check the data")
-            if dist.is_main and (self.step % cfg.trainer.log_every == 0 or self.step in (start_step + 1, stop_at)):
-                done = self.step - start_step
-                eta = (time.time() - t_start) / done * (cfg.trainer.max_steps - self.step)
-                main_print(f"step {self.step:>6}/{cfg.trainer.max_steps} | loss {values['loss']:.4f} "
+                                         "or check the data")
+            if self.step % tcfg.log_every == 0 or self.step in (start_step + 1, stop_at):
+                eta = (time.time() - t_start) / (self.step - start_step) * (tcfg.max_steps - self.step)
+                main_print(f"step {self.step:>6}/{tcfg.max_steps} | loss {values['loss']:.4f} "
                            f"(lm {values['lm_loss']:.4f}, aux {values['aux_loss']:.4f}) | lr {lr:.2e} | "
                            f"grad {record['grad_norm'] or 0:.3f} | {tok_s:,.0f} tok/s | eta {_fmt_duration(eta)}")
 
-            if cfg.trainer.eval_every and (self.step % cfg.trainer.eval_every == 0 or self.step == cfg.trainer.max_steps):
-                last_val, last_eval_step = self.evaluate(), self.step
-                metrics.write({"step": self.step, "val_loss": last_val})
-                if wandb_logger:
-                    wandb_logger.log({"val_loss": last_val}, step=self.step)
+            if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.max_steps):
+                last_val = self.evaluate()
+                self._log({"step": self.step, "val_loss": last_val})
                 main_print(f"step {self.step:>6} | val_loss {last_val:.4f}")
 
-            if all_reduce_max_flag(preempt.requested):
+            if all_reduce_max_flag(self.preempt.requested):
                 stopped_by_signal = True
                 main_print(f"step {self.step}: stop requested by signal, saving and exiting")
                 break
@@ -333,19 +354,18 @@ class Trainer:
 
         if self.last_saved_step != self.step:
             self.save_checkpoint()
-        preempt.restore()
-        metrics.close()
-        if wandb_logger:
-            wandb_logger.finish()
         newest = ckpt.latest_complete(self.ckpt_dir)
         summary = {"run_dir": str(self.run_dir), "metrics": str(self.run_dir / "metrics.jsonl"),
                    "checkpoint": str(newest[1]) if newest else None, "step": self.step,
                    "val_loss": last_val, "stopped_by_signal": stopped_by_signal,
-                   "finished": self.step >= cfg.trainer.max_steps}
-        main_print(f"done at step {self.step}/{cfg.trainer.max_steps}"
-                   + (f" | val_loss {last_val:.4f} (step {last_eval_step})" if last_val is not None else "")
-                   + f"\n  run dir:    {summary['run_dir']}\n  metrics:    {summary['metrics']}"
-                   + f"\n  checkpoint: {summary['checkpoint']}"
-                   + (f"\n  wandb:      {wandb_logger.run_path}" if wandb_logger else "")
-                   + ("" if summary["finished"] else "\n  relaunch the same command to continue"))
+                   "finished": self.step >= tcfg.max_steps}
+        lines = [f"done at step {self.step}/{tcfg.max_steps}"
+                 + (f" | val_loss {last_val:.4f}" if last_val is not None else ""),
+                 f"  run dir:    {summary['run_dir']}", f"  metrics:    {summary['metrics']}",
+                 f"  checkpoint: {summary['checkpoint']}"]
+        if self.wandb is not None:
+            lines.append(f"  wandb:      {self.wandb.run_path} (mode {self.wandb.mode})")
+        if not summary["finished"]:
+            lines.append("  relaunch the same command to continue")
+        main_print("\n".join(lines))
         return summary

@@ -6,12 +6,15 @@ resumes the checkpoint also resumes the same wandb run (`resume="allow"`).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from pathlib import Path
 from typing import Any, Optional
 
 from deepseek_moe.config.train import LoggerConfig
+
+log = logging.getLogger("deepseek_moe.train")
 
 
 def resolve_mode(cfg: LoggerConfig) -> str:
@@ -25,13 +28,16 @@ def resolve_mode(cfg: LoggerConfig) -> str:
 
 
 class WandbLogger:
-    """Thin wrapper; `run_id` is None for a fresh run (a new id is generated)."""
+    """Thin wrapper; `run_id` is None for a fresh run (a new id is generated).
+
+    wandb is a side channel: once a call fails (its service process died, e.g. because a
+    launcher signalled the whole process tree on preemption) it is switched off with a warning,
+    and training, checkpointing and metrics.jsonl carry on."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any],
                  run_id: Optional[str]) -> None:
         import wandb  # imported lazily: logger=none runs never pay for it
 
-        self._wandb = wandb
         self.mode = resolve_mode(cfg)
         # secrets, not random: drawing from the seeded RNGs would change the training run
         self.run_id = run_id or secrets.token_hex(4)
@@ -52,12 +58,23 @@ class WandbLogger:
                                     save_code=False, init_timeout=120),
         )
 
-    @property
-    def run_path(self) -> Optional[str]:
-        return getattr(self.run, "dir", None)
+        self.run_path: Optional[str] = getattr(self.run, "dir", None)
 
     def log(self, record: dict[str, Any], step: int) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+        except Exception as err:  # noqa: BLE001 - never let the tracker stop training
+            log.warning("wandb.log failed (%s: %s); wandb is off for the rest of this launch, "
+                        "metrics.jsonl still has everything", type(err).__name__, err)
+            self.run = None
 
     def finish(self) -> None:
-        self.run.finish()
+        if self.run is None:
+            return
+        try:
+            self.run.finish()
+        except Exception as err:  # noqa: BLE001
+            log.warning("wandb.finish failed (%s: %s)", type(err).__name__, err)
+        self.run = None

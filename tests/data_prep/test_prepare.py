@@ -131,3 +131,15 @@ def test_cli_reports_user_errors_without_a_traceback(tmp_path):
         main(["data=local_text", f"data.path={tmp_path / 'none'}", f"data.out_dir={tmp_path / 'o'}"])
     with pytest.raises(SystemExit, match="data.vocab_siz"):
         main(["data.vocab_siz=10"])
+
+
+def test_uint32_shards_round_trip(corpus, tmp_path, monkeypatch):
+    """The writer's uint32 path (vocab > 65536), forced on a small vocab to keep the test fast."""
+    monkeypatch.setattr(prepare_mod, "dtype_for_vocab", lambda vocab_size: "uint32")
+    root, expected = corpus
+    meta = load_meta(prepare(corpus_config(root, tmp_path / "u32", vocab_size=400)))
+    assert meta.dtype == "uint32"
+    assert (tmp_path / "u32" / "train.bin").stat().st_size == 4 * meta.splits["train"].num_tokens
+    assert Counter(decode_split(meta, "train") + decode_split(meta, "val")) == Counter(expected.values())
+    batch = next(build_train_loader(meta, seq_len=32, global_batch_size=2, micro_batch_size=2))
+    assert int(batch["input_ids"].max()) < 400

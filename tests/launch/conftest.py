@@ -20,14 +20,25 @@ def _unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+def _cluster(num_nodes: int):
     missing = missing_binaries()
     if missing:
         _unavailable(f"SLURM binaries not found: {', '.join(missing)}")
-    cluster = SlurmCluster()
+    cluster = SlurmCluster(num_nodes)
     cluster.start()
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """One node: this machine."""
+    yield from _cluster(1)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster_2nodes():
+    """Two emulated nodes on this machine (one slurmd each), for a multi-node allocation."""
+    yield from _cluster(2)

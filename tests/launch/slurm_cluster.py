@@ -58,16 +58,25 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    """One node (this machine, all its CPUs), one partition `debug`, JobRequeue=1."""
+    """`num_nodes` nodes on this machine (each with all its CPUs), one partition `debug`.
 
-    def __init__(self) -> None:
+    One node is this host under its own name. Two nodes emulate a multi-node allocation with one
+    slurmd per node (`slurmd -N <name>`, each on its own port): this host's name, which resolves
+    (so MASTER_ADDR = the first node works as on a real cluster), then `<host>-n2`, which sorts
+    after it in SLURM's node lists. Only the first node's name needs to resolve: it is the one
+    every rank connects to."""
+
+    def __init__(self, num_nodes: int = 1) -> None:
+        if num_nodes not in (1, 2):
+            raise ValueError(f"num_nodes={num_nodes}; this fixture emulates 1 or 2 nodes")
+        self.num_nodes = num_nodes
         # munged insists that every directory above its socket is world-executable, which the
         # 0700 pytest temp root is not: use our own short directory (unix socket paths are short).
         self.root = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         os.chmod(self.root, 0o755)
         self.user = getpass.getuser()
         self.procs: dict[str, subprocess.Popen] = {}
-        self.node = ""
+        self.nodes: list[str] = []
         self.env: dict[str, str] = {}
 
     # ---------------------------------------------------------------- lifecycle
@@ -78,7 +87,8 @@ class SlurmCluster:
             self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
             self.env["SLURM_CONF"] = str(self.root / "slurm.conf")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.root / "slurm.conf")])
-            self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.root / "slurm.conf")])
+            for node in self.nodes:
+                self._spawn(f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node, "-f", str(self.root / "slurm.conf")])
             self._wait_idle(timeout)
         except BaseException:
             self.stop()
@@ -114,28 +124,37 @@ class SlurmCluster:
                 raise RuntimeError(f"munged did not start:\n{self.logs()}")
             time.sleep(0.05)
 
-    def _node_line(self) -> str:
-        """This machine's node definition as slurmd sees it (`slurmd -C`), so the configured
-        CPUs/sockets/cores match the hardware and the node is not drained as invalid."""
+    @property
+    def node(self) -> str:
+        """The first node: MASTER_ADDR of a job that gets every node."""
+        return self.nodes[0]
+
+    def _node_lines(self) -> str:
+        """Node definitions with this machine's hardware as slurmd sees it (`slurmd -C`), so the
+        configured CPUs/sockets/cores match and no node is drained as invalid."""
         out = subprocess.run([_which("slurmd"), "-C"], check=True, capture_output=True, text=True).stdout
         line = next(l for l in out.splitlines() if l.startswith("NodeName="))
         fields = dict(item.split("=", 1) for item in line.split())
-        self.node = fields["NodeName"]
+        host = fields["NodeName"]
         keep = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
         hw = " ".join(f"{k}={fields[k]}" for k in keep if k in fields)
-        self.cpus = int(fields["CPUs"])
-        return f"NodeName={self.node} NodeAddr=127.0.0.1 {hw} RealMemory=1000 State=UNKNOWN"
+        self.nodes = [host] if self.num_nodes == 1 else [host, f"{host}-n2"]
+        return "\n".join(
+            f"NodeName={node} NodeAddr=127.0.0.1 Port={_free_port()} {hw} "
+            "RealMemory=1000 State=UNKNOWN"
+            for node in self.nodes
+        )
 
     def _write_conf(self) -> None:
         r = self.root
-        for sub in ("state", "spool"):
-            (r / sub).mkdir()
-        node_line = self._node_line()
+        (r / "state").mkdir()
+        node_lines = self._node_lines()
+        for node in self.nodes:
+            (r / f"spool-{node}").mkdir()
         conf = f"""\
 ClusterName=pytest
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={self.nodes[0]}(127.0.0.1)
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 SlurmUser={self.user}
 SlurmdUser={self.user}
 AuthType=auth/munge
@@ -143,11 +162,11 @@ CredType=cred/munge
 # cred_expire also delays a requeued job's restart (default 120 s); 5 s is SLURM's minimum.
 AuthInfo=socket={self.munge_socket},cred_expire=5
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool-%n
 SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd.pid
+SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -164,8 +183,8 @@ KillWait=10
 MinJobAge=600
 # Requeued jobs become eligible later: look at pending jobs every second, not every minute.
 SchedulerParameters=sched_interval=1,bf_interval=1
-{node_line}
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """
         (r / "slurm.conf").write_text(conf)
 
@@ -176,15 +195,15 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs()}")
-            res = self.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], check=False)
+            res = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
             state = res.stdout.strip()
-            if state == "idle":
+            if sorted(state.splitlines()) == sorted(f"{node} idle" for node in self.nodes):
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"node {self.node} not idle after {timeout}s (sinfo: {state!r}):\n{self.logs()}")
+        raise RuntimeError(f"nodes {self.nodes} not idle after {timeout}s (sinfo: {state!r}):\n{self.logs()}")
 
     def stop(self) -> None:
-        """Cancel all jobs, wait until they left the node, then stop the daemons."""
+        """Cancel all jobs, wait until they left the nodes, then stop the daemons."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--user", self.user], check=False)
             deadline = time.monotonic() + 30
@@ -193,7 +212,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 if res.returncode != 0 or not res.stdout.strip():
                     break
                 time.sleep(0.2)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(f"slurmd-{node}" for node in self.nodes), "slurmctld", "munged"]:
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -254,7 +273,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
 
 # ---------------------------------------------------------------- launch/train.sbatch jobs
-def submit(cluster, repo, tmp_path, name, overrides, tasks=2):
+def submit(cluster, repo, tmp_path, name, overrides, tasks=2, nodes=1):
     """sbatch launch/train.sbatch from `repo`; runs under tmp_path/runs/<name>. Returns the job id."""
     env = {
         "DSMOE_RUN_ROOT": str(tmp_path / "runs"),
@@ -263,7 +282,7 @@ def submit(cluster, repo, tmp_path, name, overrides, tasks=2):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DSMOE_VENV": sys.prefix,
     }
-    args = [f"--job-name={name}", "--nodes=1", f"--ntasks-per-node={tasks}", f"--output={tmp_path}/%x-%j.out"]
+    args = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}", f"--output={tmp_path}/%x-%j.out"]
     return cluster.sbatch([*args, "launch/train.sbatch", *overrides], cwd=repo, env=env)
 
 

@@ -2,8 +2,8 @@
 
 `fake_train.py` keeps train.py's launch contract (torch env vars, one gloo group, resume from
 run_dir, checkpoint + exit 0 on USR1/TERM) but takes a second to start, so these tests pin down
-the batch script's own logic: env mapping, SLURM's requeue on SIGTERM, --kill-on-bad-exit, USR1
-before the trainer's handler exists. test_train_slurm.py runs the real train.py (including the
+the batch script's own logic: env mapping on one and on two nodes, SLURM's requeue on SIGTERM,
+--kill-on-bad-exit, USR1 before the trainer's handler exists. test_train_slurm.py runs the real train.py (including the
 USR1 checkpoint-requeue-resume path).
 """
 
@@ -39,8 +39,11 @@ def test_two_tasks_one_process_group(slurm_cluster, fake_repo, tmp_path):
             "RANK": str(rank),
             "WORLD_SIZE": "2",
             "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "NODE_RANK": "0",
             "MASTER_ADDR": slurm_cluster.node,
             "MASTER_PORT": str(10000 + job % 20000),
+            "node": slurm_cluster.node,
         }
     log = Path(info["StdOut"])
     assert log.name == f"fake-ok-{job}.out", "one log file per job, named <job name>-<job id>.out"
@@ -84,3 +87,27 @@ def test_usr1_during_startup_still_requeues(slurm_cluster, fake_repo, tmp_path):
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert [r["resume_step"] for r in read_jsonl(run_dir / "launch_rank0.jsonl")] == [0]  # first launch died early
     assert "(status 138)" in slurm_cluster.job_log(info)
+
+
+def test_two_nodes_two_tasks_each(slurm_cluster_2nodes, fake_repo, tmp_path):
+    """A real 2-node allocation (two slurmd on this machine): 4 ranks, 2 per node, one group."""
+    cluster = slurm_cluster_2nodes
+    job = submit(cluster, fake_repo, tmp_path, "fake-2n", ["trainer.max_steps=2", "step_seconds=0.1"], nodes=2)
+    info = cluster.wait_job(job, {"COMPLETED"}, timeout=90)
+    run_dir = tmp_path / "runs" / "fake-2n"
+    assert [(m["step"], m["world_size"], m["ranks_sum"]) for m in read_jsonl(run_dir / "metrics.jsonl")] == [
+        (1, 4, 6.0), (2, 4, 6.0),  # 0 + 1 + 2 + 3: all four ranks in one all_reduce
+    ], cluster.job_log(info)
+    for rank in range(4):
+        (launch,) = read_jsonl(run_dir / f"launch_rank{rank}.jsonl")
+        # SLURM's default block distribution: ranks 0-1 on the first node, 2-3 on the second.
+        assert launch["env"] == {
+            "RANK": str(rank),
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": str(rank % 2),
+            "LOCAL_WORLD_SIZE": "2",
+            "NODE_RANK": str(rank // 2),
+            "MASTER_ADDR": cluster.nodes[0],
+            "MASTER_PORT": str(10000 + job % 20000),
+            "node": cluster.nodes[rank // 2],
+        }

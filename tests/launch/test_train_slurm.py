@@ -1,4 +1,5 @@
-"""The real train.py through launch/train.sbatch on a one-node SLURM cluster (2 tasks, gloo)."""
+"""The real train.py through launch/train.sbatch on a local SLURM cluster (gloo on CPU): 1 node x
+2 tasks, USR1 preemption -> requeue -> resume, and 2 emulated nodes with expert parallelism."""
 
 import re
 import time
@@ -63,3 +64,18 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, overrides
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert ckpts == [f"step_{stopped_at:08d}", f"step_{max_steps:08d}"]
     assert requeue_s < 60
+
+
+def test_train_two_nodes_expert_parallel(slurm_cluster_2nodes, overrides, tmp_path):
+    """2 nodes x 1 task (two slurmd on this machine) with the experts sharded across the nodes."""
+    cluster = slurm_cluster_2nodes
+    ov = [*overrides, "trainer.max_steps=4", "parallel.ep_size=2"]
+    job = submit(cluster, REPO, tmp_path, "tiny-2nodes", ov, tasks=1, nodes=2)
+    info = cluster.wait_job(job, {"COMPLETED"}, timeout=120)
+    log = cluster.job_log(info)
+
+    assert f"world 2 on 2 node(s), master {cluster.nodes[0]}:" in log, log
+    assert "| world 2 (ep 2, zero 1" in log, log
+    run_dir = tmp_path / "runs" / "tiny-2nodes"
+    assert step_records(run_dir) == [1, 2, 3, 4], log
+    assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").exists()

@@ -184,3 +184,39 @@ def test_parity_with_hf_deepseek_v2_moe(topk_method, n_group, topk_group):
     x = torch.randn(2, 11, D)
     y, _ = layer(x)
     torch.testing.assert_close(y, hf(x), rtol=1e-5, atol=1e-6)
+
+
+def test_parity_with_hf_deepseek_v3_moe_sigmoid_bias_norm():
+    """V3 options: sigmoid scores, selection-only bias, renormalised top-k, scaling. HF V3 scores
+    groups by a top-2 sum (we use the V2 max), so all groups are kept here (M = D): then both
+    rules are plain top-k over scores + bias."""
+    import transformers
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    E, H, K = 8, 8, 3
+    layer = _layer(n_routed_experts=E, moe_intermediate_size=H, top_k=K, n_shared_experts=1,
+                   scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+                   bias_update_rate=1e-3, n_groups=2, topk_groups=2)
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, E))
+    hf_cfg = transformers.DeepseekV3Config(
+        hidden_size=D, moe_intermediate_size=H, n_routed_experts=E, num_experts_per_tok=K,
+        n_shared_experts=1, n_group=2, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5, hidden_act="silu", num_attention_heads=4, num_key_value_heads=4)
+    hf = DeepseekV3MoE(hf_cfg).float()
+    with torch.no_grad():
+        hf.gate.weight.copy_(layer.gate.weight)
+        hf.gate.e_score_correction_bias.copy_(layer.gate.e_score_correction_bias)
+        for e, ex in enumerate(layer.experts):
+            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
+            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(hf.shared_experts, name).weight.copy_(getattr(layer.shared_experts, name).weight)
+    layer.eval()
+    x = torch.randn(2, 11, D)
+    y, _ = layer(x)
+    torch.testing.assert_close(y, hf(x), rtol=1e-5, atol=1e-6)
+    # The bias really changed some selections (else this test would not cover it).
+    biased = layer.gate(x.view(-1, D)).ids_TK
+    plain = torch.topk(torch.sigmoid(x.view(-1, D) @ layer.gate.weight.T), K).indices
+    assert (biased.sort(-1).values != plain.sort(-1).values).any()

@@ -50,11 +50,10 @@ def hf_grads(model) -> dict[str, torch.Tensor]:
     """Gradients after the EP run, as the EP=1 model would hold them (HF keys, all experts):
     non-expert grads summed over the world, expert grads summed over the EDP group then gathered
     over the EP group. Collective."""
-    from deepseek_moe.parallel.deepspeed_moe import _LOCAL_KEY, _local_to_global_key, _layer_offsets
+    from deepseek_moe.parallel.deepspeed_moe import _LOCAL_KEY
     from deepseek_moe.parallel.groups import get_edp_group, get_ep_group
 
     P = model.ep_size
-    offsets = _layer_offsets(model)
     out = {}
     for name, p in model.named_parameters():
         g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from deepseek_moe.parallel.all_to_all import all_to_all, exchange_counts
 from tests.distributed import run_distributed

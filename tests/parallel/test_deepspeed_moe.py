@@ -22,9 +22,9 @@ from tests.parallel._ep_common import B, SEED, build_full_model, micro_batch, ti
 STEPS, LR, WD, CLIP, WORLD, EP = 5, 1e-2, 0.1, 0.05, 2, 2
 
 
-def _ds_config(zero_stage):
+def _ds_config(zero_stage, world=WORLD):
     return {
-        "train_batch_size": B * WORLD,
+        "train_batch_size": B * world,
         "train_micro_batch_size_per_gpu": B,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": CLIP,
@@ -83,17 +83,17 @@ def _ds_run(rank, world, ckpt_dir):
     return out
 
 
-def _reference_curve(cfg):
+def _reference_curve(cfg, world=WORLD):
     model = build_full_model(cfg)
     opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR, betas=(0.9, 0.95))
     losses, norms = [], []
     for step in range(STEPS):
         opt.zero_grad()
         step_losses = []
-        for r in range(WORLD):
+        for r in range(world):
             ids, labels = micro_batch(step, r)
             loss = model(ids, labels).loss
-            (loss / WORLD).backward()
+            (loss / world).backward()
             step_losses.append(loss.item())
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
@@ -163,3 +163,23 @@ def test_deepspeed_checkpoint_at_ep2_loads_at_ep1(ds_results):
         ids, _ = micro_batch(99, rank)
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits_BSV, res["logits_99_step3"], rtol=1e-5, atol=1e-5)
+
+
+def _zero2_world4_ep2(rank, world):
+    import deepspeed
+
+    model = parallelize_moe(build_full_model(tiny_config()), 2)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR, betas=(0.9, 0.95))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=_ds_config(2, world))
+    return _train(engine, rank, range(STEPS))
+
+
+def test_zero2_ep2_inside_world4_reproduces_ep1():
+    # EDP groups of size 2: ZeRO partitions expert optimizer state over them and the grad
+    # norm must still count each expert once
+    results = run_distributed(_zero2_world4_ep2, 4, timeout=400)
+    _, ref_losses, ref_norms = _reference_curve(tiny_config(), world=4)
+    for rank, (losses, norms) in enumerate(results):
+        want = torch.tensor([ref_losses[s][rank] for s in range(STEPS)])
+        torch.testing.assert_close(torch.tensor(losses), want, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 
 from deepseek_moe.model.router import device_limited_topk
 from deepseek_moe.parallel.deepspeed_moe import ep_metrics, parallelize_moe
+from deepseek_moe.parallel.groups import get_edp_group, get_ep_group
 from tests.distributed import run_distributed
 from tests.parallel._ep_common import (build_full_model, hf_grads, micro_batch,
                                        reference_forward_backward, set_bias, tiny_config)
@@ -27,6 +28,8 @@ def _ep_run(rank, world, ep_size, moe_overrides, bias):
         "logits": o.logits_BSV.detach(), "loss": o.loss.detach(), "aux": o.aux_loss.detach(),
         "grads": hf_grads(model), "ep": ep_metrics(model),
         "counts": [l.last_counts_E for l in model.moe_layers()],
+        "ep_ranks": torch.distributed.get_process_group_ranks(get_ep_group(ep_size)),
+        "edp_ranks": torch.distributed.get_process_group_ranks(get_edp_group(ep_size)),
     }
 
 
@@ -59,7 +62,10 @@ def test_ep_equals_ep1_outputs_losses_grads(world):
 
 def test_ep2_inside_dp4_equals_ep1():
     # world 4, EP=2: two EP groups, expert grads also reduced over the EDP group
-    _check_against_reference(4, ep_size=2)
+    results = _check_against_reference(4, ep_size=2)
+    # hand layout: EP groups are consecutive ranks, EDP groups strided
+    assert [r["ep_ranks"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["edp_ranks"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
 
 
 def test_m1_every_token_reaches_one_rank():
@@ -95,3 +101,27 @@ def test_m_equals_groups_is_plain_topk():
     # and M = 1 keeps every token inside one group of 2 experts (hand rule: group = id // 2)
     ids1 = device_limited_topk(scores, top_k=2, n_groups=4, topk_groups=1)
     assert torch.all(ids1[:, 0] // 2 == ids1[:, 1] // 2)
+
+
+def _meta_build(rank, world):
+    from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
+    from deepseek_moe.parallel.deepspeed_moe import load_consolidated_state_dict
+
+    cfg = tiny_config()
+    full_sd = build_full_model(cfg).state_dict()  # stands in for a consolidated checkpoint
+    # the scalable path: never materialise other ranks' experts
+    with torch.device("meta"):
+        model = DeepSeekMoEForCausalLM(cfg, ep_rank=rank, ep_size=world)
+    model.to_empty(device="cpu")
+    model.init_weights()  # RoPE tables and buffers; the weights come from the load
+    parallelize_moe(model, world)
+    load_consolidated_state_dict(model, full_sd)
+    sliced = parallelize_moe(build_full_model(cfg), world)
+    ids, _ = micro_batch(0, rank)
+    with torch.no_grad():
+        return model(ids).logits_BSV, sliced(ids).logits_BSV
+
+
+def test_meta_device_local_build_matches_sliced_full_build():
+    for got, want in run_distributed(_meta_build, 2):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -1,0 +1,78 @@
+"""Check a prepared data directory byte for byte before spending GPU time on it.
+
+    python -m data_prep.verify                          # the default preset's out_dir
+    python -m data_prep.verify data=local_text data.path=... data.out_dir=/scratch/books
+
+The loader only checks file sizes (cheap, on every launch). This reads every file once and
+checks, for each split: the sha256 recorded in meta.json, that every id is < vocab_size, that
+the number of EOS tokens equals the document count and that the file ends with EOS; and the
+tokenizer's sha256. Any mismatch raises naming the file and the fix (rebuild with force).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from deepseek_moe.data.meta import SPLITS, DataMeta, load_meta
+from deepseek_moe.data.packed import PackedTokens
+
+CHUNK_TOKENS = 1 << 24
+
+
+def verify(data_dir) -> DataMeta:
+    """Verify `data_dir`; returns its meta, raises ValueError on the first problem."""
+    meta = load_meta(data_dir)
+    fix = (f"rebuild it: python -m data_prep.prepare data=<preset> data.force=true "
+           f"(out_dir {meta.dir})")
+    if hashlib.sha256(meta.tokenizer_path.read_bytes()).hexdigest() != meta.tokenizer_sha256:
+        raise ValueError(f"{meta.tokenizer_path} does not match tokenizer_sha256 in meta.json; "
+                         f"{fix}")
+    for split in SPLITS:
+        tokens = PackedTokens(meta, split).tokens  # size check
+        sha, eos, top = hashlib.sha256(), 0, 0
+        for start in tqdm(range(0, len(tokens), CHUNK_TOKENS), desc=f"verify {split}",
+                          unit="chunk", mininterval=2):
+            chunk = np.asarray(tokens[start:start + CHUNK_TOKENS])
+            sha.update(chunk.tobytes())
+            eos += int((chunk == meta.eos_id).sum())
+            top = max(top, int(chunk.max()))
+        path, info = meta.split_path(split), meta.splits[split]
+        if sha.hexdigest() != info.sha256:
+            raise ValueError(f"{path} does not match its sha256 in meta.json (corrupt); {fix}")
+        if top >= meta.vocab_size:
+            raise ValueError(f"{path} holds id {top} >= vocab_size {meta.vocab_size}; {fix}")
+        if eos != info.num_documents or int(tokens[-1]) != meta.eos_id:
+            raise ValueError(f"{path} has {eos} EOS tokens (last token {int(tokens[-1])}) but "
+                             f"meta.json says {info.num_documents} documents, each ending in "
+                             f"EOS; {fix}")
+    return meta
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data_prep.prepare import compose_data_config
+    from deepseek_moe.data.meta import resolve_out_dir
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    try:
+        out: Path = resolve_out_dir(compose_data_config(argv))
+        meta = verify(out)
+    except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
+        sys.exit(f"data_prep.verify: error: {e}")
+    counts = ", ".join(f"{s} {meta.splits[s].num_tokens:,} tokens" for s in SPLITS)
+    print(f"[verify] {out}: OK ({counts})")
+
+
+if __name__ == "__main__":
+    main()

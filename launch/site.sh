@@ -31,8 +31,9 @@ fi
 # export NCCL_SOCKET_IFNAME=ib0          # interface for NCCL's bootstrap and socket transport
 # export NCCL_IB_HCA=mlx5                # InfiniBand adapters to use
 # export NCCL_DEBUG=WARN                 # INFO when debugging hangs or slow all-to-alls
-# A failed or hung collective raises instead of blocking the job until its time limit.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+# A failed or timed-out NCCL collective tears the process down (then --kill-on-bad-exit ends the
+# step) instead of blocking the job until its time limit; torchrun sets the same for its workers.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 
 # --- 4. Threads ----------------------------------------------------------------------------
 # One intra-op thread per allocated CPU; without this every task starts one thread per core of

@@ -5,9 +5,9 @@ Shapes: N token copies (sorted by expert), D model dim, H expert hidden, L local
 `RoutedExperts` IS the `nn.ModuleList` of experts, so the state-dict keys are the HF layout
 `experts.<i>.{gate,up,down}_proj.weight` (and DeepSpeed can split experts by parameter name).
 Two compute paths, identical math:
-- "loop" (default): per expert, gate/up/down matmuls on its contiguous slice of x_ND, written
-  into preallocated buffers, inside one autograd Function with a hand-written backward (see
-  `_ExpertLoop`). Every expert parameter is an input of that Function, so every expert gets a
+- "loop" (default): per expert, gate/up/down matmuls and the SwiGLU on its contiguous slice of
+  x_ND, written into preallocated buffers, inside one autograd Function with a hand-written
+  backward (see `_ExpertLoop`). Every expert parameter is an input of that Function, so every expert gets a
   gradient (zeros when it received no tokens).
 - "grouped_mm": `torch.nn.functional.grouped_mm` over weights stacked at each call (the stack
   is a copy of all expert weights per forward; its gradient is split back by autograd).
@@ -69,10 +69,12 @@ class _ExpertLoop(torch.autograd.Function):
     """SwiGLU over contiguous per-expert slices with a hand-written backward.
 
     Why not plain autograd: with E experts autograd records ~10 nodes per expert, and the
-    split/cat copies plus per-node overhead dominated on CPU. Here the matmuls write into
-    preallocated buffers (`out=`), the SwiGLU elementwise math runs once over all N rows, and
-    backward saves only x_ND, gate and up pre-activations (the activation is recomputed).
-    Inputs: x_ND, bounds (python list of (start, end)), then L gate, L up, L down weights.
+    split/cat copies plus full-size elementwise passes dominated on CPU. Here each expert's
+    matmuls write into preallocated buffers (`out=`) and its SwiGLU elementwise math runs on its
+    own slice right after, while the slice is still in cache. Backward saves only x_ND and the
+    gate/up pre-activations (the activation is recomputed per slice).
+    Inputs: x_ND, bounds (python list of (start, end) per expert), then the L gate, L up and
+    L down weights. Experts with an empty slice get zero weight gradients.
     """
 
     @staticmethod
@@ -82,15 +84,13 @@ class _ExpertLoop(torch.autograd.Function):
         N, H = x_ND.shape[0], w_gate[0].shape[0]
         g_NH = x_ND.new_empty(N, H)
         u_NH = x_ND.new_empty(N, H)
-        for (s, e), wg, wu in zip(bounds, w_gate, w_up):
-            if e > s:
-                torch.mm(x_ND[s:e], wg.t(), out=g_NH[s:e])
-                torch.mm(x_ND[s:e], wu.t(), out=u_NH[s:e])
-        a_NH = F.silu(g_NH).mul_(u_NH)
         y_ND = x_ND.new_empty(N, x_ND.shape[1])
-        for (s, e), wd in zip(bounds, w_down):
+        for (s, e), wg, wu, wd in zip(bounds, w_gate, w_up, w_down):
             if e > s:
-                torch.mm(a_NH[s:e], wd.t(), out=y_ND[s:e])
+                x = x_ND[s:e]
+                torch.mm(x, wg.t(), out=g_NH[s:e])
+                torch.mm(x, wu.t(), out=u_NH[s:e])
+                torch.mm(F.silu(g_NH[s:e]).mul_(u_NH[s:e]), wd.t(), out=y_ND[s:e])
         ctx.bounds = bounds
         ctx.save_for_backward(x_ND, g_NH, u_NH, *weights)
         return y_ND
@@ -102,26 +102,24 @@ class _ExpertLoop(torch.autograd.Function):
         L = len(bounds)
         w_gate, w_up, w_down = weights[:L], weights[L:2 * L], weights[2 * L:]
         dy_ND = dy_ND.contiguous()
-        sig_NH = torch.sigmoid(g_NH)
-        silu_NH = g_NH * sig_NH
-        a_NH = silu_NH * u_NH
-        da_NH = torch.empty_like(g_NH)
-        d_down = []
-        for (s, e), wd in zip(bounds, w_down):
-            d_down.append(torch.mm(dy_ND[s:e].t(), a_NH[s:e]))  # [D, H]; zeros if empty
-            if e > s:
-                torch.mm(dy_ND[s:e], wd, out=da_NH[s:e])
-        du_NH = da_NH * silu_NH
-        # d silu(g)/dg = sig * (1 + g * (1 - sig))
-        dg_NH = da_NH.mul_(u_NH).mul_(sig_NH * (1 + g_NH * (1 - sig_NH)))
         dx_ND = torch.empty_like(x_ND)
-        d_gate, d_up = [], []
-        for (s, e), wg, wu in zip(bounds, w_gate, w_up):
-            d_gate.append(torch.mm(dg_NH[s:e].t(), x_ND[s:e]))
-            d_up.append(torch.mm(du_NH[s:e].t(), x_ND[s:e]))
-            if e > s:
-                torch.mm(dg_NH[s:e], wg, out=dx_ND[s:e])
-                dx_ND[s:e].addmm_(du_NH[s:e], wu)
+        d_gate, d_up, d_down = [], [], []
+        for (s, e), wg, wu, wd in zip(bounds, w_gate, w_up, w_down):
+            if e == s:
+                d_gate.append(torch.zeros_like(wg))
+                d_up.append(torch.zeros_like(wu))
+                d_down.append(torch.zeros_like(wd))
+                continue
+            x, g, u, dy = x_ND[s:e], g_NH[s:e], u_NH[s:e], dy_ND[s:e]
+            silu = F.silu(g)
+            d_down.append(torch.mm(dy.t(), silu * u))          # [D, H]
+            da = torch.mm(dy, wd)                              # [n, H]
+            du = da * silu
+            dg = torch.ops.aten.silu_backward(da.mul_(u), g)   # da * u * silu'(g)
+            d_gate.append(torch.mm(dg.t(), x))
+            d_up.append(torch.mm(du.t(), x))
+            torch.mm(dg, wg, out=dx_ND[s:e])
+            dx_ND[s:e].addmm_(du, wu)
         return (dx_ND, None, *d_gate, *d_up, *d_down)
 
 

@@ -6,7 +6,8 @@
                                        ep_metrics)
 
     deepspeed.init_distributed()                       # (or torch.distributed + our wrapper)
-    validate_ep_size(ep_size, world_size, cfg.model.moe)
+    validate_ep_size(ep_size, world_size, cfg.model.moe,
+                     zero_stage=cfg.parallel.zero_stage, grad_clip=cfg.optim.grad_clip)
     torch.manual_seed(seed)                            # same full model on every rank
     model = parallelize_moe(DeepSeekMoEForCausalLM(cfg.model), ep_size)
     opt = torch.optim.AdamW(optimizer_param_groups(model, weight_decay), lr=...)

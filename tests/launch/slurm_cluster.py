@@ -139,6 +139,13 @@ class SlurmCluster:
         keep = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
         hw = " ".join(f"{k}={fields[k]}" for k in keep if k in fields)
         self.nodes = [host] if self.num_nodes == 1 else [host, f"{host}-n2"]
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror:
+            raise RuntimeError(
+                f"this host's name {host!r} does not resolve, so no rank could reach MASTER_ADDR={host}: "
+                f"add '127.0.0.1 {host}' to /etc/hosts"
+            ) from None
         return "\n".join(
             f"NodeName={node} NodeAddr=127.0.0.1 Port={_free_port()} {hw} "
             "RealMemory=1000 State=UNKNOWN"
@@ -273,8 +280,11 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
 
 
 # ---------------------------------------------------------------- launch/train.sbatch jobs
-def submit(cluster, repo, tmp_path, name, overrides, tasks=2, nodes=1):
-    """sbatch launch/train.sbatch from `repo`; runs under tmp_path/runs/<name>. Returns the job id."""
+def submit(cluster, repo, tmp_path, name, overrides, tasks=2, nodes=1, output="tmp"):
+    """sbatch launch/train.sbatch from `repo`; runs under tmp_path/runs/<name>. Returns the job id.
+
+    The job log goes to tmp_path (output="tmp") or, with output=None, where the script's own
+    `#SBATCH --output` puts it (the submit directory, `repo`)."""
     env = {
         "DSMOE_RUN_ROOT": str(tmp_path / "runs"),
         # The job inherits this environment (sbatch --export=ALL): run it with this interpreter's
@@ -282,7 +292,9 @@ def submit(cluster, repo, tmp_path, name, overrides, tasks=2, nodes=1):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DSMOE_VENV": sys.prefix,
     }
-    args = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}", f"--output={tmp_path}/%x-%j.out"]
+    args = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}"]
+    if output == "tmp":
+        args.append(f"--output={tmp_path}/%x-%j.out")
     return cluster.sbatch([*args, "launch/train.sbatch", *overrides], cwd=repo, env=env)
 
 

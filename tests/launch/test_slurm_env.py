@@ -152,3 +152,12 @@ def test_cli_outside_slurm_fails_clearly():
     res = _run_module({}, "--", "true")
     assert res.returncode == 2
     assert "SLURM_PROCID" in res.stderr and "srun" in res.stderr
+
+
+def test_cli_without_command_prints_exports():
+    res = _run_module(_srun_env())
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "export RANK=5", "export WORLD_SIZE=8", "export LOCAL_RANK=1", "export LOCAL_WORLD_SIZE=4",
+        "export NODE_RANK=1", "export MASTER_ADDR=gpu07", f"export MASTER_PORT={10000 + 123456 % 20000}",
+    ]  # fmt: skip

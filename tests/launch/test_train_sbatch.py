@@ -2,9 +2,9 @@
 
 `fake_train.py` keeps train.py's launch contract (torch env vars, one gloo group, resume from
 run_dir, checkpoint + exit 0 on USR1/TERM) but takes a second to start, so these tests pin down
-the batch script's own logic: env mapping on one and on two nodes, SLURM's requeue on SIGTERM,
---kill-on-bad-exit, USR1 before the trainer's handler exists. test_train_slurm.py runs the real train.py (including the
-USR1 checkpoint-requeue-resume path).
+the batch script's own logic: env mapping on one and on two nodes, the log file, SLURM's requeue
+on SIGTERM, --kill-on-bad-exit, USR1 before the trainer's handler exists. test_train_slurm.py
+runs the real train.py (including the USR1 checkpoint-requeue-resume path).
 """
 
 import shutil
@@ -26,7 +26,8 @@ def fake_repo(tmp_path):
 
 
 def test_two_tasks_one_process_group(slurm_cluster, fake_repo, tmp_path):
-    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-ok", ["trainer.max_steps=3", "step_seconds=0.1"])
+    overrides = ["trainer.max_steps=3", "step_seconds=0.1"]
+    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-ok", overrides, output=None)
     info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=60)
     assert info["Restarts"] == "0"
     run_dir = tmp_path / "runs" / "fake-ok"
@@ -45,12 +46,14 @@ def test_two_tasks_one_process_group(slurm_cluster, fake_repo, tmp_path):
             "MASTER_PORT": str(10000 + job % 20000),
             "node": slurm_cluster.node,
         }
-    log = Path(info["StdOut"])
-    assert log.name == f"fake-ok-{job}.out", "one log file per job, named <job name>-<job id>.out"
+    # the script's default log: one file per job, <job name>-<job id>.out in the submit directory
+    assert Path(info["StdOut"]) == fake_repo / f"fake-ok-{job}.out"
+    assert "[train.sbatch" in (fake_repo / f"fake-ok-{job}.out").read_text()
 
 
 def test_scontrol_requeue_resumes(slurm_cluster, fake_repo, tmp_path):
-    """SIGTERM path (preemption with PreemptMode=REQUEUE behaves the same): SLURM requeues."""
+    """SIGTERM path: SLURM signals the tasks, they checkpoint, SLURM requeues the job. (Preemption
+    with PreemptMode=REQUEUE also ends a job with SIGTERM and requeues it; not set up here.)"""
     run_dir = tmp_path / "runs" / "fake-term"
     job = submit(slurm_cluster, fake_repo, tmp_path, "fake-term", ["trainer.max_steps=10", "step_seconds=0.3"])
     wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 2)

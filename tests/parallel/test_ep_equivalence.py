@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepseek_moe.model.router import device_limited_topk
-from deepseek_moe.parallel.deepspeed_moe import ep_metrics, parallelize_moe
+from deepseek_moe.parallel.deepspeed_moe import consolidated_state_dict, ep_metrics, parallelize_moe
 from deepseek_moe.parallel.groups import get_edp_group, get_ep_group
 from tests.distributed import run_distributed
 from tests.parallel._ep_common import (build_full_model, hf_grads, micro_batch,
@@ -30,6 +30,7 @@ def _ep_run(rank, world, ep_size, moe_overrides, bias):
         "counts": [l.last_counts_E for l in model.moe_layers()],
         "ep_ranks": torch.distributed.get_process_group_ranks(get_ep_group(ep_size)),
         "edp_ranks": torch.distributed.get_process_group_ranks(get_edp_group(ep_size)),
+        "consolidated": consolidated_state_dict(model),
     }
 
 
@@ -66,6 +67,12 @@ def test_ep2_inside_dp4_equals_ep1():
     # hand layout: EP groups are consecutive ranks, EDP groups strided
     assert [r["ep_ranks"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [r["edp_ranks"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    # the first rank of each EP group gathers the full HF-layout weights; the others get {}
+    full = build_full_model(tiny_config()).state_dict()
+    for rank in (0, 2):
+        sd = results[rank]["consolidated"]
+        assert sd.keys() == full.keys() and all(torch.equal(sd[k], full[k]) for k in full)
+    assert results[1]["consolidated"] == {} and results[3]["consolidated"] == {}
 
 
 def test_m1_every_token_reaches_one_rank():

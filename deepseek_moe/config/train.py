@@ -210,10 +210,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """The corpus and tokenizer (conf/data/*.yaml)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the LR schedule (conf/optim/*.yaml)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Expert parallelism and ZeRO (conf/parallel/*.yaml)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Steps, batch sizes, evaluation, precision (conf/trainer/*.yaml)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Save cadence, retention, resume (conf/config.yaml)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """wandb or none (conf/logger/*.yaml)."""
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -1,11 +1,15 @@
 """Rotary position embedding (Su et al. 2021), "rotate-half" layout as in HF Llama/DeepSeek."""
 
 import torch
-from torch import nn
+
+from deepseek_moe.model.buffers import KeepBufferDtype
 
 
-class RotaryEmbedding(nn.Module):
-    """Holds cos/sin tables [max_seq_len, head_dim] as non-persistent buffers."""
+class RotaryEmbedding(KeepBufferDtype):
+    """Holds cos/sin tables [max_seq_len, head_dim] as non-persistent fp32 buffers (kept fp32
+    when the model is cast to bf16; the rotation runs in the activation dtype)."""
+
+    _keep_dtype_buffers = ("cos", "sin")
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_moe.config.model import MoEConfig
+from deepseek_moe.model.buffers import KeepBufferDtype
 
 
 @dataclass
@@ -89,7 +90,7 @@ def route(
     return scores_TE, ids_TK, weights_TK
 
 
-class Router(nn.Module):
+class Router(KeepBufferDtype):
     """The `gate` of an MoE layer: weight [E, D] (HF key `mlp.gate.weight`).
 
     Buffers:
@@ -97,7 +98,10 @@ class Router(nn.Module):
     - `pending_load_E` [E] fp32 (not persistent): token copies per expert selected since the
       last `update_bias()`, accumulated in training when bias_update_rate > 0. Under DP/EP the
       trainer all-reduces this buffer (sum) before calling `update_bias()`.
+    Both stay fp32 when the module is cast to bf16 (see buffers.py).
     """
+
+    _keep_dtype_buffers = ("e_score_correction_bias", "pending_load_E")
 
     def __init__(self, dim: int, cfg: MoEConfig) -> None:
         super().__init__()

@@ -7,15 +7,18 @@ SUM before reading) and logs. `compute_metrics(reset=True)` returns plain floats
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from deepseek_moe.model.buffers import KeepBufferDtype
 
 
-class RouterStats(nn.Module):
+class RouterStats(KeepBufferDtype):
     """Buffers (fp64, not persistent):
     - tokens_per_expert_E: selections per global expert (before capacity dropping)
     - counters [6]: tokens, entropy_sum, dropped_copies, total_copies, groups_sum, ranks_sum
       (groups = the n_groups routing groups, ranks = EP ranks: distinct ones reached per token)
     """
+
+    _keep_dtype_buffers = ("tokens_per_expert_E", "counters")
 
     def __init__(self, num_experts: int, n_groups: int, num_ranks: int) -> None:
         super().__init__()

@@ -142,3 +142,26 @@ def test_tiny_model_overfits_fixed_batch():
     assert first > math.log(64) - 0.5
     assert out.lm_loss.item() < 0.5, (first, out.lm_loss.item())
     assert isinstance(next(model.moe_layers()), MoELayer)
+
+
+def test_bf16_cast_keeps_router_and_rope_buffers_fp32():
+    """DeepSpeed bf16 casts the whole module: the V3 bias, loads, stats and RoPE tables must not
+    be rounded to bf16 (a 1e-3 bias step would vanish next to a bias of 1)."""
+    cfg = _tiny(moe=MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=16,
+                              bias_update_rate=1e-3))
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(cfg)
+    layer = next(model.moe_layers())
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.fill_(1.0 + 1e-3)  # not representable in bf16
+    model = model.to(torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert layer.gate.e_score_correction_bias.dtype == torch.float32
+    assert layer.gate.e_score_correction_bias[0].item() == pytest.approx(1.001, abs=1e-7)
+    assert layer.stats.counters.dtype == torch.float64
+    assert model.model.layers[0].self_attn.rotary.cos.dtype == torch.float32
+    model.train()
+    out = model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+    assert out.logits_BSV.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert layer.gate.pending_load_E.dtype == torch.float32 and layer.gate.pending_load_E.sum() == 32

@@ -86,7 +86,7 @@ def test_one_process_run_resume_and_wandb(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["deepspeed"])
 def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
-    """deepspeed --num_gpus 2 train.py parallel.ep_size=2: trains, and resumes exactly."""
+    """deepspeed --num_gpus 2 train.py parallel.ep_size=2: trains, resumes exactly, and equals EP=1."""
     base = TINY + tiny_data + ["parallel.ep_size=2", "trainer.max_steps=6", "trainer.eval_every=3",
                                "checkpoint.every=3", "logger=none"]
     straight = tmp_path / "straight"
@@ -102,6 +102,16 @@ def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
     run_train(cmd, nproc=2, launcher="torchrun")
     run_train(cmd, nproc=2, launcher="torchrun")
     _assert_same_losses(rows, _train_rows(resumed), start=0)
+
+    # The same run with experts replicated (EP=1 x DP=2) is the same computation: the loader's
+    # global batches do not depend on the layout and EP only moves tokens. Losses and the
+    # (clipped) gradient norms must agree to float rounding.
+    ep1 = tmp_path / "ep1"
+    run_train([o.replace("parallel.ep_size=2", "parallel.ep_size=1") for o in base] + [f"run_dir={ep1}"],
+              nproc=2, launcher="torchrun")
+    for ra, rb in zip(rows, _train_rows(ep1), strict=True):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
 
 
 def test_ep1_two_process_resume(tiny_data, tmp_path):

@@ -10,8 +10,8 @@ Layout under `<run_dir>/checkpoints/`:
 A checkpoint counts only if it has `COMPLETE`. DeepSpeed writes `latest` from rank 0 before the
 other ranks are done, so a crash mid-save can leave `latest` pointing at a partial directory;
 `COMPLETE` is written after a barrier that follows the last file write. Resume picks the
-highest-step complete checkpoint; after a successful save, older checkpoints beyond `keep` and
-incomplete directories are deleted.
+highest-step complete checkpoint; after a successful save, complete checkpoints beyond the newest
+`keep` and all incomplete directories are deleted.
 """
 
 from __future__ import annotations
@@ -93,15 +93,16 @@ def mark_complete(tag_dir: Path, step: int, world_size: int) -> None:
 
 
 def prune(ckpt_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints, and every incomplete directory
-    older than the newest complete one. Returns the deleted paths. Rank 0 only."""
+    """Delete all but the newest `keep` complete checkpoints, and every incomplete directory.
+    Returns the deleted paths. Rank 0 only, right after a save completed: one job writes a run
+    directory at a time, so an incomplete directory then is a save that died (possibly at a
+    higher step, from a launch whose later checkpoint never completed), never one in progress."""
     entries = list_checkpoints(ckpt_dir)
     complete = [(s, p) for s, p, c in entries if c]
     if not complete:
         return []
-    newest = complete[-1][0]
     kept = {p for _, p in complete[-keep:]}
-    doomed = [p for s, p, c in entries if (c and p not in kept) or (not c and s < newest)]
+    doomed = [p for _, p, c in entries if not (c and p in kept)]
     for path in doomed:
         # Remove the marker first: a crash mid-rmtree leaves an incomplete (ignored) directory.
         (path / COMPLETE).unlink(missing_ok=True)

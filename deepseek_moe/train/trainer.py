@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from omegaconf import OmegaConf
 from deepseek_moe.config.train import RunConfig
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.distributed import (
-    DistInfo, all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print)
+    all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print)
 from deepseek_moe.train.ds_config import build_ds_config, peak_flops_per_device, resolve_precision
 from deepseek_moe.train.metrics import MetricsWriter, mfu
 from deepseek_moe.train.rng import get_rng_state, seed_everything, set_rng_state
@@ -38,6 +37,7 @@ from deepseek_moe.train.schedule import build_lr_scheduler
 from deepseek_moe.train.signals import PreemptionFlag
 
 log = logging.getLogger("deepseek_moe.train")
+
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -78,9 +78,18 @@ class Trainer:
         """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
         from deepseek_moe.data import ensure_prepared
 
+        error: Optional[BaseException] = None
         if self.dist.is_main:
-            meta = ensure_prepared(self.cfg.data)
-        barrier()
+            try:
+                meta = ensure_prepared(self.cfg.data)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
+                error = err
+        # The collective doubles as the barrier, and a failure on rank 0 stops every rank
+        # instead of leaving them waiting for a barrier that never comes.
+        if all_reduce_max_flag(error is not None):
+            if error is not None:
+                raise error
+            raise SystemExit("rank 0 failed to prepare the data (see its error)")
         if not self.dist.is_main:
             meta = ensure_prepared(self.cfg.data)
         return meta

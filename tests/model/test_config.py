@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from deepseek_moe.config.model import ModelConfig, MoEConfig
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM

@@ -32,15 +32,20 @@ def test_latest_complete_none(tmp_path):
     assert ckpt.latest_complete(tmp_path) is None
 
 
-def test_prune_keeps_newest_complete_and_drops_stale_partials(tmp_path):
+def test_prune_keeps_newest_complete_and_drops_partials(tmp_path):
     for step in (10, 20, 30):
         _make(tmp_path, step, True)
-    _make(tmp_path, 25, False)  # older than the newest complete: garbage
-    _make(tmp_path, 40, False)  # newer partial: might be in progress elsewhere, kept
+    _make(tmp_path, 25, False)  # a save that died
+    _make(tmp_path, 40, False)  # a save that died in a launch whose progress was lost
     deleted = ckpt.prune(tmp_path, keep=2)
-    assert sorted(p.name for p in deleted) == ["step_00000010", "step_00000025"]
+    assert sorted(p.name for p in deleted) == ["step_00000010", "step_00000025", "step_00000040"]
     left = [(s, c) for s, _, c in ckpt.list_checkpoints(tmp_path)]
-    assert left == [(20, True), (30, True), (40, False)]
+    assert left == [(20, True), (30, True)]
+
+
+def test_prune_without_complete_checkpoint_deletes_nothing(tmp_path):
+    _make(tmp_path, 10, False)
+    assert ckpt.prune(tmp_path, keep=1) == []
 
 
 def test_atomic_torch_save_leaves_no_temp_files(tmp_path):

@@ -117,10 +117,15 @@ def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
 def test_ep1_two_process_resume(tiny_data, tmp_path):
     """EP=1 with 2 data-parallel ranks: resume equality (experts replicated, ZeRO-1 sharded),
     with the V3 selection bias on (its loads are all-reduced; the bias buffer is checkpointed)."""
-    base = TINY + tiny_data + ["trainer.max_steps=4", "trainer.eval_every=0", "checkpoint.every=0",
-                               "logger=none", "model.moe.bias_update_rate=0.01"]
+    # A data directory nobody prepared yet: rank 0 prepares it while rank 1 waits at a barrier.
+    data = [o if not o.startswith("data.out_dir=") else f"data.out_dir={tmp_path / 'fresh_data'}"
+            for o in tiny_data]
+    base = TINY + data + ["trainer.max_steps=4", "trainer.eval_every=0", "checkpoint.every=0",
+                          "logger=none", "model.moe.bias_update_rate=0.01"]
     straight = tmp_path / "straight"
-    run_train(base + [f"run_dir={straight}"], nproc=2, launcher="torchrun")
+    proc = run_train(base + [f"run_dir={straight}"], nproc=2, launcher="torchrun")
+    assert (tmp_path / "fresh_data" / "meta.json").exists()
+    assert (proc.stdout + proc.stderr).count("training sentencepiece") == 1  # one rank prepared
     resumed = tmp_path / "resumed"
     cmd = base + [f"run_dir={resumed}", "trainer.max_steps_per_launch=2"]
     run_train(cmd, nproc=2, launcher="torchrun")
@@ -151,5 +156,14 @@ def test_sigterm_saves_and_relaunch_continues(tiny_data, tmp_path):
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     assert [p.name for p in ckpts] == [f"step_{last:08d}"] and (ckpts[0] / "COMPLETE").exists()
 
-    run_train(args + ["trainer.max_steps_per_launch=2"])
+    # A later save that died mid-write (no COMPLETE marker, DeepSpeed's `latest` already points
+    # at it) must be ignored: the relaunch continues from the complete one.
+    partial = run_dir / "checkpoints" / f"step_{last + 5:08d}"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    (run_dir / "checkpoints" / "latest").write_text(partial.name)
+
+    proc = run_train(args + ["trainer.max_steps_per_launch=2"])
+    assert f"resumed from {ckpts[0]} (step {last})" in proc.stdout + proc.stderr
     assert [r["step"] for r in _train_rows(run_dir)] == list(range(1, last + 3))
+    assert not partial.exists()  # stale partial saves are cleaned up after the next good save

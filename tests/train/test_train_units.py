@@ -63,3 +63,17 @@ def test_metrics_writer_disabled_on_other_ranks(tmp_path):
 def test_mfu():
     assert mfu(1000.0, 6e6, None) is None
     assert mfu(1000.0, 6e6, 1e10) == pytest.approx(0.6)
+
+
+def test_wandb_mode_never_online_without_a_key(monkeypatch):
+    from deepseek_moe.config.train import LoggerConfig
+    from deepseek_moe.train.wandb_logger import resolve_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode(LoggerConfig()) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode(LoggerConfig()) == "online"
+    assert resolve_mode(LoggerConfig(mode="disabled")) == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment wins
+    assert resolve_mode(LoggerConfig(mode="online")) == "offline"

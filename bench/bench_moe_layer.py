@@ -88,6 +88,8 @@ def _build(args, impl: str):
         import transformers
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
+        from deepseek_moe.model.hf_compat import copy_moe_weights_to_hf
+
         hf_cfg = transformers.DeepseekV2Config(
             hidden_size=args.hidden, moe_intermediate_size=args.expert_width,
             n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_shared_experts=1,
@@ -95,12 +97,7 @@ def _build(args, impl: str):
             hidden_act="silu", num_attention_heads=4, num_key_value_heads=4)
         hf_cfg._experts_implementation = "grouped_mm"
         layer = DeepseekV2Moe(hf_cfg).float()
-        with torch.no_grad():
-            layer.gate.weight.copy_(ours.gate.weight)
-            for e, ex in enumerate(ours.experts):
-                layer.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
-                layer.experts.down_proj[e].copy_(ex.down_proj.weight)
-            layer.shared_experts.load_state_dict(ours.shared_experts.state_dict())
+        copy_moe_weights_to_hf(ours, layer)
         del ours
 
         def step(x, gy):

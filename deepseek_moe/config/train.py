@@ -265,5 +265,6 @@ class RunConfig:
         # EP rules live with the EP code (ep | world, ep | experts, routing groups = EP ranks).
         from deepseek_moe.parallel.groups import validate_ep_size
 
-        validate_ep_size(self.parallel.ep_size, world_size, self.model.moe)
+        validate_ep_size(self.parallel.ep_size, world_size, self.model.moe,
+                         zero_stage=self.parallel.zero_stage, grad_clip=self.optim.grad_clip)
         self.grad_accum_steps(world_size)

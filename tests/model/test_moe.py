@@ -7,6 +7,7 @@ import torch
 
 from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.model.moe import MoELayer, capacity_mask
+from deepseek_moe.model.hf_compat import copy_moe_weights_to_hf
 
 D = 16
 
@@ -174,13 +175,7 @@ def test_parity_with_hf_deepseek_v2_moe(topk_method, n_group, topk_group):
         routed_scaling_factor=1.3, hidden_act="silu", num_attention_heads=4,
         num_key_value_heads=4)
     hf = DeepseekV2Moe(hf_cfg).float()
-    with torch.no_grad():
-        hf.gate.weight.copy_(layer.gate.weight)
-        for e, ex in enumerate(layer.experts):
-            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
-            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(hf.shared_experts, name).weight.copy_(getattr(layer.shared_experts, name).weight)
+    copy_moe_weights_to_hf(layer, hf)
     x = torch.randn(2, 11, D)
     y, _ = layer(x)
     torch.testing.assert_close(y, hf(x), rtol=1e-5, atol=1e-6)
@@ -204,14 +199,7 @@ def test_parity_with_hf_deepseek_v3_moe_sigmoid_bias_norm():
         n_shared_experts=1, n_group=2, topk_group=2, norm_topk_prob=True,
         routed_scaling_factor=2.5, hidden_act="silu", num_attention_heads=4, num_key_value_heads=4)
     hf = DeepseekV3MoE(hf_cfg).float()
-    with torch.no_grad():
-        hf.gate.weight.copy_(layer.gate.weight)
-        hf.gate.e_score_correction_bias.copy_(layer.gate.e_score_correction_bias)
-        for e, ex in enumerate(layer.experts):
-            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight]))
-            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(hf.shared_experts, name).weight.copy_(getattr(layer.shared_experts, name).weight)
+    copy_moe_weights_to_hf(layer, hf)
     layer.eval()
     x = torch.randn(2, 11, D)
     y, _ = layer(x)

@@ -76,6 +76,16 @@ def test_ep_size_must_divide_experts():
         cfg.check_world(3)
 
 
+def test_zero0_with_ep_and_clipping_is_refused():
+    """ZeRO-0 clips by an average of per-rank norms that each see only local experts."""
+    overrides = ["parallel.ep_size=2", "trainer.micro_batch_size=1", "trainer.global_batch_size=4"]
+    OmegaConf.to_object(_compose(overrides + ["parallel.zero_stage=1"])).check_world(2)
+    OmegaConf.to_object(_compose(overrides + ["parallel.zero_stage=0", "optim.grad_clip=0"])).check_world(2)
+    cfg = OmegaConf.to_object(_compose(overrides + ["parallel.zero_stage=0"]))
+    with pytest.raises(ValueError, match="use parallel.zero_stage=1 or 2"):
+        cfg.check_world(2)
+
+
 def test_batch_sizes_must_divide():
     cfg = OmegaConf.to_object(_compose(["trainer.global_batch_size=24", "trainer.micro_batch_size=8"]))
     assert cfg.grad_accum_steps(1) == 3 and cfg.grad_accum_steps(3) == 1

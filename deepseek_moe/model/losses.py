@@ -1,5 +1,6 @@
-"""Load-balance losses as pure keyword-only functions (reference formulas in
-/work/shared/reference/deepseek_moe.md).
+"""Load-balance losses as pure keyword-only functions (DeepSeekMoE arXiv 2401.06066 eq. 12-17,
+communication balance from DeepSeek-V2 arXiv 2405.04434 eq. 32-34, the sequence-wise variant
+from DeepSeek-V3 arXiv 2412.19437).
 
 Shapes: T tokens, E routed experts, K top-k, G device groups (D in the paper), M groups a
 token may reach, B sequences of S tokens.

@@ -2,7 +2,7 @@
 
 Shapes: T tokens, D model dim, E routed experts, K top-k, G groups (devices).
 
-Rules (see /work/shared/reference/deepseek_moe.md):
+Rules (DeepSeekMoE arXiv 2401.06066, DeepSeek-V2 arXiv 2405.04434, DeepSeek-V3 arXiv 2412.19437):
 - s_TE = softmax(x W^T) (DeepSeekMoE, V2) or sigmoid(x W^T) (V3), computed in fp32.
 - Selection uses s + b where b is the V3 selection-only bias (zero unless bias_update_rate > 0);
   the gates use the unbiased s gathered at the selected ids.

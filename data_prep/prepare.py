@@ -296,18 +296,26 @@ def compose_data_config(overrides: list[str]) -> DataConfig:
     return OmegaConf.to_object(cfg).data
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def run_data_cli(prog: str, doc: str, argv: Optional[list[str]], action) -> None:
+    """The shell shared by the data_prep commands: `-h/--help` prints `doc`; the remaining
+    arguments are Hydra overrides of the data group, composed into a `DataConfig` for
+    `action(cfg)`. A user error (bad value, missing file, bad override) exits with one line,
+    no traceback."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(doc)
         return
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        prepare(compose_data_config(argv))
+        action(compose_data_config(argv))
     except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
-        sys.exit(f"data_prep.prepare: error: {e}")  # a user error: the message, no traceback
+        sys.exit(f"{prog}: error: {e}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    run_data_cli("data_prep.prepare", __doc__, argv, prepare)
 
 
 if __name__ == "__main__":

@@ -54,24 +54,19 @@ def verify(data_dir) -> DataMeta:
     return meta
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from data_prep.prepare import compose_data_config
+def _verify_prepared(data_cfg) -> None:
     from deepseek_moe.data.meta import resolve_out_dir
 
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return
-    try:
-        out: Path = resolve_out_dir(compose_data_config(argv))
-        meta = verify(out)
-    except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
-        sys.exit(f"data_prep.verify: error: {e}")
+    out: Path = resolve_out_dir(data_cfg)
+    meta = verify(out)
     counts = ", ".join(f"{s} {meta.splits[s].num_tokens:,} tokens" for s in SPLITS)
     print(f"[verify] {out}: OK ({counts})")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from data_prep.prepare import run_data_cli
+
+    run_data_cli("data_prep.verify", __doc__, argv, _verify_prepared)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ tokenizer's sha256. Any mismatch raises naming the file and the fix (rebuild wit
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 from typing import Optional
 

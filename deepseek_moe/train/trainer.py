@@ -87,6 +87,10 @@ class Trainer:
         # The collective doubles as the barrier, and a failure on rank 0 stops every rank
         # instead of leaving them waiting for a barrier that never comes.
         if all_reduce_max_flag(error is not None):
+            if isinstance(error, (ValueError, FileNotFoundError)):
+                # a user error (missing source, bad column, vocab...): its message names the
+                # fix, so print it like a config error, without a traceback
+                raise SystemExit(f"Data error: {error}") from None
             if error is not None:
                 raise error
             raise SystemExit("rank 0 failed to prepare the data (see its error)")

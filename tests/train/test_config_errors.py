@@ -105,3 +105,14 @@ def test_train_py_reports_config_errors_cleanly():
     assert proc.returncode == 1
     assert "Config error: optim.warmup_steps=500 must be smaller" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_py_reports_missing_data_cleanly(tmp_path):
+    """A data source that does not exist: one line naming data.path, no traceback, no output dir."""
+    out = tmp_path / "prepared"
+    proc = run_train(["data=local_text", f"data.path={tmp_path / 'missing'}", f"data.out_dir={out}",
+                      "logger=none", f"run_dir={tmp_path / 'run'}"], check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "Data error: data.path=" in proc.stderr and "matches no files" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not any(p.name.startswith(".prepared") for p in tmp_path.iterdir())

@@ -142,7 +142,8 @@ class MoELayer(nn.Module):
             self.last_counts_E = losses.expert_counts(r.ids_TK, E)
             self.last_probs_mean_E = probs_TE.mean(dim=0).detach()
             if self.training:
-                self.stats.update(probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK)
+                self.stats.update(probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK,
+                                  counts_E=self.last_counts_E)
         return y_TD.view(shape), aux
 
     def _aux_losses(self, logits_TE, probs_TE, ids_TK, B: int, S: int) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ SUM before reading) and logs. `compute_metrics(reset=True)` returns plain floats
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from deepseek_moe.model.buffers import KeepBufferDtype
@@ -28,10 +30,14 @@ class RouterStats(KeepBufferDtype):
         self.register_buffer("counters", torch.zeros(6, dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
-    def update(self, *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor) -> None:
-        """probs_TE: normalised affinities; ids_TK: selected experts; kept_TK: bool not dropped."""
+    def update(self, *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor,
+               counts_E: Optional[torch.Tensor] = None) -> None:
+        """probs_TE: normalised affinities; ids_TK: selected experts; kept_TK: bool not dropped;
+        counts_E: selections per expert if the caller already has them (the layer does)."""
         T, E = probs_TE.shape
-        self.tokens_per_expert_E += torch.bincount(ids_TK.reshape(-1), minlength=E).double()
+        if counts_E is None:
+            counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+        self.tokens_per_expert_E += counts_E.double()
         entropy = torch.special.entr(probs_TE.float()).sum()  # -sum p log p, 0 log 0 = 0
         groups = _distinct_blocks(ids_TK, E // self.n_groups, self.n_groups)
         ranks = _distinct_blocks(ids_TK, E // self.num_ranks, self.num_ranks)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 _SCORING_FUNCS = ("softmax", "sigmoid")
+_ATTN_IMPLS = ("auto", "sdpa", "bmm")
 
 
 @dataclass(kw_only=True)
@@ -145,6 +146,12 @@ class ModelConfig:
     """Share the LM head with the token embedding (the papers do not)."""
     moe: Optional[MoEConfig] = field(default_factory=MoEConfig)
     """The MoE FFN; None = dense model."""
+    attn_impl: str = "auto"
+    """Attention kernel: "auto" | "sdpa" | "bmm". "sdpa" = torch scaled_dot_product_attention
+    (flash kernels); "bmm" = batched matmuls + softmax with a hand-written backward (faster on
+    CPU); "auto" = SDPA on CUDA; on CPU "bmm" in bf16, or in fp32 up to S = 1024, while the
+    per-layer scores B*H*S*S stay under a memory bound, else SDPA (rule and measurements in
+    deepseek_moe/model/attention.py)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -173,6 +180,10 @@ class ModelConfig:
             )
         if self.init_std <= 0 or self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("model.init_std, model.rms_norm_eps and model.rope_theta must be > 0.")
+        if self.attn_impl not in _ATTN_IMPLS:
+            raise ValueError(
+                f"model.attn_impl={self.attn_impl!r} must be one of {_ATTN_IMPLS}."
+            )
         if isinstance(self.moe, dict):  # convenience for ModelConfig(moe={...}) in scripts
             self.moe = MoEConfig(**self.moe)
 

@@ -6,9 +6,9 @@ E global routed experts, L local experts (E without expert parallelism).
 Contract (`MoELayer` calls exactly this; the EP helper's `AllToAllDispatcher` in
 `deepseek_moe/parallel/` implements the same protocol):
 
-    x_ND, counts_L, ctx = dispatcher.dispatch(x_TD, ids_TK, num_experts)
+    x_ND, counts_L, ctx = dispatcher.dispatch(x_TD, ids_TK, weights_TK, num_experts)
     y_ND = experts(x_ND, counts_L)          # same row order as x_ND
-    y_TD = dispatcher.combine(y_ND, weights_TK, ctx)
+    y_TD = dispatcher.combine(y_ND, ctx)
 
 - `ids_TK` (int64) holds GLOBAL expert ids in [0, num_experts), or -1 for a DROPPED copy
   (capacity overflow; the layer marks drops before dispatch). Dispatchers must not send or
@@ -23,7 +23,8 @@ Contract (`MoELayer` calls exactly this; the EP helper's `AllToAllDispatcher` in
 - `combine` is the inverse permutation of dispatch followed by the weighted sum over the K
   copies of each token: y_TD[t] = sum_k weights_TK[t, k] * y(copy t,k) (0 for dropped copies).
   `weights_TK` is fp32 from the router; the sum is done in y's dtype. Gradients flow to y_ND
-  and to weights_TK (the router learns through the gates).
+  and to weights_TK (the router learns through the gates). The gates are given to `dispatch`
+  (not `combine`) so an all-to-all dispatcher can send them in the same exchange as the rows.
 - Nothing here touches torch.distributed; `LocalDispatcher` is the single-process case.
 """
 
@@ -37,10 +38,10 @@ import torch
 
 class Dispatcher(Protocol):
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: Any) -> torch.Tensor: ...
+    def combine(self, y_ND: torch.Tensor, ctx: Any) -> torch.Tensor: ...
 
 
 @dataclass
@@ -49,6 +50,8 @@ class LocalContext:
     """Flat copy index (t*K + k) of each row of x_ND."""
     num_tokens: int
     top_k: int
+    weights_TK: torch.Tensor
+    """The router gates (fp32), applied in combine."""
 
 
 def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,15 +95,15 @@ class LocalDispatcher:
     """Single-process dispatcher: a stable sort by expert, a gather and a scatter-back."""
 
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
         T, K = ids_TK.shape
         order_N, counts_E = sort_by_expert(ids_TK, num_experts)
         x_ND = gather_rows(x_TD, order_N // K)
-        return x_ND, counts_E, LocalContext(order_N, T, K)
+        return x_ND, counts_E, LocalContext(order_N, T, K, weights_TK)
 
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
-        T, K = ctx.num_tokens, ctx.top_k
+    def combine(self, y_ND: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
+        T, K, weights_TK = ctx.num_tokens, ctx.top_k, ctx.weights_TK
         D = y_ND.shape[-1]
         # Scatter back to copy slots (dropped slots stay 0), then a [T,1,K] x [T,K,D] bmm.
         y_TKD = y_ND.new_zeros(T * K, D).index_copy(0, ctx.order_N, y_ND).view(T, K, D)

@@ -128,9 +128,9 @@ class MoELayer(nn.Module):
                                         num_experts=E, capacity=capacity)
             ids_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, -1))
 
-        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, ids_TK, E)
+        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK, E)
         y_ND = self.experts(x_ND, counts_L)
-        y_TD = self.dispatcher.combine(y_ND, r.weights_TK, ctx)
+        y_TD = self.dispatcher.combine(y_ND, ctx)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 

@@ -12,19 +12,25 @@ routing (M ranks per token) then bounds the rows a token costs to M, which is th
 DeepSeek-V2's device limit. The receiver expands a row into the copies for its local experts,
 and weights and sums them before sending ONE row back. Per MoE layer call:
 
-dispatch(x_TD, ids_TK):
+dispatch(x_TD, ids_TK, weights_TK):
 1. which EP ranks each token reaches; pair and copy counts per destination rank;
 2. exchange the counts (even all-to-all); one host sync (`.tolist()`) per layer; then the pairs:
    for each destination rank w (ascending) the tokens t (ascending) that have an expert there,
-   and the local expert ids of those copies (`local_PK`, -1 for copies elsewhere);
-3. all-to-all `local_PK` (int64) and the rows `x_TD[pair_t]` (uneven, differentiable);
+   their copies' gates (`w_PK`, 0 for copies elsewhere) and local expert ids (`local_PK`, -1
+   for copies elsewhere);
+3. ONE uneven all-to-all of packed rows [x | gates | local ids] in x's dtype (differentiable:
+   the gradient of the rows and of the gates comes back in one exchange too). The ids ride as
+   floats only when x's dtype holds every local id exactly (`ids_fit_in`: bf16 up to 256 local
+   experts); otherwise they take a separate int64 exchange. Gates in x's dtype lose nothing:
+   the receiver multiplies them into expert outputs of that dtype anyway;
 4. receiver: expand the R rows into copies and sort them stably by local expert
    -> x_ND grouped contiguously by local expert, `counts_L` copies per local expert.
-combine(y_ND, weights_TK):
-5. all-to-all the gates of each pair's copies (`w_PK`, differentiable: the router learns);
-6. receiver: y_RD[r] = sum of its copies' outputs times their gates (index_add);
-7. reverse all-to-all of y_RD; sender: y_TD = sum over the pairs of each token (index_add).
+combine(y_ND):
+5. receiver: y_RD[r] = sum of its copies' outputs times their gates (index_add);
+6. reverse all-to-all of y_RD; sender: y_TD = sum over the pairs of each token (index_add).
 Dropped copies (id -1) are in no pair; a token with every copy dropped gets 0.
+Collectives per layer: 3 in forward (counts, packed rows, outputs), 2 in backward. Each is a
+point where the ranks wait for each other, so fewer of them is less time lost to skew.
 
 All exchanges of floats are autograd Functions (`parallel.all_to_all`), so gradients reach x_TD,
 the expert weights and the gates. Every rank calls every collective once per layer call
@@ -33,8 +39,9 @@ skips a collective, which keeps an unlucky rank from hanging the group.
 
 Statistics (accumulated until `pop_stats()`; the trainer reduces/logs them):
 - `ranks_per_token`: distinct destination EP ranks per token (<= M with device-limited routing);
-- `a2a_bytes`: bytes this rank sent to OTHER ranks in forward dispatch + combine (rows, local
-  ids and gates; the backward moves the row and gate bytes again); self-sends are not counted;
+- `a2a_bytes`: bytes this rank sent to OTHER ranks in forward dispatch + combine (packed rows
+  with gates and local ids, outputs; the backward moves the row and gate bytes again);
+  self-sends are not counted;
 - `copy_bytes`: what a dispatcher sending one row per token COPY would have sent (comparison).
 """
 
@@ -46,18 +53,27 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from deepseek_moe.model.dispatch import gather_rows
 from deepseek_moe.parallel.all_to_all import all_to_all, exchange_counts
 
-__all__ = ["AllToAllDispatcher", "EPContext"]
+__all__ = ["AllToAllDispatcher", "EPContext", "ids_fit_in"]
+
+
+def ids_fit_in(dtype: torch.dtype, num_local_experts: int) -> bool:
+    """Whether every local expert id (and -1) is an exactly representable `dtype` value.
+
+    Floats hold every integer up to 2 / eps exactly (bf16: 256, fp16: 2048, fp32: 2**24)."""
+    return dtype.is_floating_point and num_local_experts <= round(2 / torch.finfo(dtype).eps)
 
 
 @dataclass
 class EPContext:
     num_tokens: int
+    top_k: int
     pair_t_P: torch.Tensor
     """Token index of each sent row (rows grouped by destination rank)."""
-    mask_PK: torch.Tensor
-    """Which of the token's K copies belong to the pair's destination rank."""
+    w_N: torch.Tensor
+    """Gate of each row of x_ND (x's dtype), received with the rows; differentiable."""
     send_splits: list[int]
     """Rows sent to each EP rank in dispatch (= rows received back in combine)."""
     recv_splits: list[int]
@@ -111,7 +127,7 @@ class AllToAllDispatcher:
 
     # ---- protocol ------------------------------------------------------------------------
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, num_experts: int
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, EPContext]:
         if num_experts != self.num_experts:
             raise ValueError(
@@ -119,6 +135,7 @@ class AllToAllDispatcher:
                 f"{num_experts}"
             )
         T, K = ids_TK.shape
+        D = x_TD.shape[-1]
         W, L = self.world, self.num_local_experts
         # 1. which ranks each token goes to
         kept_TK = ids_TK >= 0
@@ -144,42 +161,50 @@ class AllToAllDispatcher:
         mask_PK = dest_TK[pair_t_P] == pair_w_P.unsqueeze(1)
         local_PK = torch.where(mask_PK, ids_TK[pair_t_P] - pair_w_P.unsqueeze(1) * L,
                                torch.full_like(mask_PK, -1, dtype=ids_TK.dtype))
-        # 3. local expert ids, then the rows
-        local_RK = all_to_all(local_PK, recv_splits, send_splits, self.group)
-        x_RD = all_to_all(x_TD[pair_t_P], recv_splits, send_splits, self.group)
+        w_PK = torch.where(mask_PK, weights_TK.index_select(0, pair_t_P),
+                           torch.zeros((), dtype=weights_TK.dtype))
+        # 3. one exchange for the rows, their gates and (when exact in x's dtype) their local ids
+        parts = [gather_rows(x_TD, pair_t_P), w_PK.to(x_TD.dtype)]
+        packed_ids = ids_fit_in(x_TD.dtype, L)
+        if packed_ids:
+            parts.append(local_PK.to(x_TD.dtype))
+        else:
+            local_RK = all_to_all(local_PK, recv_splits, send_splits, self.group)
+        packed_R = all_to_all(torch.cat(parts, dim=1), recv_splits, send_splits, self.group)
+        x_RD, w_RK = packed_R[:, :D], packed_R[:, D:D + K]
+        if packed_ids:
+            local_RK = packed_R[:, D + K:].detach().round().long()
         # 4. expand received rows into copies, grouped by local expert (stable)
         local_N = local_RK.reshape(-1)
         key_N = torch.where(local_N >= 0, local_N, torch.full_like(local_N, L))
         counts_L = torch.bincount(key_N, minlength=L + 1)[:L]
         copy_slot_N = torch.argsort(key_N, stable=True)[: sum(copies_recv)]
-        x_ND = x_RD[torch.div(copy_slot_N, K, rounding_mode="floor")]
+        x_ND = gather_rows(x_RD, torch.div(copy_slot_N, K, rounding_mode="floor"))
+        w_N = w_RK.reshape(-1).index_select(0, copy_slot_N)
 
         # statistics from the host-side counts only (no extra device sync)
         me = self.rank
-        row = x_TD.shape[-1] * x_TD.element_size()
+        elem = x_TD.element_size()
+        row = D * elem
+        sent_row = row + K * elem + (K * elem if packed_ids else K * 8)
         remote_sent = sum(send_splits) - send_splits[me]
         remote_recv = sum(recv_splits) - recv_splits[me]
         self._calls += 1
         self._tokens += T
         self._ranks_sum += sum(send_splits)
-        # dispatch: row + int64 ids + fp32 gates per sent pair; combine: one row per received pair
-        self._a2a_bytes += remote_sent * (row + K * 8 + K * 4) + remote_recv * row
+        # dispatch: a packed row per sent pair; combine: one output row per received pair
+        self._a2a_bytes += remote_sent * sent_row + remote_recv * row
         # a one-row-per-copy dispatcher: remote copies out, remote copies' outputs back
         self._copy_bytes += (sum(copies_sent) - copies_sent[me] + sum(copies_recv) - copies_recv[me]) * row
 
-        ctx = EPContext(T, pair_t_P, mask_PK, send_splits, recv_splits, copy_slot_N)
+        ctx = EPContext(T, K, pair_t_P, w_N, send_splits, recv_splits, copy_slot_N)
         return x_ND, counts_L, ctx
 
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, ctx: EPContext) -> torch.Tensor:
-        K = weights_TK.shape[1]
-        # 5. the gates of each pair's copies travel with the pair (0 for copies elsewhere)
-        w_PK = torch.where(ctx.mask_PK, weights_TK[ctx.pair_t_P], torch.zeros((), dtype=weights_TK.dtype))
-        w_RK = all_to_all(w_PK, ctx.recv_splits, ctx.send_splits, self.group)
-        # 6. weighted sum of each received row's copies
-        w_N = w_RK.reshape(-1)[ctx.copy_slot_N].to(y_ND.dtype)
-        R = w_RK.shape[0]
-        y_RD = y_ND.new_zeros(R, y_ND.shape[-1]).index_add(
-            0, torch.div(ctx.copy_slot_N, K, rounding_mode="floor"), y_ND * w_N.unsqueeze(1))
-        # 7. one row back per pair; sum the pairs of each token
+    def combine(self, y_ND: torch.Tensor, ctx: EPContext) -> torch.Tensor:
+        # 5. weighted sum of each received row's copies
+        row_N = torch.div(ctx.copy_slot_N, ctx.top_k, rounding_mode="floor")
+        y_RD = y_ND.new_zeros(sum(ctx.recv_splits), y_ND.shape[-1]).index_add(
+            0, row_N, y_ND * ctx.w_N.unsqueeze(1))
+        # 6. one row back per pair; sum the pairs of each token
         y_PD = all_to_all(y_RD, ctx.send_splits, ctx.recv_splits, self.group)
         return y_PD.new_zeros(ctx.num_tokens, y_PD.shape[-1]).index_add(0, ctx.pair_t_P, y_PD)

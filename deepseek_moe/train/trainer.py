@@ -30,13 +30,29 @@ from deepseek_moe.config.train import RunConfig
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.distributed import (
     all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print)
-from deepseek_moe.train.ds_config import build_ds_config, peak_flops_per_device, resolve_precision
+from deepseek_moe.train.ds_config import (build_ds_config, cpu_bf16_is_native, peak_flops_per_device,
+                                         resolve_precision)
+from deepseek_moe.train.gc_control import ScheduledGC
 from deepseek_moe.train.metrics import MetricsWriter, mfu
 from deepseek_moe.train.rng import get_rng_state, seed_everything, set_rng_state
 from deepseek_moe.train.schedule import build_lr_scheduler
 from deepseek_moe.train.signals import PreemptionFlag
 
 log = logging.getLogger("deepseek_moe.train")
+
+
+def check_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
+    """Stop the run on a non-finite loss or gradient norm, before anything is saved.
+
+    No precision skips such steps (bf16 has no overflow check, see ds_config.py), so after a
+    non-finite gradient norm the weights are already damaged: the newest checkpoint is the
+    last good state."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}; lower optim.lr or check the data")
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"gradient norm is {grad_norm} at step {step}; the update made the weights unusable. "
+            "Relaunch to resume from the last checkpoint, with a lower optim.lr")
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -121,8 +137,11 @@ class Trainer:
         groups = optimizer_param_groups(model, cfg.optim.weight_decay)
         for group in groups:
             group["lr"] = cfg.optim.lr
+        # NOTE: fused=True runs the whole AdamW update as one vectorised kernel per tensor (CPU
+        # and CUDA); measured 1.5 ms vs 15 ms (for-loop) for 3.4M fp32 params on one CPU core.
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                                      fused=self.dist.device.type in ("cpu", "cuda"))
         scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.decay_steps)
         self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device.type)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -257,10 +276,13 @@ class Trainer:
         self.preempt = PreemptionFlag()
         self.metrics: Optional[MetricsWriter] = None
         self.wandb = None
+        self.gc = ScheduledGC(self.cfg.trainer.gc_every)
         try:
             self._setup()
+            self.gc.start()
             return self._loop()
         finally:
+            self.gc.stop()
             self.preempt.restore()
             if self.metrics is not None:
                 self.metrics.close()
@@ -304,6 +326,9 @@ class Trainer:
                 self.wandb_run_id = self.wandb.run_id
 
         self.precision = resolve_precision(cfg.trainer.precision, dist.device.type)
+        if self.precision == "bf16" and dist.device.type == "cpu" and not cpu_bf16_is_native():
+            log.warning("trainer.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 "
+                        "or AMX): they are emulated and slower than fp32; use trainer.precision=fp32")
         peak = peak_flops_per_device(dist.device, self.precision)
         self.peak_flops_total = peak * dist.world_size if peak else None
         self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
@@ -344,9 +369,8 @@ class Trainer:
                       "tokens_seen": self.tokens_seen, "step_time_s": dt}
             record.update(self._router_metrics())
             self._log(record)
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at step {self.step}; lower optim.lr "
-                                         "or check the data")
+            self.gc.after_step(self.step)
+            check_finite(self.step, values["loss"], record["grad_norm"])
             if self.step % tcfg.log_every == 0 or self.step in (start_step + 1, stop_at):
                 eta = (time.time() - t_start) / (self.step - start_step) * (tcfg.max_steps - self.step)
                 main_print(f"step {self.step:>6}/{tcfg.max_steps} | loss {values['loss']:.4f} "

@@ -8,7 +8,7 @@ from deepseek_moe.model.dispatch import LocalDispatcher
 def test_dispatch_groups_copies_by_expert_and_skips_dropped():
     x = torch.arange(4, dtype=torch.float32).view(4, 1).expand(4, 3).contiguous()  # row t = t
     ids = torch.tensor([[2, 0], [0, -1], [2, 3], [-1, 0]])
-    x_ND, counts, _ = LocalDispatcher().dispatch(x, ids, num_experts=5)
+    x_ND, counts, _ = LocalDispatcher().dispatch(x, ids, torch.ones(ids.shape), num_experts=5)
     assert counts.tolist() == [3, 0, 2, 1, 0]                    # includes empty experts
     assert x_ND[:, 0].tolist() == [0, 1, 3, 0, 2, 2]             # expert 0: t0,t1,t3; 2: t0,t2; 3: t2
 
@@ -21,10 +21,10 @@ def test_combine_is_weighted_inverse():
     ids[1, 2] = -1  # one dropped copy
     w = torch.rand(T, K)
     disp = LocalDispatcher()
-    x_ND, counts, ctx = disp.dispatch(x, ids, E)
+    x_ND, counts, ctx = disp.dispatch(x, ids, w, E)
     # Fake expert e: multiply by (e + 1); computed on the dispatched rows.
     scale = torch.repeat_interleave(torch.arange(1, E + 1, dtype=torch.float32), counts)
-    y = disp.combine(x_ND * scale[:, None], w, ctx)
+    y = disp.combine(x_ND * scale[:, None], ctx)
     ref = torch.zeros(T, D)
     for t in range(T):
         for k in range(K):
@@ -39,9 +39,9 @@ def test_combine_gradients_reach_expert_outputs_and_gates():
     ids = torch.randint(0, 3, (5, 2))
     w = torch.rand(5, 2, requires_grad=True)
     disp = LocalDispatcher()
-    x_ND, _, ctx = disp.dispatch(x, ids, 3)
+    x_ND, _, ctx = disp.dispatch(x, ids, w, 3)
     y_ND = x_ND.clone().requires_grad_(True)
-    disp.combine(y_ND, w, ctx).sum().backward()
+    disp.combine(y_ND, ctx).sum().backward()
     # d/dw[t,k] of sum_t sum_k w[t,k] x[t] = sum(x[t]); every copy row gets its gate as gradient.
     torch.testing.assert_close(w.grad, x.sum(1, keepdim=True).expand(5, 2))
     assert y_ND.grad.shape == y_ND.shape

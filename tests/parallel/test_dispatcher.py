@@ -1,4 +1,5 @@
-"""`AllToAllDispatcher` against a single-process loop reference (gloo, 2 and 4 ranks).
+"""`AllToAllDispatcher` against a single-process loop reference (gloo, 2 and 4 ranks), with the
+local expert ids packed into the row exchange and (fallback) sent separately.
 
 Each rank holds its own tokens; the "experts" are per-expert matrices A_e (y = x @ A_e), so a
 copy routed to the wrong expert, a lost copy or a wrong gate changes the output. The reference
@@ -8,7 +9,7 @@ loops over every token of every rank in one process.
 import pytest
 import torch
 
-from deepseek_moe.parallel.dispatcher import AllToAllDispatcher
+from deepseek_moe.parallel.dispatcher import AllToAllDispatcher, ids_fit_in
 from tests.distributed import run_distributed
 
 D, K, E = 4, 2, 8
@@ -57,27 +58,30 @@ def _reference(world):
     return A.grad, ys, [grad(x) for x in xs], [grad(w) for w in ws]
 
 
-def _run(rank, world):
+def _run(rank, world, packed_ids=True):
+    if not packed_ids:  # as if x's dtype could not hold the local ids: separate int64 exchange
+        import deepseek_moe.parallel.dispatcher as dispatcher_module
+        dispatcher_module.ids_fit_in = lambda dtype, num_local: False
     A, xs, ids, ws, gs = _case(world)
     disp = AllToAllDispatcher(None, E)
     L = disp.num_local_experts
     A_local = A[rank * L:(rank + 1) * L].clone().requires_grad_(True)
     x = xs[rank].clone().requires_grad_(True)
     w = ws[rank].clone().requires_grad_(True)
-    x_ND, counts_L, ctx = disp.dispatch(x, ids[rank], E)
+    x_ND, counts_L, ctx = disp.dispatch(x, ids[rank], w, E)
     chunks = torch.split(x_ND, counts_L.tolist())
     y_ND = torch.cat([c @ A_local[l] for l, c in enumerate(chunks)])  # every expert runs, even empty
-    y = disp.combine(y_ND, w, ctx)
+    y = disp.combine(y_ND, ctx)
     (y * gs[rank]).sum().backward()
     return {"y": y.detach(), "gx": x.grad, "gw": w.grad, "gA": A_local.grad, "counts": counts_L,
             "stats": disp.pop_stats()}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_dispatch_combine_matches_loop_reference(world):
+@pytest.mark.parametrize("world,packed_ids", [(2, True), (4, True), (2, False)])
+def test_dispatch_combine_matches_loop_reference(world, packed_ids):
     gA, ys, gxs, gws = _reference(world)
     _, _, ids, _, _ = _case(world)
-    out = run_distributed(_run, world)
+    out = run_distributed(_run, world, packed_ids)
     L = E // world
     all_ids = torch.cat(ids).flatten()
     for r, o in enumerate(out):
@@ -97,10 +101,22 @@ def test_dispatch_combine_matches_loop_reference(world):
     for r, o in enumerate(out):
         sent = sum(len(d - {r}) for d in dests(r))
         recv = sum(sum(r in d for d in dests(s)) for s in range(world) if s != r)
-        assert o["stats"]["a2a_bytes"] == sent * (D * 4 + K * 12) + recv * D * 4
+        # a sent pair: its fp32 row, K fp32 gates and K local ids (fp32 packed, else int64)
+        id_bytes = 4 if packed_ids else 8
+        assert o["stats"]["a2a_bytes"] == sent * (D * 4 + K * 4 + K * id_bytes) + recv * D * 4
         copies_sent = int(((ids[r] >= 0) & (ids[r] // L != r)).sum())
         copies_recv = sum(int(((ids[s] >= 0) & (ids[s] // L == r)).sum()) for s in range(world) if s != r)
         assert o["stats"]["copy_bytes"] == (copies_sent + copies_recv) * D * 4
         n_tok = ids[r].shape[0]
         expected_rpt = sum(len(d) for d in dests(r)) / max(n_tok, 1)
         assert o["stats"]["ranks_per_token"] == pytest.approx(expected_rpt)
+
+
+def test_ids_fit_in_exact_float_range():
+    assert ids_fit_in(torch.bfloat16, 256) and not ids_fit_in(torch.bfloat16, 257)
+    assert ids_fit_in(torch.float16, 2048) and not ids_fit_in(torch.float16, 2049)
+    assert ids_fit_in(torch.float32, 2**24)
+    # the claim behind it: every id in range survives the round trip through the dtype
+    ids = torch.arange(-1, 256)
+    assert torch.equal(ids.to(torch.bfloat16).round().long(), ids)
+    assert not torch.equal(torch.tensor([257]).to(torch.bfloat16).long(), torch.tensor([257]))

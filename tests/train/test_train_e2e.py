@@ -114,6 +114,23 @@ def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
             assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
 
 
+def test_bf16_two_processes_ep2_trains_and_resumes(tiny_data, tmp_path):
+    """trainer.precision=bf16 on CPU: DeepSpeed's bf16 ZeRO path (bf16 weights, fp32 master
+    weights) at EP=2 with padded expert matmuls: the loss falls and a resumed run repeats the
+    straight one exactly (the fp32 master weights and the optimizer state are restored)."""
+    base = TINY + tiny_data + ["parallel.ep_size=2", "trainer.precision=bf16", "trainer.max_steps=6",
+                               "trainer.eval_every=3", "checkpoint.every=3", "logger=none"]
+    straight = tmp_path / "straight"
+    proc = run_train(base + [f"run_dir={straight}"], nproc=2, launcher="torchrun")
+    assert "zero 1, bf16)" in proc.stdout
+    rows = _check_metrics(straight, 6)
+    resumed = tmp_path / "resumed"
+    cmd = base + [f"run_dir={resumed}", "trainer.max_steps_per_launch=3"]
+    run_train(cmd, nproc=2, launcher="torchrun")
+    run_train(cmd, nproc=2, launcher="torchrun")
+    _assert_same_losses(rows, _train_rows(resumed), start=0)
+
+
 def test_ep1_two_process_resume(tiny_data, tmp_path):
     """EP=1 with 2 data-parallel ranks: resume equality (experts replicated, ZeRO-1 sharded),
     with the V3 selection bias on (its loads are all-reduced; the bias buffer is checkpointed)."""

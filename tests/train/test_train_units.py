@@ -8,6 +8,7 @@ from deepseek_moe.config.train import RunConfig, TrainerConfig
 from deepseek_moe.train.distributed import strip_launcher_args
 from deepseek_moe.train.ds_config import build_ds_config, resolve_precision
 from deepseek_moe.train.metrics import MetricsWriter, mfu, read_metrics
+from deepseek_moe.train.trainer import check_finite
 
 
 def test_strip_launcher_args():
@@ -28,11 +29,27 @@ def test_ds_config_from_run_config():
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
 
 
+def test_check_finite_stops_on_nan_loss_or_grad_norm():
+    check_finite(3, 2.5, 0.7)
+    check_finite(3, 2.5, None)  # no norm computed (e.g. no clipping)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+        check_finite(3, float("nan"), 0.7)
+    with pytest.raises(FloatingPointError, match="gradient norm is inf at step 4.*last checkpoint"):
+        check_finite(4, 2.5, float("inf"))
+
+
+def test_bf16_config_has_no_step_skipping_overflow_check():
+    cfg = RunConfig(trainer=TrainerConfig(global_batch_size=8, micro_batch_size=4, precision="bf16"))
+    ds = build_ds_config(cfg, world_size=2, device_type="cpu")
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+
+
 def test_precision_auto():
     assert resolve_precision("auto", "cuda") == "bf16"
     assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # DeepSpeed's bf16 path runs on CPU
     with pytest.raises(ValueError, match="trainer.precision=fp32"):
-        resolve_precision("bf16", "cpu")
+        resolve_precision("fp16", "cpu")
 
 
 def test_metrics_writer_truncates_lines_after_resume_step(tmp_path):

@@ -139,9 +139,6 @@ class TrainerConfig:
     max_steps_per_launch: Optional[int] = None
     """Stop (save, exit 0) after this many steps in one launch; relaunch to continue. For
     wall-clock-limited allocations. None = run to max_steps."""
-    gc_every: int = 50
-    """Run Python's garbage collector every this many steps, with automatic collection off
-    during training (see deepseek_moe/train/gc_control.py); 0 = Python's automatic GC."""
 
     def __post_init__(self) -> None:
         _check_positive("trainer.max_steps", self.max_steps)
@@ -151,7 +148,6 @@ class TrainerConfig:
         _check_positive("trainer.eval_batches", self.eval_batches)
         _check_positive("trainer.log_every", self.log_every)
         _check_choice("trainer.precision", self.precision, PRECISIONS)
-        _check_positive("trainer.gc_every", self.gc_every, allow_zero=True)
         if self.seq_len is not None:
             _check_positive("trainer.seq_len", self.seq_len)
         if self.max_steps_per_launch is not None:

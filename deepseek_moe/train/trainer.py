@@ -32,7 +32,6 @@ from deepseek_moe.train.distributed import (
     all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print)
 from deepseek_moe.train.ds_config import (build_ds_config, cpu_bf16_is_native, peak_flops_per_device,
                                          resolve_precision)
-from deepseek_moe.train.gc_control import ScheduledGC
 from deepseek_moe.train.metrics import MetricsWriter, mfu
 from deepseek_moe.train.rng import get_rng_state, seed_everything, set_rng_state
 from deepseek_moe.train.schedule import build_lr_scheduler
@@ -276,13 +275,10 @@ class Trainer:
         self.preempt = PreemptionFlag()
         self.metrics: Optional[MetricsWriter] = None
         self.wandb = None
-        self.gc = ScheduledGC(self.cfg.trainer.gc_every)
         try:
             self._setup()
-            self.gc.start()
             return self._loop()
         finally:
-            self.gc.stop()
             self.preempt.restore()
             if self.metrics is not None:
                 self.metrics.close()
@@ -369,7 +365,6 @@ class Trainer:
                       "tokens_seen": self.tokens_seen, "step_time_s": dt}
             record.update(self._router_metrics())
             self._log(record)
-            self.gc.after_step(self.step)
             check_finite(self.step, values["loss"], record["grad_norm"])
             if self.step % tcfg.log_every == 0 or self.step in (start_step + 1, stop_at):
                 eta = (time.time() - t_start) / (self.step - start_step) * (tcfg.max_steps - self.step)

@@ -28,7 +28,10 @@ Warm-up: the first ~40 steps are a routing transient. At EP=2 with M=1, measured
 the expert work, our EP=2 step was slower than our EP=1 step. A pretraining run spends 10^4+
 steps in the settled regime, so the default times steps 51-80, the same for both.
 
-Both read the same prepared python_stdlib windows (vocab 1024) through our loader. Timing: mean
+Same-for-both settings: torch's fused AdamW, and the glibc allocator settings our trainer
+applies to itself (`trainer.reuse_host_memory`, deepseek_moe/train/host_memory.py) are applied to
+the HF worker too. Both read the same prepared python_stdlib windows (vocab 1024) through our
+loader. Timing: mean
 optimizer-step wall time over the steps after `--warmup` (what a run sees, stalls included);
 tokens/s = 16 x 256 / mean.
 Target (issue 5): ours >= 1.5x hf tokens/s at both EP sizes.
@@ -120,7 +123,9 @@ def hf_worker(ep: int, steps: int, warmup: int, precision: str, out: str) -> Non
     import transformers
 
     from deepseek_moe.data import build_train_loader, ensure_prepared
+    from deepseek_moe.train.host_memory import keep_freed_host_memory
 
+    keep_freed_host_memory()  # the same allocator settings our trainer applies to itself
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     rank = torch.distributed.get_rank()
@@ -171,6 +176,9 @@ def hf_worker(ep: int, steps: int, warmup: int, precision: str, out: str) -> Non
     if rank == 0:
         Path(out).write_text(json.dumps({"step_s": statistics.mean(times[warmup:]),
                                          "loss_first": losses[0], "loss_last": losses[-1]}))
+    # A clean teardown: without it a gloo thread sometimes aborts the process at exit.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def run_hf(ep: int, steps: int, warmup: int, precision: str) -> dict:

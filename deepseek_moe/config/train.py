@@ -139,6 +139,10 @@ class TrainerConfig:
     max_steps_per_launch: Optional[int] = None
     """Stop (save, exit 0) after this many steps in one launch; relaunch to continue. For
     wall-clock-limited allocations. None = run to max_steps."""
+    reuse_host_memory: bool = True
+    """Keep freed host memory in the process for reuse (glibc mallopt: large CPU tensors stop
+    page-faulting every step; +12% tokens/s on CPU); the process then holds up to 1 GB of freed
+    heap. See deepseek_moe/train/host_memory.py."""
 
     def __post_init__(self) -> None:
         _check_positive("trainer.max_steps", self.max_steps)

@@ -32,6 +32,7 @@ from deepseek_moe.train.distributed import (
     all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print)
 from deepseek_moe.train.ds_config import (build_ds_config, cpu_bf16_is_native, peak_flops_per_device,
                                          resolve_precision)
+from deepseek_moe.train.host_memory import keep_freed_host_memory
 from deepseek_moe.train.metrics import MetricsWriter, mfu
 from deepseek_moe.train.rng import get_rng_state, seed_everything, set_rng_state
 from deepseek_moe.train.schedule import build_lr_scheduler
@@ -289,6 +290,8 @@ class Trainer:
         cfg = self.cfg
         self.dist = dist = init_distributed()
         self._setup_logging()
+        if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
+            log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")
         try:  # checks that need the world size: same clean exit as the other config errors
             cfg.check_world(dist.world_size)
         except ValueError as err:

@@ -19,7 +19,7 @@ sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from deepseek_moe.train.cli import apply_cli_intent, register_schema, to_run_config  # noqa: E402
 

@@ -7,7 +7,7 @@ of them in again: a zero-fill of a [2048, 1024] fp32 tensor took 2.7 ms (3 GB/s)
 the bench model. Raising the mmap threshold to glibc's maximum (32 MB on 64-bit) and the trim
 threshold to 1 GB keeps those pages in the heap for reuse. Measured on the 2-core dev machine
 (bf16, bench_train.py shape, forward + backward, 1 thread): 223 -> 190 ms for our model; through
-the whole DeepSpeed step +12% tokens/s. Cost: the process keeps up to 1 GB of freed heap instead
+the whole DeepSpeed step +9-12% tokens/s. Cost: the process keeps up to 1 GB of freed heap instead
 of returning it to the OS. The same effect is available to any program through the environment
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`); doing it here means every launcher gets it.
 

@@ -292,8 +292,9 @@ class Trainer:
         self._setup_logging()
         if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
             log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")
-        try:  # checks that need the world size: same clean exit as the other config errors
+        try:  # checks that need the world size or device: same clean exit as other config errors
             cfg.check_world(dist.world_size)
+            self.precision = resolve_precision(cfg.trainer.precision, dist.device.type)
         except ValueError as err:
             raise SystemExit(f"Config error: {err}") from None
 
@@ -324,7 +325,6 @@ class Trainer:
                 # Stored in every checkpoint from now on; only rank 0's copy is ever read back.
                 self.wandb_run_id = self.wandb.run_id
 
-        self.precision = resolve_precision(cfg.trainer.precision, dist.device.type)
         if self.precision == "bf16" and dist.device.type == "cpu" and not cpu_bf16_is_native():
             log.warning("trainer.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 "
                         "or AMX): they are emulated and slower than fp32; use trainer.precision=fp32")

@@ -107,6 +107,19 @@ def test_train_py_reports_config_errors_cleanly():
     assert "Traceback" not in proc.stderr
 
 
+def test_train_py_refuses_fp16_on_cpu_before_writing_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(["trainer.precision=fp16", f"run_dir={run_dir}"], check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "Config error: trainer.precision=fp16 needs a GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
+def test_bad_attn_impl_is_a_config_error():
+    with pytest.raises(Exception, match="attn_impl=.flash. must be one of"):  # OmegaConf wraps it
+        OmegaConf.to_object(_compose(["model.attn_impl=flash"]))
+
+
 def test_train_py_reports_missing_data_cleanly(tmp_path):
     """A data source that does not exist: one line naming data.path, no traceback, no output dir."""
     out = tmp_path / "prepared"

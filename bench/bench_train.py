@@ -24,8 +24,8 @@ trained with DeepSpeed (AutoEP for expert parallelism). Both run here in the sam
   alpha2 = 0.05, the paper's value for device groups, which HF does not implement).
 
 Warm-up: the first ~40 steps are a routing transient. At EP=2 with M=1, measured rank loads were
-90/10 (ours) and 67/33 (HF) around step 20, ours 52/48 by step 90; while one rank does most of
-the expert work, our EP=2 step was slower than our EP=1 step. A pretraining run spends 10^4+
+90/10 for ours around step 20 (52/48 by step 100) and 65/35 for HF around step 13; while one
+rank does most of the expert work, our EP=2 step was slower than our EP=1 step. A pretraining run spends 10^4+
 steps in the settled regime, so the default times steps 51-80, the same for both.
 
 Same-for-both settings: torch's fused AdamW, and the glibc allocator settings our trainer

@@ -16,6 +16,8 @@ bench/bench_moe_layer.py measured which is faster on CPU (see bench/README.md).
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,14 +43,6 @@ def gemm_row_multiple(x: torch.Tensor) -> int:
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return CPU_LOW_PRECISION_ROW_MULTIPLE
     return 1
-
-
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 class RoutedExperts(nn.ModuleList):
@@ -78,7 +72,7 @@ class RoutedExperts(nn.ModuleList):
         counts = counts_L.tolist()
         multiple = gemm_row_multiple(x_ND)
         padded = [-(-n // multiple) * multiple for n in counts]
-        ends, padded_ends = _cumsum(counts), _cumsum(padded)
+        ends, padded_ends = list(accumulate(counts)), list(accumulate(padded))
         # (start, end) in x_ND and (start, end) of the same expert's region in the padded buffer.
         bounds = [(e - n, e, pe - p, pe) for n, e, p, pe in zip(counts, ends, padded, padded_ends)]
         weights = ([e.gate_proj.weight for e in self] + [e.up_proj.weight for e in self]

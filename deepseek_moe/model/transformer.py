@@ -20,7 +20,6 @@ after `model.to_empty(device=...)` call `model.init_weights()`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -37,17 +36,42 @@ from deepseek_moe.model.rope import RotaryEmbedding
 IGNORE_INDEX = -100
 
 
-@dataclass
-class CausalLMOutput:
-    logits_BSV: torch.Tensor
-    loss: Optional[torch.Tensor] = None
-    """lm_loss + aux_loss; None without labels."""
-    lm_loss: Optional[torch.Tensor] = None
-    """Mean next-token cross-entropy over non-ignored labels; None without labels."""
-    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
-    """Sum of all alpha-scaled balance losses over layers (0 for a dense model)."""
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per kind ("expert_balance", "device_balance", "comm_balance", "z_loss"), summed over layers."""
+class CausalLMOutput(dict):
+    """The model's output: a dict with attribute access, like HF's `ModelOutput`.
+
+    NOTE: a dict, not a plain dataclass, because DeepSpeed attaches its backward prologue (which
+    clears the low-precision gradients between micro-batches under bf16 with fp32 gradient
+    accumulation) only to tensor/tuple/list/dict outputs; a dataclass output is invisible to it
+    and the gradients of earlier micro-batches are counted again.
+
+    Keys / attributes:
+    - `logits_BSV`;
+    - `loss`: lm_loss + aux_loss; None without labels;
+    - `lm_loss`: mean next-token cross-entropy over non-ignored labels; None without labels;
+    - `aux_loss`: sum of all alpha-scaled balance losses over layers (0 for a dense model);
+    - `aux_losses`: per kind ("expert_balance", "device_balance", "comm_balance", "z_loss"),
+      summed over layers.
+    """
+
+    _FIELDS = ("logits_BSV", "loss", "lm_loss", "aux_loss", "aux_losses")
+
+    def __init__(self, *, logits_BSV: torch.Tensor, loss: Optional[torch.Tensor] = None,
+                 lm_loss: Optional[torch.Tensor] = None, aux_loss: Optional[torch.Tensor] = None,
+                 aux_losses: Optional[dict[str, torch.Tensor]] = None) -> None:
+        super().__init__(logits_BSV=logits_BSV, loss=loss, lm_loss=lm_loss,
+                         aux_loss=torch.zeros(()) if aux_loss is None else aux_loss,
+                         aux_losses={} if aux_losses is None else aux_losses)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"CausalLMOutput has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self._FIELDS:
+            raise AttributeError(f"CausalLMOutput has no field {name!r}; fields: {self._FIELDS}")
+        self[name] = value
 
 
 class Block(nn.Module):

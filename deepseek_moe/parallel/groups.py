@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from deepseek_moe.errors import ConfigError
+
 __all__ = [
     "expert_group_name",
     "validate_ep_size",
@@ -54,6 +56,8 @@ def validate_ep_size(
     - `n_routed_experts % ep_size == 0` (every rank holds the same number of experts);
     - device-limited routing (`topk_groups < n_groups`) is about EP ranks, so the routing groups
       must map onto ranks: `n_groups % ep_size == 0` (each rank holds n_groups/ep_size groups).
+    - the device-level and communication balance losses (`device_aux_alpha`, `comm_aux_alpha`)
+      are about EP ranks: with ep_size > 1 they need `n_groups == ep_size` (ConfigError).
     - pass `zero_stage` and `grad_clip` too: DeepSpeed's ZeRO-0 fp32 clipping averages each
       rank's LOCAL grad norm, which under EP > 1 sees only that rank's experts, so the clip is
       wrong; ZeRO-1/2 count every expert once (tested), hence EP > 1 with clipping needs them.
@@ -75,6 +79,18 @@ def validate_ep_size(
         raise ValueError(
             f"model.moe.n_routed_experts={E} is not divisible by parallel.ep_size={ep_size}; "
             "every EP rank must hold the same number of experts"
+        )
+    balance = [k for k in ("device_aux_alpha", "comm_aux_alpha") if getattr(moe, k) > 0]
+    if ep_size > 1 and balance and moe.n_groups != ep_size:
+        # The device/communication losses balance load over the n_groups expert blocks; they
+        # balance the devices only when those blocks ARE the EP ranks. With other n_groups a
+        # routing that idles whole ranks can score as well as a balanced one.
+        keys = " and ".join(f"model.moe.{k}" for k in balance)
+        raise ConfigError(
+            f"{keys} balance load over model.moe.n_groups={moe.n_groups} expert groups, but "
+            f"parallel.ep_size={ep_size}: the groups must be the EP ranks. Set "
+            f"model.moe.n_groups={ep_size} (and model.moe.topk_groups <= {ep_size}), or set "
+            f"{' and '.join(f'model.moe.{k}=0' for k in balance)}"
         )
     if moe.topk_groups < moe.n_groups and moe.n_groups % ep_size != 0:
         raise ValueError(

@@ -59,8 +59,23 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_group_backend(device_type: str, cuda_backend: str = "nccl") -> str:
+    """The default process group's backend for a run on `device_type`.
+
+    On CUDA: "cpu:gloo,cuda:nccl", torch's own default when no backend is named. Every tensor
+    our code hands to a collective is on the run's device (NCCL), but a NCCL-only group has no
+    backend for CPU tensors ("No backend type associated with device type cpu"), so one CPU
+    collective anywhere (ours, DeepSpeed's, a future one) would crash the run; registering gloo
+    for CPU makes that class of bug impossible, at no cost to the CUDA path. Groups made later
+    with `new_group(ranks)` (DeepSpeed's EP/EDP groups) inherit the same pair. `cuda_backend`
+    exists for the CPU tests, which have no NCCL (see docs/design.md)."""
+    if device_type == "cuda":
+        return f"cpu:gloo,cuda:{cuda_backend}"
+    return "gloo"
+
+
 def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU).
+    """Initialise torch.distributed through DeepSpeed (see `process_group_backend`).
 
     Idempotent. For a plain `python train.py` the env vars are set to a 1-process world first."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -83,8 +98,7 @@ def init_distributed() -> DistInfo:
     import deepspeed  # slow import: keep it out of module import time
 
     if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=process_group_backend(device.type), auto_mpi_discovery=False, verbose=False)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -93,24 +107,58 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_max_flag(flag: bool) -> bool:
+# The helpers below take the run's device (`DistInfo.device`) and put every tensor they reduce
+# there: on a CUDA run that is the NCCL backend, the fast one, whatever else the group holds.
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is True on any rank (e.g. a signal seen by one process)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    if _world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
 
 
-def all_reduce_mean_dict(values: dict[str, float]) -> dict[str, float]:
-    """Mean of each float over ranks; every rank must pass the same keys in the same order."""
-    if not values or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return dict(values)
+def all_reduce_dict(values: dict[str, float | torch.Tensor], device: torch.device,
+                    op: str = "mean") -> dict[str, float]:
+    """Mean (op="mean") or sum (op="sum") of each value over ranks, as Python floats.
+
+    Values may be floats or 0-d tensors (device tensors stay on the device until the one read
+    at the end: one host sync for the whole dict). Every rank must pass the same keys."""
+    if op not in ("mean", "sum"):
+        raise ValueError(f"op={op!r} must be 'mean' or 'sum'")
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    t /= torch.distributed.get_world_size()
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(())
+                     for k in keys])
+    world = _world_size()
+    if world > 1:
+        torch.distributed.all_reduce(t)
+        if op == "mean":
+            t /= world
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_mean_dict(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Mean of each value over ranks (see `all_reduce_dict`)."""
+    return all_reduce_dict(values, device, op="mean")
+
+
+def reduce_sum_(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor becomes its sum over ranks, in ONE all-reduce (same dtype and
+    device for all; every rank passes the same shapes in the same order)."""
+    if _world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def main_print(*args, **kwargs) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from deepseek_moe.config.train import RunConfig
+from deepseek_moe.errors import ConfigError
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
@@ -43,7 +44,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, device_type: str) -> dict[s
     partitioning, precision and checkpoint files."""
     accum = cfg.grad_accum_steps(world_size)
     precision = resolve_precision(cfg.trainer.precision, device_type)
-    return {
+    ds: dict[str, Any] = {
         "train_batch_size": cfg.trainer.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
         "gradient_accumulation_steps": accum,
@@ -60,6 +61,26 @@ def build_ds_config(cfg: RunConfig, world_size: int, device_type: str) -> dict[s
         "steps_per_print": 2**31 - 1,  # we print our own progress
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        ds.update(_bf16_gradient_dtypes(cfg))
+    return ds
+
+
+def _bf16_gradient_dtypes(cfg: RunConfig) -> dict[str, Any]:
+    """fp32 gradient accumulation and (by default) fp32 gradient reduction for bf16 runs.
+
+    Without these DeepSpeed sums micro-batch gradients in bf16 and all-reduces them in bf16:
+    only the master weights are fp32, and each addition rounds to 8 mantissa bits, an error
+    that grows with the number of micro-batches. `grad_accum_dtype: fp32` selects DeepSpeed's
+    BF16_Optimizer at ZeRO-1 and fp32 accumulation buffers at ZeRO-2. ZeRO-0 has no fp32
+    accumulation path in DeepSpeed, hence the error."""
+    if cfg.parallel.zero_stage == 0:
+        raise ConfigError(
+            "trainer.precision=bf16 with parallel.zero_stage=0: DeepSpeed then accumulates "
+            "gradients in bf16 (precision loss that grows with accumulation); use "
+            "parallel.zero_stage=1 or 2, or trainer.precision=fp32")
+    return {"data_types": {"grad_accum_dtype": "fp32"},
+            "communication_data_type": cfg.parallel.grad_reduce_dtype}
 
 
 def peak_flops_per_device(device: torch.device, precision: str) -> float | None:

@@ -15,6 +15,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A different seed per rank, derived from the run's seed (for draws that must differ
+    between ranks, e.g. router noise, after the weights were built from `seed` everywhere)."""
+    return seed + 1_000_003 * (rank + 1)
+
+
 def get_rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}

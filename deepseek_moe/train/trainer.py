@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -27,14 +28,15 @@ import torch
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.train import RunConfig
+from deepseek_moe.errors import CheckpointError
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.distributed import (
-    all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print)
+    all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print, reduce_sum_)
 from deepseek_moe.train.ds_config import (build_ds_config, cpu_bf16_is_native, peak_flops_per_device,
                                          resolve_precision)
 from deepseek_moe.train.host_memory import keep_freed_host_memory
 from deepseek_moe.train.metrics import MetricsWriter, mfu
-from deepseek_moe.train.rng import get_rng_state, seed_everything, set_rng_state
+from deepseek_moe.train.rng import get_rng_state, rank_seed, seed_everything, set_rng_state
 from deepseek_moe.train.schedule import build_lr_scheduler
 from deepseek_moe.train.signals import PreemptionFlag
 
@@ -53,6 +55,19 @@ def check_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
         raise FloatingPointError(
             f"gradient norm is {grad_norm} at step {step}; the update made the weights unusable. "
             "Relaunch to resume from the last checkpoint, with a lower optim.lr")
+
+
+def check_parallel_layout(saved: dict[str, Any], *, ep_size: int, zero_stage: int, where: Path) -> None:
+    """Raise CheckpointError when `saved` (a rank's trainer state) was written with another
+    EP size or ZeRO stage: DeepSpeed's own error for that is a misleading parameter-alignment
+    failure. States written before these were recorded carry neither and pass."""
+    diffs = [f"parallel.{key}={saved[key]} (this launch: {now})"
+             for key, now in (("ep_size", ep_size), ("zero_stage", zero_stage))
+             if key in saved and saved[key] != now]
+    if diffs:
+        raise CheckpointError(
+            f"{where} was saved with {', '.join(diffs)}; resuming with a different layout is not "
+            "supported: relaunch with the saved values, or use a new run_dir")
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -102,7 +117,7 @@ class Trainer:
                 error = err
         # The collective doubles as the barrier, and a failure on rank 0 stops every rank
         # instead of leaving them waiting for a barrier that never comes.
-        if all_reduce_max_flag(error is not None):
+        if all_reduce_max_flag(error is not None, self.dist.device):
             if isinstance(error, (ValueError, FileNotFoundError)):
                 # a user error (missing source, bad column, vocab...): its message names the
                 # fix, so print it like a config error, without a traceback
@@ -144,9 +159,15 @@ class Trainer:
                                       fused=self.dist.device.type in ("cpu", "cuda"))
         scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.decay_steps)
         self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device.type)
+        if self.dist.is_main:  # exactly what the engine is given, for humans
+            ckpt.atomic_write_bytes(self.run_dir / "ds_config.json",
+                                    (json.dumps(self.ds_config, indent=2) + "\n").encode())
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        # The build seed was the same on every rank (same weights); from here on each rank draws
+        # its own random numbers (router noise), else every rank would add the same noise.
+        seed_everything(rank_seed(cfg.trainer.seed, self.dist.rank))
 
     def _build_loaders(self, meta) -> None:
         from deepseek_moe.data import build_eval_loader, build_train_loader
@@ -164,7 +185,8 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": get_rng_state(),
                 "loader": self.train_loader.state_dict(), "wandb_run_id": self.wandb_run_id,
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "ep_size": self.cfg.parallel.ep_size,
+                "zero_stage": self.cfg.parallel.zero_stage}
 
     def save_checkpoint(self) -> Path:
         tag = ckpt.tag_for_step(self.step)
@@ -198,12 +220,14 @@ class Trainer:
                 f"{tag_dir} has no trainer state for rank {self.dist.rank}: it was written by a run "
                 f"with a different number of processes. Relaunch with the same world size, or use a "
                 f"new run_dir")
+        state = torch.load(state_path, weights_only=False)
+        check_parallel_layout(state, ep_size=self.cfg.parallel.ep_size,
+                              zero_stage=self.cfg.parallel.zero_stage, where=tag_dir)
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
                                                    load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
-        state = torch.load(state_path, weights_only=False)
         if state["world_size"] != self.dist.world_size:
             raise RuntimeError(f"{tag_dir} was saved with world size {state['world_size']}, this launch "
                                f"has {self.dist.world_size}; relaunch with the same world size")
@@ -217,9 +241,12 @@ class Trainer:
 
     # ---- steps ------------------------------------------------------------------------------
     def _train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over `accum` micro-batches; returns rank-averaged metrics."""
+        """One optimizer step over `accum` micro-batches; returns rank-averaged metrics.
+
+        The loss parts are summed on the device and read once, after the all-reduce: no host
+        sync per micro-batch (on a GPU each read would stall the launch queue)."""
         engine, device = self.engine, self.dist.device
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         accum = engine.gradient_accumulation_steps()
         for _ in range(accum):
             batch = next(batches)
@@ -229,9 +256,10 @@ class Trainer:
             parts = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss}
             parts.update({f"aux/{k}": v for k, v in out.aux_losses.items()})
             for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / accum
+                part = value.detach().float() / accum
+                sums[key] = sums[key] + part if key in sums else part
         self._update_router_bias()
-        return all_reduce_mean_dict(sums)
+        return all_reduce_mean_dict(sums, device)
 
     def _update_router_bias(self) -> None:
         """V3 aux-free balancing: sum the loads every rank saw, then let each layer update."""
@@ -246,27 +274,34 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean LM loss over the fixed validation micro-batches (eval mode: no token dropping)."""
+        device = self.dist.device
         self.engine.eval()
-        total, n = 0.0, len(self.val_loader)  # the same n on every rank
+        total, n = torch.zeros((), device=device), len(self.val_loader)  # the same n on every rank
         for batch in self.val_loader:
-            out = self.engine(batch["input_ids"].to(self.dist.device), batch["labels"].to(self.dist.device))
-            total += float(out.lm_loss) / n
+            out = self.engine(batch["input_ids"].to(device), batch["labels"].to(device))
+            total += out.lm_loss.float() / n
         self.engine.train()
-        if hasattr(self.model, "router_metrics"):
-            self.model.router_metrics(reset=True)  # eval routing is not training statistics
-        return all_reduce_mean_dict({"val_loss": total})["val_loss"]
+        if self.cfg.model.moe is not None:  # eval routing and traffic are not training statistics
+            from deepseek_moe.parallel import ep_metrics
+
+            self.model.router_metrics(reset=True)
+            ep_metrics(self.model, reset=True)
+        return all_reduce_mean_dict({"val_loss": total}, device)["val_loss"]
 
     def _router_metrics(self) -> dict[str, float]:
         if self.cfg.model.moe is None:
             return {}
         from deepseek_moe.parallel import ep_metrics
 
+        # Router statistics of the GLOBAL batch: sum every rank's counts, then take the ratios
+        # (a mean of per-rank ratios would hide an expert that is hot on every rank at once).
+        reduce_sum_([t for layer in self.model.moe_layers()
+                     for t in (layer.stats.tokens_per_expert_E, layer.stats.counters)])
         values = self.model.router_metrics(reset=True)
-        values.update(ep_metrics(self.model, reset=True))  # all-to-all traffic (empty at EP=1)
-        values = all_reduce_mean_dict(values)
-        for key in values:  # bytes: total over ranks, the rest: mean over ranks
-            if key.endswith("a2a_bytes"):
-                values[key] *= self.dist.world_size
+        # all-to-all traffic (empty at EP=1): bytes total over ranks, ranks/token mean over ranks
+        traffic = all_reduce_mean_dict(ep_metrics(self.model, reset=True), self.dist.device)
+        for key, value in traffic.items():
+            values[key] = value * self.dist.world_size if key.endswith("a2a_bytes") else value
         return values
 
     # ---- main -------------------------------------------------------------------------------
@@ -295,6 +330,7 @@ class Trainer:
         try:  # checks that need the world size or device: same clean exit as other config errors
             cfg.check_world(dist.world_size)
             self.precision = resolve_precision(cfg.trainer.precision, dist.device.type)
+            build_ds_config(cfg, dist.world_size, dist.device.type)  # its checks, before any write
         except ValueError as err:
             raise SystemExit(f"Config error: {err}") from None
 
@@ -380,7 +416,7 @@ class Trainer:
                 self._log({"step": self.step, "val_loss": last_val})
                 main_print(f"step {self.step:>6} | val_loss {last_val:.4f}")
 
-            if all_reduce_max_flag(self.preempt.requested):
+            if all_reduce_max_flag(self.preempt.requested, self.dist.device):
                 stopped_by_signal = True
                 main_print(f"step {self.step}: stop requested by signal, saving and exiting")
                 break

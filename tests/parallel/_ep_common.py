@@ -14,9 +14,11 @@ B, S, V = 2, 8, 64
 
 
 def tiny_config(**moe_overrides) -> ModelConfig:
+    """Routing groups = the 2 EP ranks of the 2-process tests (the device/comm losses need
+    n_groups == ep_size); 4-rank EP tests override n_groups."""
     moe = dict(
         n_routed_experts=8, n_shared_experts=1, top_k=2, moe_intermediate_size=8,
-        n_groups=4, topk_groups=2, aux_loss_alpha=0.01, seq_aux=True, device_aux_alpha=0.01,
+        n_groups=2, topk_groups=1, aux_loss_alpha=0.01, seq_aux=True, device_aux_alpha=0.01,
         comm_aux_alpha=0.01, z_loss_coef=1e-3,
     )
     moe.update(moe_overrides)

@@ -50,7 +50,8 @@ def _check_against_reference(world, ep_size, moe_overrides=None, bias=None):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_equals_ep1_outputs_losses_grads(world):
-    results = _check_against_reference(world, ep_size=world)
+    results = _check_against_reference(world, ep_size=world,
+                                       moe_overrides=dict(n_groups=world, topk_groups=world // 2))
     # device-limited routing with M=2 groups of 2 experts: a token reaches at most 2 groups;
     # at EP=4 the groups ARE the ranks, so at most 2 ranks per token
     for res in results:

@@ -60,13 +60,13 @@ def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     Dropped copies (id -1) are excluded from both.
     """
     ids_N = ids_TK.reshape(-1)
-    kept = ids_N >= 0
     # Dropped copies get the sentinel id num_experts so a stable sort puts them last.
-    key_N = torch.where(kept, ids_N, torch.full_like(ids_N, num_experts))
+    key_N = torch.where(ids_N >= 0, ids_N, torch.full_like(ids_N, num_experts))
     order = torch.argsort(key_N, stable=True)
-    counts_E = torch.bincount(ids_N[kept], minlength=num_experts)
-    n_kept = int(counts_E.sum())
-    return order[:n_kept], counts_E
+    counts_E1 = torch.bincount(key_N, minlength=num_experts + 1)
+    # the one host read (no boolean indexing: on a GPU that would be a second sync)
+    n_kept = ids_N.numel() - int(counts_E1[num_experts])
+    return order[:n_kept], counts_E1[:num_experts]
 
 
 class _GatherRows(torch.autograd.Function):

@@ -14,7 +14,9 @@ and weights and sums them before sending ONE row back. Per MoE layer call:
 
 dispatch(x_TD, ids_TK, weights_TK):
 1. which EP ranks each token reaches; pair and copy counts per destination rank;
-2. exchange the counts (even all-to-all); one host sync (`.tolist()`) per layer; then the pairs:
+2. exchange the counts (even all-to-all): pairs per rank and copies per (rank, local expert),
+   so the receiver learns its experts' copy counts in the same exchange; one host sync
+   (`.tolist()`) per layer, and `counts_L` reaches the experts as a device tensor; then the pairs:
    for each destination rank w (ascending) the tokens t (ascending) that have an expert there,
    their copies' gates (`w_PK`, 0 for copies elsewhere) and local expert ids (`local_PK`, -1
    for copies elsewhere);
@@ -144,14 +146,19 @@ class AllToAllDispatcher:
         hit_TW = torch.zeros(T, W + 1, dtype=torch.bool, device=ids_TK.device)
         hit_TW.scatter_(1, dest_TK, True)
         hit_TW = hit_TW[:, :W]
-        # 2. pair and copy counts per rank; the one host sync of the layer. (No boolean
-        # indexing or nonzero elsewhere: on GPUs each of those would be another sync.)
+        # 2. pair counts per rank and copy counts per (rank, local expert); after the exchange
+        # this rank also knows its own experts' copy counts, so one host sync serves the whole
+        # layer and the experts get `counts_L` as a device tensor. (No boolean indexing or
+        # nonzero elsewhere: on GPUs each of those would be another sync.)
         send_W = hit_TW.sum(0)
-        copies_W = torch.bincount(dest_TK.reshape(-1), minlength=W + 1)[:W]
-        recv_W2 = exchange_counts(torch.stack([send_W, copies_W], dim=1).reshape(-1), self.group)
-        counts = torch.cat([send_W, copies_W, recv_W2]).tolist()
+        key_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, W * L))
+        copies_WL = torch.bincount(key_TK.reshape(-1), minlength=W * L + 1)[:W * L].view(W, L)
+        recv_W1L = exchange_counts(torch.cat([send_W.unsqueeze(1), copies_WL], dim=1).reshape(-1),
+                                   self.group).view(W, 1 + L)
+        counts_L = recv_W1L[:, 1:].sum(0)
+        counts = torch.cat([send_W, copies_WL.sum(1), recv_W1L[:, 0], recv_W1L[:, 1:].sum(1)]).tolist()
         send_splits, copies_sent = counts[:W], counts[W:2 * W]
-        recv_splits, copies_recv = counts[2 * W::2], counts[2 * W + 1::2]
+        recv_splits, copies_recv = counts[2 * W:3 * W], counts[3 * W:]
         # (destination rank, token) pairs sorted by rank then token: the first P positions of a
         # stable sort that puts the hits first
         flat_hit = hit_TW.t().reshape(-1)
@@ -177,7 +184,6 @@ class AllToAllDispatcher:
         # 4. expand received rows into copies, grouped by local expert (stable)
         local_N = local_RK.reshape(-1)
         key_N = torch.where(local_N >= 0, local_N, torch.full_like(local_N, L))
-        counts_L = torch.bincount(key_N, minlength=L + 1)[:L]
         copy_slot_N = torch.argsort(key_N, stable=True)[: sum(copies_recv)]
         x_ND = gather_rows(x_RD, torch.div(copy_slot_N, K, rounding_mode="floor"))
         w_N = w_RK.reshape(-1).index_select(0, copy_slot_N)

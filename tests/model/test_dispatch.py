@@ -45,3 +45,20 @@ def test_combine_gradients_reach_expert_outputs_and_gates():
     # d/dw[t,k] of sum_t sum_k w[t,k] x[t] = sum(x[t]); every copy row gets its gate as gradient.
     torch.testing.assert_close(w.grad, x.sum(1, keepdim=True).expand(5, 2))
     assert y_ND.grad.shape == y_ND.shape
+
+
+def test_local_dispatch_reads_the_host_once():
+    """One host read (the kept-copy count, needed for x_ND's size) and none in combine; on a GPU
+    each read is a sync. Dropped copies are still excluded."""
+    from tests.host_reads import count_host_reads
+
+    ids = torch.tensor([[2, 0], [1, -1], [2, 1]])
+    x, w = torch.randn(3, 4), torch.rand(3, 2)
+    d = LocalDispatcher()
+    with count_host_reads() as reads:
+        x_ND, counts, ctx = d.dispatch(x, ids, w, 4)
+    assert reads.ops == ["_local_scalar_dense"], reads.ops
+    assert counts.tolist() == [1, 2, 2, 0] and x_ND.shape == (5, 4)
+    with count_host_reads() as reads:
+        d.combine(x_ND, ctx)
+    assert reads.ops == []

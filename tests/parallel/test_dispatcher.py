@@ -11,6 +11,7 @@ import torch
 
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher, ids_fit_in
 from tests.distributed import run_distributed
+from tests.host_reads import count_host_reads
 
 D, K, E = 4, 2, 8
 
@@ -68,13 +69,15 @@ def _run(rank, world, packed_ids=True):
     A_local = A[rank * L:(rank + 1) * L].clone().requires_grad_(True)
     x = xs[rank].clone().requires_grad_(True)
     w = ws[rank].clone().requires_grad_(True)
-    x_ND, counts_L, ctx = disp.dispatch(x, ids[rank], w, E)
+    with count_host_reads() as reads:
+        x_ND, counts_L, ctx = disp.dispatch(x, ids[rank], w, E)
     chunks = torch.split(x_ND, counts_L.tolist())
     y_ND = torch.cat([c @ A_local[l] for l, c in enumerate(chunks)])  # every expert runs, even empty
-    y = disp.combine(y_ND, ctx)
+    with count_host_reads() as combine_reads:
+        y = disp.combine(y_ND, ctx)
     (y * gs[rank]).sum().backward()
     return {"y": y.detach(), "gx": x.grad, "gw": w.grad, "gA": A_local.grad, "counts": counts_L,
-            "stats": disp.pop_stats()}
+            "stats": disp.pop_stats(), "host_reads": reads.ops + combine_reads.ops}
 
 
 @pytest.mark.parametrize("world,packed_ids", [(2, True), (4, True), (2, False)])
@@ -93,6 +96,9 @@ def test_dispatch_combine_matches_loop_reference(world, packed_ids):
         expected_counts = torch.bincount(all_ids[all_ids >= 0], minlength=E)[r * L:(r + 1) * L]
         assert torch.equal(o["counts"], expected_counts)
         assert o["stats"]["a2a_calls"] == 1.0
+        # one host read per layer call: the receiver's per-expert counts came with the split
+        # sizes (counts_L stays a tensor), and combine reads nothing
+        assert o["host_reads"] == ["tolist"], o["host_reads"]
     if world == 4:
         assert out[3]["counts"].sum() == 0 and out[2]["y"].shape == (0, D)
     # hand count of the traffic: a token goes once to each rank holding one of its experts

@@ -2,7 +2,9 @@
 
     python train.py                                  # tiny model, python_stdlib data, 1 process
     python train.py model=deepseek_moe_2b optim=deepseek_step trainer=deepseek_2b
-    deepspeed --num_gpus 8 train.py model=deepseek_moe_2b parallel.ep_size=8
+    deepspeed --num_gpus 8 train.py model=deepseek_moe_2b optim=deepseek_step trainer=deepseek_2b
+    deepspeed --num_gpus 8 train.py model=deepseek_moe_16b parallel.ep_size=8 trainer.micro_batch_size=1 \
+        trainer.global_batch_size=512          # 64 experts, 8 per GPU (2B's 63 do not split by 8)
     torchrun --nproc_per_node 2 train.py parallel.ep_size=2
     sbatch launch/...                                # multi-node, see README "Multi-node on SLURM"
     python train.py --cfg job                        # print the composed config and exit

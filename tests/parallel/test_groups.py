@@ -1,6 +1,7 @@
 """EP / EDP group layout and ep_size validation."""
 
 import pytest
+import torch
 
 from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.parallel.groups import ensure_ep_groups, get_ep_rank, validate_ep_size
@@ -50,3 +51,34 @@ def test_validate_ep_size_ok():
     # no device limit (topk_groups == n_groups): n_groups need not map onto ranks
     validate_ep_size(4, 4, _moe(n_groups=1, topk_groups=1))
     validate_ep_size(1, 3, None)
+
+
+def test_device_and_comm_losses_need_groups_equal_to_ep_ranks():
+    from deepseek_moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.moe.device_aux_alpha and model.moe.comm_aux_alpha "
+                                          r".*n_groups=2.*ep_size=4.*Set model.moe.n_groups=4"):
+        validate_ep_size(4, 4, _moe(n_groups=2, device_aux_alpha=0.01, comm_aux_alpha=0.01))
+    validate_ep_size(4, 4, _moe(n_groups=4, topk_groups=2, device_aux_alpha=0.01, comm_aux_alpha=0.01))
+    validate_ep_size(4, 4, _moe(n_groups=2, topk_groups=2))  # no device-level loss, no limit
+    validate_ep_size(1, 4, _moe(n_groups=2, device_aux_alpha=0.01))  # no EP: groups are virtual
+
+
+def test_device_loss_over_virtual_groups_misses_idle_ranks():
+    """Why the groups must be the ranks. EP=4 over 8 experts (2 per rank); every token picks
+    experts 0 and 4 (ranks 0 and 2; ranks 1 and 3 idle), affinity 0.5 each. Hand computation:
+    f_0 = f_4 = E/(K T) * T = 4. Over 2 virtual groups of 4 experts: f' = (1, 1), P' = (0.5, 0.5)
+    -> 1.0, the balanced value. Over the 4 ranks: f' = (2, 0, 2, 0), P' = (0.5, 0, 0.5, 0) -> 2.0,
+    while a balanced routing scores 1.0 there too."""
+    from deepseek_moe.model.losses import device_balance_loss
+
+    T, E = 6, 8
+    probs = torch.zeros(T, E)
+    probs[:, [0, 4]] = 0.5
+    ids = torch.tensor([[0, 4]] * T)
+    assert device_balance_loss(probs_TE=probs, ids_TK=ids, n_groups=2, alpha=1.0).item() == pytest.approx(1.0)
+    assert device_balance_loss(probs_TE=probs, ids_TK=ids, n_groups=4, alpha=1.0).item() == pytest.approx(2.0)
+    balanced_ids = torch.tensor([[2 * t % E, (2 * t + 1) % E] for t in range(4)])  # every expert once
+    uniform = torch.full((4, E), 1 / E)
+    assert device_balance_loss(probs_TE=uniform, ids_TK=balanced_ids, n_groups=4,
+                               alpha=1.0).item() == pytest.approx(1.0)

@@ -1,19 +1,14 @@
 """Bad configuration fails at start with a message naming the key and the fix."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.train.cli import apply_cli_intent, register_schema, unknown_keys
-from tests.train.helpers import REPO, run_train
+from deepseek_moe.train.cli import apply_cli_intent, unknown_keys
+from tests.train.helpers import compose_config, run_train
 
-
-def _compose(overrides):
-    register_schema()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+_compose = compose_config
 
 
 def test_default_config_composes_to_run_config():
@@ -129,3 +124,42 @@ def test_train_py_reports_missing_data_cleanly(tmp_path):
     assert "Data error: data.path=" in proc.stderr and "matches no files" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() and not any(p.name.startswith(".prepared") for p in tmp_path.iterdir())
+
+
+def test_device_balance_loss_needs_groups_equal_to_ep_ranks():
+    """The 145B preset balances 4 groups; at EP=8 those are not the devices: refused, naming
+    the keys and the fix (check_world runs before the run directory is created)."""
+    overrides = ["model=deepseek_moe_145b", "trainer.micro_batch_size=1", "trainer.global_batch_size=8"]
+    cfg = OmegaConf.to_object(_compose(overrides + ["parallel.ep_size=8"]))
+    with pytest.raises(ValueError, match=r"model.moe.device_aux_alpha balance load over "
+                                         r"model.moe.n_groups=4 .* Set model.moe.n_groups=8"):
+        cfg.check_world(8)
+    OmegaConf.to_object(_compose(overrides + ["parallel.ep_size=8", "model.moe.n_groups=8",
+                                              "model.moe.topk_groups=8"])).check_world(8)
+    OmegaConf.to_object(_compose(overrides + ["parallel.ep_size=1"])).check_world(8)  # no EP: fine
+
+
+def test_train_py_refuses_bf16_zero0_before_writing_anything(tmp_path):
+    """DeepSpeed has no fp32 gradient accumulation at ZeRO-0."""
+    run_dir = tmp_path / "run"
+    proc = run_train(["trainer.precision=bf16", "parallel.zero_stage=0", f"run_dir={run_dir}"],
+                     check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "Config error: trainer.precision=bf16 with parallel.zero_stage=0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
+def test_train_py_docstring_launch_examples_pass_the_config_checks():
+    """Every `deepspeed --num_gpus N` / `torchrun --nproc_per_node N` example in train.py's
+    docstring composes and passes the checks that need the world size."""
+    import re
+
+    from tests.train.helpers import REPO
+
+    doc = (REPO / "train.py").read_text().split('"""')[1]
+    doc = doc.replace("\\\n", " ")  # continued lines
+    examples = re.findall(r"(?:--num_gpus|--nproc_per_node) (\d+) train\.py([^#\n]*)", doc)
+    assert len(examples) >= 3
+    for world, args in examples:
+        cfg = OmegaConf.to_object(_compose(args.split()))
+        cfg.check_world(int(world))

@@ -2,8 +2,16 @@
 
 Train lines carry `step`, `loss`, `lm_loss`, `aux_loss`, one key per aux loss
 (`aux/<name>`), `lr`, `grad_norm`, `tokens_per_s`, `mfu` (null when the device peak is unknown,
-e.g. on CPU) and the per-MoE-layer router metrics (`moe/layer{L}/load_imbalance`, ...). Eval
-lines carry `step` and `val_loss`. Every line is flushed as it is written.
+e.g. on CPU), `max_memory_gb` (peak GPU memory allocated by torch on rank 0 since the start;
+null on CPU) and the per-MoE-layer router metrics. Eval lines carry `step` and `val_loss`.
+Every line is flushed as it is written.
+
+Router metrics (`moe/layer{L}/<name>`) are GLOBAL-batch values: every rank's counts are summed
+before the ratio, so `load_imbalance` (max/mean tokens per expert), `max_expert_frac`,
+`min_expert_frac`, `router_entropy`, `dropped_frac`, `ranks_per_token` and `groups_per_token`
+describe the whole optimizer step. All-to-all metrics (under EP): `a2a_bytes` is the total over
+ranks; `a2a_ranks_per_token` is the mean of the ranks' values (each rank routes the same number
+of tokens, so this is the global mean too). Evaluation forwards count in neither.
 """
 
 from __future__ import annotations

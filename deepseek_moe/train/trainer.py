@@ -401,7 +401,9 @@ class Trainer:
             record = {"step": self.step, **values, "lr": lr,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens_per_s": tok_s, "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops_total),
-                      "tokens_seen": self.tokens_seen, "step_time_s": dt}
+                      "tokens_seen": self.tokens_seen, "step_time_s": dt,
+                      "max_memory_gb": (torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+                                        if self.dist.device.type == "cuda" else None)}
             record.update(self._router_metrics())
             self._log(record)
             check_finite(self.step, values["loss"], record["grad_norm"])

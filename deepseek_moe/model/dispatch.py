@@ -54,6 +54,15 @@ class LocalContext:
     """The router gates (fp32), applied in combine."""
 
 
+def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """int64 [size]: how often each value in [0, size) occurs in `ids` (every value must be in
+    range). Like `torch.bincount(ids, minlength=size)` without its host sync: on CUDA bincount
+    reads max (and min) of `ids` on the host to size its output; here the size is known."""
+    ids = ids.reshape(-1)
+    return torch.zeros(size, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.int64))
+
+
 def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order_N, counts_E): kept copy indices sorted stably by expert id, and copies per expert.
 
@@ -63,7 +72,7 @@ def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     # Dropped copies get the sentinel id num_experts so a stable sort puts them last.
     key_N = torch.where(ids_N >= 0, ids_N, torch.full_like(ids_N, num_experts))
     order = torch.argsort(key_N, stable=True)
-    counts_E1 = torch.bincount(key_N, minlength=num_experts + 1)
+    counts_E1 = count_ids(key_N, num_experts + 1)
     # the one host read (no boolean indexing: on a GPU that would be a second sync)
     n_kept = ids_N.numel() - int(counts_E1[num_experts])
     return order[:n_kept], counts_E1[:num_experts]

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from deepseek_moe.model.dispatch import count_ids
+
 
 def expert_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Selections per expert, [E] float (no gradient)."""
-    return torch.bincount(ids_TK.reshape(-1), minlength=num_experts).to(torch.float32)
+    return count_ids(ids_TK, num_experts).to(torch.float32)
 
 
 def expert_balance_loss(*, probs_TE: torch.Tensor, ids_TK: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 
 from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.model.buffers import KeepBufferDtype
+from deepseek_moe.model.dispatch import count_ids
 
 
 @dataclass
@@ -131,9 +132,7 @@ class Router(KeepBufferDtype):
         )
         if self.training and use_bias:
             with torch.no_grad():
-                self.pending_load_E += torch.bincount(
-                    ids_TK.flatten(), minlength=cfg.n_routed_experts
-                ).float()
+                self.pending_load_E += count_ids(ids_TK, cfg.n_routed_experts).float()
         return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from deepseek_moe.model.buffers import KeepBufferDtype
+from deepseek_moe.model.dispatch import count_ids
 
 
 class RouterStats(KeepBufferDtype):
@@ -36,7 +37,7 @@ class RouterStats(KeepBufferDtype):
         counts_E: selections per expert if the caller already has them (the layer does)."""
         T, E = probs_TE.shape
         if counts_E is None:
-            counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+            counts_E = count_ids(ids_TK, E)
         self.tokens_per_expert_E += counts_E.double()
         entropy = torch.special.entr(probs_TE.float()).sum()  # -sum p log p, 0 log 0 = 0
         groups = _distinct_blocks(ids_TK, E // self.n_groups, self.n_groups)

@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from deepseek_moe.model.dispatch import gather_rows
+from deepseek_moe.model.dispatch import count_ids, gather_rows
 from deepseek_moe.parallel.all_to_all import all_to_all, exchange_counts
 
 __all__ = ["AllToAllDispatcher", "EPContext", "ids_fit_in"]
@@ -152,7 +152,7 @@ class AllToAllDispatcher:
         # nonzero elsewhere: on GPUs each of those would be another sync.)
         send_W = hit_TW.sum(0)
         key_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, W * L))
-        copies_WL = torch.bincount(key_TK.reshape(-1), minlength=W * L + 1)[:W * L].view(W, L)
+        copies_WL = count_ids(key_TK, W * L + 1)[:W * L].view(W, L)
         recv_W1L = exchange_counts(torch.cat([send_W.unsqueeze(1), copies_WL], dim=1).reshape(-1),
                                    self.group).view(W, 1 + L)
         counts_L = recv_W1L[:, 1:].sum(0)

@@ -62,3 +62,11 @@ def test_local_dispatch_reads_the_host_once():
     with count_host_reads() as reads:
         d.combine(x_ND, ctx)
     assert reads.ops == []
+
+
+def test_count_ids_equals_bincount():
+    from deepseek_moe.model.dispatch import count_ids
+
+    ids = torch.tensor([[3, 0], [3, 5], [0, 0]])
+    assert torch.equal(count_ids(ids, 7), torch.bincount(ids.flatten(), minlength=7))
+    assert count_ids(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]

@@ -21,16 +21,16 @@ ACCUM = 4
 class _FakeEngine:
     """Stands in for the DeepSpeed engine: micro-batch m returns loss parts m + 1, 2 (m + 1)..."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, device: str = "cpu") -> None:
+        self.calls, self.device = 0, device
 
     def gradient_accumulation_steps(self) -> int:
         return ACCUM
 
     def __call__(self, input_ids, labels):
         self.calls += 1
-        m = torch.tensor(float(self.calls))
-        return CausalLMOutput(logits_BSV=torch.zeros(1, 1, 1), loss=3 * m, lm_loss=2 * m, aux_loss=m,
+        m = torch.tensor(float(self.calls), device=self.device)
+        return CausalLMOutput(logits_BSV=torch.zeros(1, 1, 1, device=self.device), loss=3 * m, lm_loss=2 * m, aux_loss=m,
                               aux_losses={"expert_balance": m})
 
     def backward(self, loss) -> None:

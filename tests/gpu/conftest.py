@@ -7,6 +7,7 @@ import pytest
 import torch
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m gpu` selects by marker
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -243,14 +243,15 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # local expert keys in the same order on every rank (same model, same local count)
     local_keys = [k for k in model.state_dict() if _LOCAL_KEY.match(k)]
     for key in local_keys:
-        tensor = model.state_dict()[key].detach().cpu().contiguous()
+        # gathered on the parameters' device (NCCL on GPUs), copied to CPU afterwards
+        tensor = model.state_dict()[key].detach().contiguous()
         gathered = [torch.empty_like(tensor) for _ in range(ep_size)] if me == 0 else None
         dist.gather(tensor, gathered, dst=dst, group=group)
         if me == 0:
             m = _LOCAL_KEY.match(key)
             L = model.get_submodule(m["layer"]).num_local_experts
             for r, t in enumerate(gathered):
-                out[f"{m['layer']}.experts.{r * L + int(m['l'])}.{m['rest']}"] = t
+                out[f"{m['layer']}.experts.{r * L + int(m['l'])}.{m['rest']}"] = t.cpu()
     return out
 
 

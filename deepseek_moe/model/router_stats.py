@@ -44,8 +44,9 @@ class RouterStats(KeepBufferDtype):
         ranks = _distinct_blocks(ids_TK, E // self.num_ranks, self.num_ranks)
         # No host sync: everything stays a tensor on the buffers' device.
         self.counters += torch.stack([
-            torch.tensor(float(T), device=entropy.device), entropy,
-            (~kept_TK).sum().float(), torch.tensor(float(ids_TK.numel()), device=entropy.device),
+            # torch.full, not torch.tensor: a blocking host-to-device copy would sync on CUDA
+            torch.full((), float(T), device=entropy.device), entropy,
+            (~kept_TK).sum().float(), torch.full((), float(ids_TK.numel()), device=entropy.device),
             groups, ranks,
         ]).to(self.counters)
 

@@ -119,7 +119,7 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is True on any rank (e.g. a signal seen by one process)."""
     if _world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.full((1,), int(flag), dtype=torch.int32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
 
@@ -135,7 +135,9 @@ def all_reduce_dict(values: dict[str, float | torch.Tensor], device: torch.devic
     if not values:
         return {}
     keys = sorted(values)
-    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(())
+    # torch.full for Python floats: torch.tensor(..., device="cuda") is a blocking copy (a sync)
+    t = torch.stack([values[k].to(device, torch.float64).reshape(()) if torch.is_tensor(values[k])
+                     else torch.full((), float(values[k]), dtype=torch.float64, device=device)
                      for k in keys])
     world = _world_size()
     if world > 1:
@@ -148,6 +150,15 @@ def all_reduce_dict(values: dict[str, float | torch.Tensor], device: torch.devic
 def all_reduce_mean_dict(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Mean of each value over ranks (see `all_reduce_dict`)."""
     return all_reduce_dict(values, device, op="mean")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without a host sync: a plain `.to("cuda")` from pageable memory waits for
+    the copy; from pinned memory with non_blocking it is queued like a kernel (torch's pinned
+    allocator keeps the buffer alive until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def reduce_sum_(tensors: list[torch.Tensor]) -> None:

@@ -31,7 +31,8 @@ from deepseek_moe.config.train import RunConfig
 from deepseek_moe.errors import CheckpointError
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.distributed import (
-    all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print, reduce_sum_)
+    all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print, reduce_sum_,
+    to_device)
 from deepseek_moe.train.ds_config import (build_ds_config, cpu_bf16_is_native, peak_flops_per_device,
                                          resolve_precision)
 from deepseek_moe.train.host_memory import keep_freed_host_memory
@@ -250,7 +251,7 @@ class Trainer:
         accum = engine.gradient_accumulation_steps()
         for _ in range(accum):
             batch = next(batches)
-            out = engine(batch["input_ids"].to(device), batch["labels"].to(device))
+            out = engine(to_device(batch["input_ids"], device), to_device(batch["labels"], device))
             engine.backward(out.loss)  # DeepSpeed scales by 1/accum
             engine.step()  # only updates at the accumulation boundary
             parts = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss}
@@ -278,7 +279,7 @@ class Trainer:
         self.engine.eval()
         total, n = torch.zeros((), device=device), len(self.val_loader)  # the same n on every rank
         for batch in self.val_loader:
-            out = self.engine(batch["input_ids"].to(device), batch["labels"].to(device))
+            out = self.engine(to_device(batch["input_ids"], device), to_device(batch["labels"], device))
             total += out.lm_loss.float() / n
         self.engine.train()
         if self.cfg.model.moe is not None:  # eval routing and traffic are not training statistics

@@ -60,7 +60,7 @@ def test_train_step_syncs_once_per_step():
                      "labels": torch.zeros(1, 1, dtype=torch.long)}] * ACCUM)
     with _count_syncs() as syncs:
         trainer._train_step(batches)
-    # the batches' host-to-device copies are not syncs; the one read of the summed losses is
+    # the batches go up pinned and non-blocking (no sync); the one read of the summed losses is
     assert len(syncs) == 1, syncs
 
 

@@ -29,7 +29,7 @@ class _FakeEngine:
 
     def __call__(self, input_ids, labels):
         self.calls += 1
-        m = torch.tensor(float(self.calls), device=self.device)
+        m = torch.full((), float(self.calls), device=self.device)
         return CausalLMOutput(logits_BSV=torch.zeros(1, 1, 1, device=self.device), loss=3 * m, lm_loss=2 * m, aux_loss=m,
                               aux_losses={"expert_balance": m})
 

@@ -4,7 +4,8 @@ NCCL has no CPU backend: on a NCCL-only group any collective on a CPU tensor rai
 type associated with device type cpu". A gloo group registered for the cuda device type only
 (`backend="cuda:gloo"`) rejects CPU tensors the same way, which lets a CPU machine reproduce
 that failure. The real Trainer (world 2, EP 2: data-preparation flag, per-step metrics,
-preemption flag, eval, router and all-to-all metrics, checkpoint save) then runs
+preemption flag, eval, router and all-to-all metrics, checkpoint save; then a relaunch with
+another EP size, which must stop at the layout check) then runs
 
 - under `cuda:gloo`, standing for the NCCL-only group the trainer used to create: it must fail
   (this is what shows the test can see the bug), and
@@ -55,6 +56,15 @@ def _fit(rank, world, overrides, backend):
         layer.stats.counters[0] = 3.0  # tokens
         layer.stats.counters[3] = 6.0  # copies
     out["router"] = trainer._router_metrics()
+    # relaunching with another EP size: stopped with what differs, before DeepSpeed's load
+    from deepseek_moe.errors import CheckpointError
+
+    try:
+        Trainer(OmegaConf.to_object(compose_config(overrides + ["parallel.ep_size=1",
+                                                                "trainer.max_steps=4"]))).fit()
+        out["resume_error"] = None
+    except CheckpointError as err:
+        out["resume_error"] = str(err)
     return out
 
 
@@ -103,3 +113,5 @@ def test_trainer_collectives_on_the_cuda_run_group(tiny_data, tmp_path):
     state = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer_state" / "rank00001.pt",
                        weights_only=False)
     assert (state["ep_size"], state["zero_stage"]) == (2, 1)
+    for r in results:
+        assert "was saved with parallel.ep_size=2 (this launch: 1)" in r["resume_error"]

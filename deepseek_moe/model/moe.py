@@ -13,7 +13,8 @@ Interface (stable; the EP helper and the trainer build on it):
   Empty dict if all are off. The model sums them over layers into `aux_loss`.
 - Submodules / state-dict keys (HF layout): `gate.weight` [E, D] (+ buffer
   `gate.e_score_correction_bias` [E]), `experts.<l>.{gate,up,down}_proj.weight` for the
-  L = E / ep_size LOCAL experts (l is local; global id = local_expert_offset + l),
+  L = E / ep_size LOCAL experts (l is local; global id = local_expert_offset + l; stored
+  stacked as `experts.gate_up_proj` / `experts.down_proj`, see experts.py),
   `shared_experts.{gate,up,down}_proj.weight` (one fused SwiGLU of width n_shared * H; absent
   when n_shared_experts = 0).
 - `self.dispatcher` (default `LocalDispatcher`) is the parallelism seam; see `dispatch.py`. For

@@ -29,6 +29,7 @@ from torch import nn
 
 from deepseek_moe.config.model import ModelConfig
 from deepseek_moe.model.attention import Attention
+from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.ffn import SwiGLU
 from deepseek_moe.model.moe import MoELayer
 from deepseek_moe.model.norm import RMSNorm
@@ -107,6 +108,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RoutedExperts):
+                nn.init.normal_(m.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(m.down_proj, mean=0.0, std=std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
             elif isinstance(m, RotaryEmbedding):

@@ -20,6 +20,8 @@ all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the co
   the logits and their log-softmax; with "full" checkpointing only each block's input is kept
   and one block at a time is recomputed. Validated against the saved tensors of real runs
   (tests/test_memory_plan.py) and peak RSS (bench/bench_memory.py).
+- logits_grad: the gradients of the log-softmax (fp32) and of the logits, alive together with
+  all activations when the backward starts (T x vocab each: the peak for large vocabularies).
 - all-to-all buffers: the dispatch send + receive buffers of one MoE layer (T*K rows of D), the
   largest transient of the exchange.
 - a2a bytes per step: rows leaving the rank (a fraction (P-1)/P of T*K under uniform routing;
@@ -67,7 +69,7 @@ def _block_saved_bytes(cfg: ModelConfig, layer: int, T: int, b: int, experts_imp
 def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str,
                      activation_checkpointing: str, experts_impl: str = "grouped_mm") -> int:
     """Bytes kept for backward at the end of one micro-batch's forward, plus the recompute of
-    one block with "full" checkpointing."""
+    one block (and its backward's gradients) with "full" checkpointing."""
     T = micro_batch * seq_len
     b = 2 if precision in ("bf16", "fp16") else _F32
     blocks = [_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers)]
@@ -75,7 +77,9 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precis
     # token ids, final norm, lm_head input, the logits the caller holds, fp32 log-softmax
     top = T * (_I64 + D * _F32 + _F32 + 2 * D * b + V * b + V * _F32)
     if activation_checkpointing == "full":
-        return top + cfg.num_layers * T * D * b + max(blocks)
+        # block inputs, plus the block being recomputed: its saved tensors and, while its
+        # backward runs, the gradients of its intermediates (about as large)
+        return top + cfg.num_layers * T * D * b + 2 * max(blocks)
     return top + sum(blocks)
 
 
@@ -108,13 +112,16 @@ def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero
                             activation_checkpointing=activation_checkpointing,
                             experts_impl=experts_impl)
     T = micro_batch * S
+    # the backward starts with the log-softmax's fp32 gradient and the logits' gradient alive
+    # next to all saved activations: the peak for large vocabularies
+    logits_grad = T * cfg.vocab_size * (_F32 + w)
     a2a_buffers = 2 * T * m.top_k * cfg.hidden_size * w if (m is not None and ep_size > 1) else 0
     passes = 3 if activation_checkpointing == "full" else 2  # fwd, bwd (+ recompute fwd)
     a2a_step = (0 if m is None else
                 int(2 * T * m.top_k * (ep_size - 1) / ep_size * cfg.hidden_size * w
                     * passes * cfg.num_moe_layers * grad_accum_steps))
     parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": acts,
-             "a2a_buffers": a2a_buffers}
+             "logits_grad": logits_grad, "a2a_buffers": a2a_buffers}
     total = sum(parts.values())
     out: dict[str, Any] = {
         "inputs": {"ep_size": ep_size, "world_size": world_size, "zero_stage": zero_stage,

@@ -59,6 +59,13 @@ def _grads(layer, x, y, gy):
     return torch.autograd.grad(y, params, gy, allow_unused=False)
 
 
+def _assert_grads_close(got, want):
+    """fp32: each gradient within 1e-4 relative, absolute floor 1e-6 of the tensor's scale
+    (per-token and batched sums round differently where entries cancel)."""
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()))
+
+
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_layer_matches_loop_reference(impl, groups):
@@ -70,8 +77,7 @@ def test_layer_matches_loop_reference(impl, groups):
     ref = reference_moe(layer, x.view(-1, D)).view_as(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     gy = torch.randn_like(y)
-    for a, b in zip(_grads(layer, x, y, gy), _grads(layer, x, ref, gy)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_grads_close(_grads(layer, x, y, gy), _grads(layer, x, ref, gy))
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
@@ -125,8 +131,7 @@ def test_capacity_dropping_matches_reference_and_reports(impl):
     ref = reference_moe(layer, x, capacity=cap)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     gy = torch.randn_like(y)
-    for a, b in zip(_grads(layer, x, y, gy), _grads(layer, x, ref, gy)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_grads_close(_grads(layer, x, y, gy), _grads(layer, x, ref, gy))
     dropped = layer.stats.compute_metrics()["dropped_frac"]
     assert dropped > 0
     # Eval never drops.

@@ -59,7 +59,7 @@ def _block_saved_bytes(cfg: ModelConfig, layer: int, T: int, b: int, experts_imp
     router = (D * _F32 if b != _F32 else 0) + E * _F32 + K * _I64  # fp32 input, scores, ids
     dispatch = K * _I64 + K * D * b  # source rows, gathered copies (the experts' input)
     # grouped: gate|up output, silu(gate), the product fed to down_proj.
-    # loop kernel: only gate|up (it recomputes the rest in backward).
+    # loop kernel: only gate and up (it recomputes the rest in backward).
     experts = K * 4 * Hx * b if experts_impl == "grouped_mm" else K * 2 * Hx * b
     combine = K * _I64 + 2 * K * D * b + K * b  # order, expert outputs, [T,K,D] for bmm, gates
     shared = 4 * m.n_shared_experts * Hx * b  # SwiGLU: gate, up, silu(gate), product

@@ -55,7 +55,7 @@ class _ExpertLoop(torch.autograd.Function):
     Why not plain autograd: with L experts autograd records ~10 nodes per expert, and the
     split/cat copies plus full-size elementwise passes dominated on CPU. Here each expert's
     matmuls write into preallocated buffers (`out=`) and its SwiGLU elementwise math runs on its
-    own slice right after. Backward saves only the (padded) input and the gate|up
+    own slice right after. Backward saves only the (padded) input and the gate and up
     pre-activations (the activation is recomputed per slice); weight gradients are written
     straight into the stacked gradient tensors.
     Inputs: x_ND, bounds (python list of (start, end, padded_start, padded_end) per expert),
@@ -70,25 +70,28 @@ class _ExpertLoop(torch.autograd.Function):
         padded = _is_padded(bounds, x_ND.shape[0])
         x_PD = _to_padded(x_ND, bounds) if padded else x_ND.contiguous()
         P, H = x_PD.shape[0], down_LDH.shape[-1]
-        gu_P2H = x_PD.new_empty(P, 2 * H)
+        # separate contiguous gate and up buffers: the elementwise math and the backward's
+        # matmuls then run on dense rows (slices of one [P, 2H] buffer would be strided)
+        g_PH = x_PD.new_empty(P, H)
+        u_PH = x_PD.new_empty(P, H)
         y_PD = x_PD.new_empty(P, x_PD.shape[1])
         for l, (_, _, s, e) in enumerate(bounds):
             if e > s:
-                torch.mm(x_PD[s:e], gate_up_L2HD[l].t(), out=gu_P2H[s:e])
-                g, u = gu_P2H[s:e, :H], gu_P2H[s:e, H:]
-                torch.mm(F.silu(g).mul_(u), down_LDH[l].t(), out=y_PD[s:e])
+                x = x_PD[s:e]
+                torch.mm(x, gate_up_L2HD[l, :H].t(), out=g_PH[s:e])
+                torch.mm(x, gate_up_L2HD[l, H:].t(), out=u_PH[s:e])
+                torch.mm(F.silu(g_PH[s:e]).mul_(u_PH[s:e]), down_LDH[l].t(), out=y_PD[s:e])
         ctx.bounds, ctx.padded = bounds, padded
-        ctx.save_for_backward(x_PD, gu_P2H, gate_up_L2HD, down_LDH)
+        ctx.save_for_backward(x_PD, g_PH, u_PH, gate_up_L2HD, down_LDH)
         return _from_padded(y_PD, bounds, x_ND.shape[0]) if padded else y_PD
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_PD, gu_P2H, gate_up_L2HD, down_LDH = ctx.saved_tensors
+        x_PD, g_PH, u_PH, gate_up_L2HD, down_LDH = ctx.saved_tensors
         bounds, padded = ctx.bounds, ctx.padded
         H = down_LDH.shape[-1]
         dy_PD = _to_padded(dy_ND, bounds) if padded else dy_ND.contiguous()
         dx_PD = torch.empty_like(x_PD)
-        dgu_P2H = torch.empty_like(gu_P2H)
         d_gate_up = torch.empty_like(gate_up_L2HD)
         d_down = torch.empty_like(down_LDH)
         for l, (_, _, s, e) in enumerate(bounds):
@@ -96,15 +99,17 @@ class _ExpertLoop(torch.autograd.Function):
                 d_gate_up[l].zero_()
                 d_down[l].zero_()
                 continue
-            x, dy = x_PD[s:e], dy_PD[s:e]
-            g, u = gu_P2H[s:e, :H], gu_P2H[s:e, H:]
+            x, g, u, dy = x_PD[s:e], g_PH[s:e], u_PH[s:e], dy_PD[s:e]
+            w_gate, w_up = gate_up_L2HD[l, :H], gate_up_L2HD[l, H:]
             silu = F.silu(g)
             torch.mm(dy.t(), silu * u, out=d_down[l])          # [D, H]
             da = torch.mm(dy, down_LDH[l])                     # [n, H]
-            torch.mul(da, silu, out=dgu_P2H[s:e, H:])          # d up
-            dgu_P2H[s:e, :H] = torch.ops.aten.silu_backward(da.mul_(u), g)  # da * u * silu'(g)
-            torch.mm(dgu_P2H[s:e].t(), x, out=d_gate_up[l])    # [2H, D]
-            torch.mm(dgu_P2H[s:e], gate_up_L2HD[l], out=dx_PD[s:e])
+            du = da * silu
+            dg = torch.ops.aten.silu_backward(da.mul_(u), g)   # da * u * silu'(g)
+            torch.mm(dg.t(), x, out=d_gate_up[l, :H])
+            torch.mm(du.t(), x, out=d_gate_up[l, H:])
+            torch.mm(dg, w_gate, out=dx_PD[s:e])
+            dx_PD[s:e].addmm_(du, w_up)
         dx_ND = _from_padded(dx_PD, bounds, dy_ND.shape[0]) if padded else dx_PD
         return dx_ND, None, d_gate_up, d_down
 

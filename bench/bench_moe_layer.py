@@ -1,10 +1,16 @@
-"""Benchmark: one MoE layer forward+backward, ours vs HF transformers vs DeepSpeed, CPU fp32.
+"""Benchmark: one MoE layer forward+backward, ours vs HF transformers vs DeepSpeed, on CPU.
 
-    python bench/bench_moe_layer.py                 # the issue's shape, all implementations
+    python bench/bench_moe_layer.py                 # hidden 512 shape, all implementations
     python bench/bench_moe_layer.py --tokens 1024 --iters 3 --impls ours_loop,hf_grouped_mm
+    python bench/bench_moe_layer.py --shape 16b --dtype bf16 --no-memory \
+        --impls ours_loop,ours_grouped_mm,hf_grouped_mm,matmul   # the 16B layer
     python bench/bench_moe_layer.py --tiny-step     # training step of the tiny preset
 
-Shape (issue 2): hidden 512, expert width 352, 64 routed experts top-6, 1 shared expert,
+`--shape 16b`: the DeepSeekMoE 16B layer (hidden 2048, 64 routed experts of width 1408, top-6,
+2 shared), 4096 tokens. `--dtype bf16` runs every implementation in bf16 (weights and
+activations; the router stays fp32 inside ours).
+
+Default shape: hidden 512, expert width 352, 64 routed experts top-6, 1 shared expert,
 4096 tokens, fp32. Implementations, each timed in its OWN subprocess (so peak RSS is per
 implementation) with identical weights copied from our layer:
 - ours_loop / ours_grouped_mm: `MoELayer` (dropless) with either experts path.
@@ -37,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing the package
-_SHAPE_ARGS = ("tokens", "hidden", "expert_width", "experts", "top_k", "threads")
+_SHAPE_ARGS = ("tokens", "hidden", "expert_width", "experts", "top_k", "shared", "dtype", "threads")
 IMPLS = ["ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
 
 
@@ -60,14 +66,20 @@ def _our_layer(args, impl: str):
     from deepseek_moe.model.moe import MoELayer
 
     torch.manual_seed(0)
-    cfg = MoEConfig(n_routed_experts=args.experts, n_shared_experts=1, top_k=args.top_k,
+    cfg = MoEConfig(n_routed_experts=args.experts, n_shared_experts=args.shared, top_k=args.top_k,
                     moe_intermediate_size=args.expert_width, aux_loss_alpha=0.001,
                     experts_impl=impl)
     layer = MoELayer(args.hidden, cfg)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.02)
-    return layer
+    return layer.to(_dtype(args))
+
+
+def _dtype(args):
+    import torch
+
+    return torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
 
 def _build(args, impl: str):
@@ -92,11 +104,12 @@ def _build(args, impl: str):
 
         hf_cfg = transformers.DeepseekV2Config(
             hidden_size=args.hidden, moe_intermediate_size=args.expert_width,
-            n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_shared_experts=1,
+            n_routed_experts=args.experts, num_experts_per_tok=args.top_k,
+            n_shared_experts=args.shared,
             n_group=1, topk_group=1, topk_method="greedy", routed_scaling_factor=1.0,
             hidden_act="silu", num_attention_heads=4, num_key_value_heads=4)
         hf_cfg._experts_implementation = "grouped_mm"
-        layer = DeepseekV2Moe(hf_cfg).float()
+        layer = DeepseekV2Moe(hf_cfg).to(_dtype(args))
         copy_moe_weights_to_hf(ours, layer)
         del ours
 
@@ -120,13 +133,17 @@ def _build(args, impl: str):
                   ep_size=1, k=args.top_k, capacity_factor=1.0, eval_capacity_factor=1.0,
                   drop_tokens=True)
         moe.set_deepspeed_parallelism()
-        shared = SwiGLU(args.hidden, args.expert_width)
+        shared = SwiGLU(args.hidden, args.shared * args.expert_width)
         with torch.no_grad():
             moe.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
-            for e, ex in enumerate(ours.experts):
-                moe.deepspeed_moe.experts.deepspeed_experts[e].load_state_dict(ex.state_dict())
+            for e, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+                for proj, w in zip(("gate_proj", "up_proj", "down_proj"),
+                                   ours.experts.expert_weights(e)):
+                    getattr(expert, proj).weight.copy_(w)
             shared.load_state_dict(ours.shared_experts.state_dict())
         del ours
+        moe.to(_dtype(args))
+        shared.to(_dtype(args))
         moe.train()
 
         def step(x, gy):
@@ -136,11 +153,12 @@ def _build(args, impl: str):
         return step, torch.nn.ModuleList([moe, shared])
 
     if impl == "matmul":
-        F = 3 * args.expert_width * (args.top_k + 1) + args.experts
-        w = torch.nn.Parameter(torch.randn(args.hidden, F) * 0.02)
+        F = 3 * args.expert_width * (args.top_k + args.shared) + args.experts
+        w = torch.nn.Parameter(torch.randn(args.hidden, F, dtype=_dtype(args)) * 0.02)
+        gy_F = torch.ones(args.tokens, F, dtype=_dtype(args))
 
         def step(x, gy):
-            (x @ w).backward(torch.ones(x.shape[0], F))
+            (x @ w).backward(gy_F)
         return step, torch.nn.ParameterList([w])
 
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
@@ -158,8 +176,8 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
-    gy = torch.randn(args.tokens, args.hidden)
+    x = torch.randn(args.tokens, args.hidden, dtype=_dtype(args), requires_grad=True)
+    gy = torch.randn(args.tokens, args.hidden, dtype=_dtype(args))
     base = _rss_mb()
     step, module = _build(args, args.worker)
     for _ in range(2):
@@ -175,8 +193,8 @@ def time_all(args, impls: list[str]) -> dict[str, list[float]]:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
-    gy = torch.randn(args.tokens, args.hidden)
+    x = torch.randn(args.tokens, args.hidden, dtype=_dtype(args), requires_grad=True)
+    gy = torch.randn(args.tokens, args.hidden, dtype=_dtype(args))
     built = {impl: _build(args, impl) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for i in range(args.warmup + args.iters):
@@ -226,6 +244,9 @@ def main() -> None:
     p.add_argument("--expert-width", type=int, default=352)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--shared", type=int, default=1, help="shared experts")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--shape", choices=("16b",), help="preset shape (overrides the sizes)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -235,6 +256,8 @@ def main() -> None:
                    help="instead: time a training step of the deepseek_moe_tiny preset")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.shape == "16b":
+        args.hidden, args.expert_width, args.experts, args.top_k, args.shared = 2048, 1408, 64, 6, 2
     if args.worker:
         worker(args)
         return
@@ -259,8 +282,8 @@ def main() -> None:
     sec = {impl: statistics.median(t) for impl, t in times.items()}
     best = {impl: min(t) for impl, t in times.items()}
     T = args.tokens
-    print(f"MoE layer fwd+bwd, fp32, T={T} D={args.hidden} H={args.expert_width} "
-          f"E={args.experts} K={args.top_k} +1 shared, {args.threads} threads, "
+    print(f"MoE layer fwd+bwd, {args.dtype}, T={T} D={args.hidden} H={args.expert_width} "
+          f"E={args.experts} K={args.top_k} +{args.shared} shared, {args.threads} threads, "
           f"{args.iters} round-robin steps: median / best (best = least disturbed on a shared machine)")
     ref = "ours_loop" if "ours_loop" in sec else next(iter(sec))
     print(f"| impl | ms/step median / best | tokens/s median / best | {ref} speedup median / best "

@@ -2,11 +2,18 @@
 
     python -m deepseek_moe.summary model=deepseek_moe_16b
     python -m deepseek_moe.summary model=deepseek_moe_tiny model.moe.top_k=2 seq_len=128
+    python -m deepseek_moe.summary model=deepseek_moe_16b world_size=64 ep_size=8 \
+        zero_stage=1 micro_batch=1 seq_len=4096 precision=bf16 activation_checkpointing=full
 
 `model=NAME` selects `conf/model/NAME.yaml` (or a path to a yaml); `model.<field>=value`
-overrides fields; `seq_len=` sets the sequence length for FLOPs (default max_seq_len). The
-model is built on the meta device, so even the 145B preset answers in seconds; the parameter
-count is taken from the built model and cross-checked against `ModelConfig.num_params()`.
+overrides fields; `seq_len=` sets the sequence length for FLOPs and memory (default
+max_seq_len). The model is built on the meta device, so even the 145B preset answers in
+seconds; the parameter count is taken from the built model and cross-checked against
+`ModelConfig.num_params()`.
+
+`memory_plan` (per GPU; see deepseek_moe/memory_plan.py for what is counted) uses
+`ep_size` (1), `world_size` (= ep_size), `zero_stage` (1), `micro_batch` (1), `precision`
+(bf16), `activation_checkpointing` (none) and `grad_accum_steps` (1).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import torch
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.memory_plan import memory_plan
 
+_PLAN_INT_ARGS = ("ep_size", "world_size", "zero_stage", "micro_batch", "grad_accum_steps")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 
@@ -40,7 +49,9 @@ def load_model_config(name: str, overrides: Sequence[str] = ()) -> ModelConfig:
     return cfg
 
 
-def summarize(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
+def summarize(cfg: ModelConfig, seq_len: int | None = None,
+              plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`plan`: keyword arguments of `memory_plan` (seq_len comes from `seq_len`)."""
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
     with torch.device("meta"):
@@ -63,6 +74,9 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
         "num_dense_layers": layers.count("dense"),
         "num_moe_layers": layers.count("moe"),
     }
+    plan = dict(plan or {})
+    plan.setdefault("world_size", plan.get("ep_size", 1))
+    out["memory_plan"] = memory_plan(cfg, seq_len=S, **plan)
     if cfg.moe is not None:
         m = cfg.moe
         out["experts"] = {
@@ -74,7 +88,7 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
-    name, seq_len, overrides = None, None, []
+    name, seq_len, overrides, plan = None, None, [], {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
@@ -85,11 +99,17 @@ def main(argv: Sequence[str]) -> None:
             seq_len = int(value)
         elif key.startswith("model."):
             overrides.append(f"{key[len('model.'):]}={value}")
+        elif key in _PLAN_INT_ARGS:
+            plan[key] = int(value)
+        elif key in ("precision", "activation_checkpointing"):
+            plan[key] = value
         else:
-            raise SystemExit(f"unknown argument {key!r}: use model=NAME, model.<field>=V, seq_len=N")
+            raise SystemExit(f"unknown argument {key!r}: use model=NAME, model.<field>=V, seq_len=N, "
+                             f"{'=N, '.join(_PLAN_INT_ARGS)}=N, precision=bf16|fp32, "
+                             "activation_checkpointing=none|full")
     if name is None:
         raise SystemExit("usage: python -m deepseek_moe.summary model=NAME [model.<field>=V] [seq_len=N]")
-    print(json.dumps(summarize(load_model_config(name, overrides), seq_len)))
+    print(json.dumps(summarize(load_model_config(name, overrides), seq_len, plan)))
 
 
 if __name__ == "__main__":

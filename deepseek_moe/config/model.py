@@ -59,9 +59,10 @@ class MoEConfig:
     optimizer step by `b -= gamma * sign(load - mean_load)`. 0 = off."""
     router_noise_std: float = 0.0
     """Std of Gaussian noise added to router logits in training (noisy gating, V-MoE). 0 = off."""
-    experts_impl: str = "loop"
-    """Routed expert compute: "loop" (one matmul chain per contiguous expert slice) or
-    "grouped_mm" (torch.nn.functional.grouped_mm on weights stacked per call)."""
+    experts_impl: str = "auto"
+    """Routed expert compute on the stacked expert weights: "grouped_mm" (one grouped GEMM per
+    projection, no per-expert loop, no host sync: the CUDA path), "loop" (a per-expert loop
+    tuned for CPU, deepseek_moe/model/kernels/) or "auto" (grouped_mm on CUDA, loop on CPU)."""
 
     def __post_init__(self) -> None:
         E, K = self.n_routed_experts, self.top_k
@@ -94,9 +95,9 @@ class MoEConfig:
             raise ValueError(
                 f"moe.scoring_func={self.scoring_func!r} is not one of {_SCORING_FUNCS}."
             )
-        if self.experts_impl not in ("loop", "grouped_mm"):
+        if self.experts_impl not in ("auto", "grouped_mm", "loop"):
             raise ValueError(
-                f"moe.experts_impl={self.experts_impl!r} must be 'loop' or 'grouped_mm'."
+                f"moe.experts_impl={self.experts_impl!r} must be 'auto', 'grouped_mm' or 'loop'."
             )
         for name in ("aux_loss_alpha", "device_aux_alpha", "comm_aux_alpha", "z_loss_coef",
                      "bias_update_rate", "router_noise_std"):

@@ -22,6 +22,7 @@ from deepseek_moe.config.model import ModelConfig
 
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ACTIVATION_CHECKPOINTING = ("none", "full")
 LOGGER_KINDS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -146,6 +147,10 @@ class TrainerConfig:
     max_steps_per_launch: Optional[int] = None
     """Stop (save, exit 0) after this many steps in one launch; relaunch to continue. For
     wall-clock-limited allocations. None = run to max_steps."""
+    activation_checkpointing: str = "none"
+    """"none" or "full": keep only each transformer block's input in the forward and recompute
+    the block in backward (about one extra forward of compute for much less activation memory;
+    `python -m deepseek_moe.summary` shows the memory either way)."""
     reuse_host_memory: bool = True
     """Keep freed host memory in the process for reuse (glibc mallopt: large CPU tensors stop
     page-faulting every step; +12% tokens/s on CPU); the process then holds up to 1 GB of freed
@@ -159,6 +164,8 @@ class TrainerConfig:
         _check_positive("trainer.eval_batches", self.eval_batches)
         _check_positive("trainer.log_every", self.log_every)
         _check_choice("trainer.precision", self.precision, PRECISIONS)
+        _check_choice("trainer.activation_checkpointing", self.activation_checkpointing,
+                      ACTIVATION_CHECKPOINTING)
         if self.seq_len is not None:
             _check_positive("trainer.seq_len", self.seq_len)
         if self.max_steps_per_launch is not None:

@@ -1,62 +1,96 @@
-"""Routed experts: per-expert SwiGLU parameters, computed on token copies sorted by expert.
+"""Routed experts: one layer's L local SwiGLU experts, stored stacked, computed grouped.
 
-Shapes: N token copies (sorted by expert), D model dim, H expert hidden, L local experts.
+Shapes: N token copies (grouped by local expert), D model dim, H expert hidden, L local experts.
 
-`RoutedExperts` IS the `nn.ModuleList` of experts, so the state-dict keys are the HF layout
-`experts.<i>.{gate,up,down}_proj.weight` (and DeepSpeed can split experts by parameter name).
-Two compute paths, identical math:
-- "loop" (default): per expert, gate/up/down matmuls and the SwiGLU on its contiguous slice of
-  x_ND, written into preallocated buffers, inside one autograd Function with a hand-written
-  backward (see `_ExpertLoop`). Every expert parameter is an input of that Function, so every expert gets a
-  gradient (zeros when it received no tokens).
-- "grouped_mm": `torch.nn.functional.grouped_mm` over weights stacked at each call (the stack
-  is a copy of all expert weights per forward; its gradient is split back by autograd).
-bench/bench_moe_layer.py measured which is faster on CPU (see bench/README.md).
+Parameters (the layout of HF transformers 5.x `DeepseekV2Experts`):
+- `gate_up_proj` [L, 2H, D]: expert l's gate rows `[l, :H]`, then its up rows `[l, H:]`;
+- `down_proj` [L, D, H].
+
+The PUBLIC layout stays per expert: `state_dict()` yields `{l}.gate_proj.weight` [H, D],
+`{l}.up_proj.weight` [H, D] and `{l}.down_proj.weight` [D, H] (views of the stacks), and
+`load_state_dict()` accepts those keys (or the stacked ones) and stacks them back. So every
+checkpoint, the DeepSpeed expert files and the consolidated HF dict are unchanged by the
+storage; docs/design.md explains why this seam was chosen over DeepSpeed's AutoEP format.
+
+Compute (`impl`, from `moe.experts_impl`):
+- "grouped_mm": one grouped GEMM per projection (`grouped_mm(x_ND, W^T, offs)` with the group
+  ends `offs` built on the device from counts_L): the number of ops does not grow with L and
+  nothing waits for the host. The default on CUDA.
+- "loop": a per-expert loop tuned for CPU (`deepseek_moe/model/kernels/expert_loop.py`).
+- "auto": "grouped_mm" on CUDA, "loop" on CPU (measured faster there, see bench/README.md).
+Both compute the same function; every expert gets a gradient (zeros when it had no tokens).
 """
 
 from __future__ import annotations
 
-from itertools import accumulate
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepseek_moe.model.ffn import SwiGLU
+EXPERTS_IMPLS = ("auto", "grouped_mm", "loop")
+PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 
-# Rows per expert are rounded up to this multiple for bf16/fp16 matmuls on CPU (see
-# `gemm_row_multiple`).
-CPU_LOW_PRECISION_ROW_MULTIPLE = 32
-
-
-def gemm_row_multiple(x: torch.Tensor) -> int:
-    """Row count granularity for the per-expert matmuls on x's device and dtype.
-
-    NOTE: on CPU, bf16/fp16 matmuls go through oneDNN, which JIT-compiles a kernel per distinct
-    shape. Token counts per expert change every step, so unpadded slices made almost every
-    expert matmul a new shape: measured 270 us per [~512, 256] x [256, 128] bf16 call instead
-    of 75 us (oneDNN primitive creation was ~16% of a bf16 training step). Rounding each
-    expert's rows up to a multiple of 32 (zero rows, < 3% extra FLOPs at this size) keeps the
-    shapes in oneDNN's cache. fp32 on CPU uses MKL sgemm (no per-shape JIT) and CUDA uses cuBLAS,
-    so both compute the exact rows.
-    """
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        return CPU_LOW_PRECISION_ROW_MULTIPLE
-    return 1
+# torch.nn.functional.grouped_mm is public from torch 2.9 on; older builds only have the private
+# op (same signature). None: no grouped GEMM at all, the loop kernel is used instead.
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-class RoutedExperts(nn.ModuleList):
-    def __init__(self, num_experts: int, dim: int, hidden: int, impl: str = "loop") -> None:
-        super().__init__([SwiGLU(dim, hidden) for _ in range(num_experts)])
-        if impl not in ("loop", "grouped_mm"):
-            raise ValueError(f"experts impl={impl!r} must be 'loop' or 'grouped_mm'.")
+def resolve_impl(impl: str, device: torch.device, aligned: bool = True) -> str:
+    """The compute path actually run for `impl` on `device` ("grouped_mm" or "loop").
+    `aligned`: both widths are multiples of 8, as grouped_mm requires."""
+    if impl == "auto":
+        impl = "grouped_mm" if device.type == "cuda" and aligned else "loop"
+    if impl == "grouped_mm" and _grouped_mm is None:
+        return "loop"  # fallback: this torch build has no grouped GEMM
+    return impl
+
+
+def per_expert_tensors(gate_up_L2HD: torch.Tensor, down_LDH: torch.Tensor,
+                       first: int = 0) -> dict[str, torch.Tensor]:
+    """Stacked tensors (weights or their gradients) -> `{e}.{gate,up,down}_proj.weight` views,
+    e = first + l. The single definition of the per-expert key format."""
+    H = down_LDH.shape[-1]
+    out: dict[str, torch.Tensor] = {}
+    for l in range(down_LDH.shape[0]):
+        e = first + l
+        out[f"{e}.gate_proj.weight"] = gate_up_L2HD[l, :H]
+        out[f"{e}.up_proj.weight"] = gate_up_L2HD[l, H:]
+        out[f"{e}.down_proj.weight"] = down_LDH[l]
+    return out
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, num_experts: int, dim: int, hidden: int, impl: str = "auto") -> None:
+        super().__init__()
+        if impl not in EXPERTS_IMPLS:
+            raise ValueError(f"experts impl={impl!r} must be one of {EXPERTS_IMPLS}.")
         if impl == "grouped_mm" and (dim % 8 or hidden % 8):
             # NOTE: grouped_mm needs 16-byte aligned strides (8 elements covers fp32 and bf16).
             raise ValueError(
                 f"experts_impl='grouped_mm' needs hidden_size ({dim}) and moe_intermediate_size "
                 f"({hidden}) divisible by 8: change the widths or use experts_impl='loop'."
             )
-        self.impl = impl
+        self.impl, self.dim, self.hidden = impl, dim, hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.register_state_dict_post_hook(_split_state_dict)
+        self.register_load_state_dict_pre_hook(_stack_state_dict)
+
+    def __len__(self) -> int:
+        return self.down_proj.shape[0]
+
+    def expert_weights(self, l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [H, D], up [H, D], down [D, H]) of local expert l: views of the stacks."""
+        H = self.hidden
+        return self.gate_up_proj[l, :H], self.gate_up_proj[l, H:], self.down_proj[l]
+
+    @torch.no_grad()
+    def keep_experts(self, start: int, stop: int) -> None:
+        """Keep only local experts [start, stop) (expert parallelism slices a full layer)."""
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj[start:stop].clone())
+        self.down_proj = nn.Parameter(self.down_proj[start:stop].clone())
 
     def forward(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         """x_ND grouped contiguously by local expert (counts_L rows each) -> y_ND, same order."""
@@ -64,116 +98,24 @@ class RoutedExperts(nn.ModuleList):
             raise ValueError(
                 f"counts_L has {counts_L.numel()} entries but this rank holds {len(self)} experts."
             )
-        if self.impl == "grouped_mm":
-            return self._grouped_mm(x_ND, counts_L)
-        return self._loop(x_ND, counts_L)
-
-    def _loop(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        counts = counts_L.tolist()
-        multiple = gemm_row_multiple(x_ND)
-        padded = [-(-n // multiple) * multiple for n in counts]
-        ends, padded_ends = list(accumulate(counts)), list(accumulate(padded))
-        # (start, end) in x_ND and (start, end) of the same expert's region in the padded buffer.
-        bounds = [(e - n, e, pe - p, pe) for n, e, p, pe in zip(counts, ends, padded, padded_ends)]
-        weights = ([e.gate_proj.weight for e in self] + [e.up_proj.weight for e in self]
-                   + [e.down_proj.weight for e in self])
-        return _ExpertLoop.apply(x_ND, bounds, *weights)
-
-    def _grouped_mm(self, x_ND: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
-        offs = torch.cumsum(counts_L, dim=0).to(device=x_ND.device, dtype=torch.int32)
-        # Stacked [L, D, 2H] (gate | up) and [L, H, D]: grouped_mm wants (groups, in, out).
-        w_gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
-        w_down = torch.stack([e.down_proj.weight for e in self])
-        h_N2H = F.grouped_mm(x_ND, w_gu.transpose(-2, -1), offs=offs)
-        g_NH, u_NH = h_N2H.chunk(2, dim=-1)
-        return _GradContiguous.apply(
-            F.grouped_mm(F.silu(g_NH) * u_NH, w_down.transpose(-2, -1), offs=offs)
-        )
+        if resolve_impl(self.impl, x_ND.device, self.dim % 8 == 0 and self.hidden % 8 == 0) == "loop":
+            from deepseek_moe.model.kernels.expert_loop import expert_loop
+            return expert_loop(x_ND, counts_L, self.gate_up_proj, self.down_proj)
+        return grouped_swiglu(x_ND, counts_L, self.gate_up_proj, self.down_proj)
 
 
-class _ExpertLoop(torch.autograd.Function):
-    """SwiGLU over contiguous per-expert slices with a hand-written backward.
+def grouped_swiglu(x_ND: torch.Tensor, counts_L: torch.Tensor, gate_up_L2HD: torch.Tensor,
+                   down_LDH: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each row with its expert's weights: two grouped GEMMs, no host sync.
 
-    Why not plain autograd: with E experts autograd records ~10 nodes per expert, and the
-    split/cat copies plus full-size elementwise passes dominated on CPU. Here each expert's
-    matmuls write into preallocated buffers (`out=`) and its SwiGLU elementwise math runs on its
-    own slice right after, while the slice is still in cache. Backward saves only the (padded)
-    input and the gate/up pre-activations (the activation is recomputed per slice).
-    Inputs: x_ND, bounds (python list of (start, end, padded_start, padded_end) per expert),
-    then the L gate, L up and L down weights. When the padded regions are larger than the
-    expert's rows (see `gemm_row_multiple`), the matmuls run on a zero-padded copy x_PD: the zero
-    rows give zero activations and contribute nothing to any gradient. Experts with an empty
-    slice get zero weight gradients.
+    grouped_mm multiplies rows [offs[l-1], offs[l]) of x by mat2[l], mat2 as (groups, in, out):
+    the transposed views of the [out, in] stacks. The cumsum stays on x's device.
     """
-
-    @staticmethod
-    def forward(ctx, x_ND, bounds, *weights):
-        L = len(bounds)
-        w_gate, w_up, w_down = weights[:L], weights[L:2 * L], weights[2 * L:]
-        padded = _is_padded(bounds, x_ND.shape[0])
-        x_PD = _to_padded(x_ND, bounds) if padded else x_ND
-        P, H = x_PD.shape[0], w_gate[0].shape[0]
-        g_PH = x_PD.new_empty(P, H)
-        u_PH = x_PD.new_empty(P, H)
-        y_PD = x_PD.new_empty(P, x_PD.shape[1])
-        for (_, _, s, e), wg, wu, wd in zip(bounds, w_gate, w_up, w_down):
-            if e > s:
-                x = x_PD[s:e]
-                torch.mm(x, wg.t(), out=g_PH[s:e])
-                torch.mm(x, wu.t(), out=u_PH[s:e])
-                torch.mm(F.silu(g_PH[s:e]).mul_(u_PH[s:e]), wd.t(), out=y_PD[s:e])
-        ctx.bounds, ctx.padded = bounds, padded
-        ctx.save_for_backward(x_PD, g_PH, u_PH, *weights)
-        return _from_padded(y_PD, bounds, x_ND.shape[0]) if padded else y_PD
-
-    @staticmethod
-    def backward(ctx, dy_ND):
-        x_PD, g_PH, u_PH, *weights = ctx.saved_tensors
-        bounds, padded = ctx.bounds, ctx.padded
-        L = len(bounds)
-        w_gate, w_up, w_down = weights[:L], weights[L:2 * L], weights[2 * L:]
-        dy_PD = _to_padded(dy_ND, bounds) if padded else dy_ND.contiguous()
-        dx_PD = torch.empty_like(x_PD)
-        d_gate, d_up, d_down = [], [], []
-        for (_, _, s, e), wg, wu, wd in zip(bounds, w_gate, w_up, w_down):
-            if e == s:
-                d_gate.append(torch.zeros_like(wg))
-                d_up.append(torch.zeros_like(wu))
-                d_down.append(torch.zeros_like(wd))
-                continue
-            x, g, u, dy = x_PD[s:e], g_PH[s:e], u_PH[s:e], dy_PD[s:e]
-            silu = F.silu(g)
-            d_down.append(torch.mm(dy.t(), silu * u))          # [D, H]
-            da = torch.mm(dy, wd)                              # [n, H]
-            du = da * silu
-            dg = torch.ops.aten.silu_backward(da.mul_(u), g)   # da * u * silu'(g)
-            d_gate.append(torch.mm(dg.t(), x))
-            d_up.append(torch.mm(du.t(), x))
-            torch.mm(dg, wg, out=dx_PD[s:e])
-            dx_PD[s:e].addmm_(du, wu)
-        dx_ND = _from_padded(dx_PD, bounds, dy_ND.shape[0]) if padded else dx_PD
-        return (dx_ND, None, *d_gate, *d_up, *d_down)
-
-
-def _is_padded(bounds, num_rows: int) -> bool:
-    return bool(bounds) and bounds[-1][3] != num_rows
-
-
-def _to_padded(x_ND: torch.Tensor, bounds) -> torch.Tensor:
-    """Rows of each expert copied to its padded region; padding rows are zero. -> x_PD"""
-    x_ND = x_ND.contiguous()
-    x_PD = x_ND.new_zeros(bounds[-1][3], x_ND.shape[1])
-    for s, e, ps, _ in bounds:
-        x_PD[ps:ps + e - s].copy_(x_ND[s:e])
-    return x_PD
-
-
-def _from_padded(y_PD: torch.Tensor, bounds, num_rows: int) -> torch.Tensor:
-    """Inverse of `_to_padded`: drop the padding rows. -> y_ND"""
-    y_ND = y_PD.new_empty(num_rows, y_PD.shape[1])
-    for s, e, ps, _ in bounds:
-        y_ND[s:e].copy_(y_PD[ps:ps + e - s])
-    return y_ND
+    offs_L = torch.cumsum(counts_L.to(device=x_ND.device), dim=0).to(torch.int32)
+    h_N2H = _grouped_mm(x_ND, gate_up_L2HD.transpose(-2, -1), offs=offs_L)
+    g_NH, u_NH = h_N2H.chunk(2, dim=-1)
+    y_ND = _grouped_mm(F.silu(g_NH) * u_NH, down_LDH.transpose(-2, -1), offs=offs_L)
+    return _GradContiguous.apply(y_ND)
 
 
 class _GradContiguous(torch.autograd.Function):
@@ -190,3 +132,43 @@ class _GradContiguous(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+# ---- the per-expert public layout -------------------------------------------------------------
+
+def _split_state_dict(module: RoutedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: replace the two stacks by per-expert views (no copy)."""
+    gate_up = state_dict.pop(prefix + "gate_up_proj")
+    down = state_dict.pop(prefix + "down_proj")
+    for key, tensor in per_expert_tensors(gate_up, down).items():
+        state_dict[prefix + key] = tensor
+
+
+def _stack_state_dict(module: RoutedExperts, state_dict: dict, prefix: str, local_metadata,
+                      strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: stack per-expert tensors into `gate_up_proj` / `down_proj`.
+
+    If any expert key is absent the stacks are not built, so the load reports the stacked key
+    as missing (strict) or leaves the weights untouched (non-strict)."""
+    if prefix + "gate_up_proj" in state_dict:
+        return
+    L = len(module)
+    keys = [[prefix + f"{l}.{name}.weight" for name in PROJ_NAMES] for l in range(L)]
+    if not all(k in state_dict for row in keys for k in row):
+        return
+    rows = [[state_dict.pop(k) for k in row] for row in keys]
+    state_dict[prefix + "gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u, _ in rows])
+    state_dict[prefix + "down_proj"] = torch.stack([d for _, _, d in rows])
+
+
+def stacked_to_per_expert(state_dict: dict[str, torch.Tensor], first: Optional[dict[str, int]] = None
+                          ) -> dict[str, torch.Tensor]:
+    """Any dict keyed like `named_parameters()` (e.g. gradients) with `<m>.gate_up_proj` /
+    `<m>.down_proj` stacks -> the per-expert keys `<m>.{e}.<proj>.weight`, e = first[m] + l."""
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(".gate_up_proj")]:
+        module = key[: -len(".gate_up_proj")]
+        gate_up, down = out.pop(key), out.pop(module + ".down_proj")
+        offset = (first or {}).get(module, 0)
+        out.update({f"{module}.{k}": v for k, v in per_expert_tensors(gate_up, down, offset).items()})
+    return out

@@ -4,8 +4,8 @@ Used by the parity tests (our layer must equal HF `DeepseekV2Moe` / `DeepseekV3M
 weights) and by the MoE-layer benchmark (both compute on identical weights).
 
 HF transformers 5.x stores routed experts fused and stacked: `experts.gate_up_proj` [E, 2H, D]
-(gate rows first, then up) and `experts.down_proj` [E, D, H]; ours are per-expert
-`experts.<e>.{gate,up,down}_proj.weight` ([H, D], [H, D], [D, H]).
+(gate rows first, then up) and `experts.down_proj` [E, D, H]: the same stacks as our
+`RoutedExperts` parameters.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ def copy_moe_weights_to_hf(ours: nn.Module, hf_moe: nn.Module) -> None:
     hf_moe.gate.weight.copy_(ours.gate.weight)
     if hasattr(hf_moe.gate, "e_score_correction_bias"):
         hf_moe.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
-    for e, expert in enumerate(ours.experts):
-        hf_moe.experts.gate_up_proj[e].copy_(
-            torch.cat([expert.gate_proj.weight, expert.up_proj.weight]))
-        hf_moe.experts.down_proj[e].copy_(expert.down_proj.weight)
+    hf_moe.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
+    hf_moe.experts.down_proj.copy_(ours.experts.down_proj)
     if ours.shared_experts is not None:
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(hf_moe.shared_experts, name).weight.copy_(

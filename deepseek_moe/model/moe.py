@@ -13,7 +13,8 @@ Interface (stable; the EP helper and the trainer build on it):
   Empty dict if all are off. The model sums them over layers into `aux_loss`.
 - Submodules / state-dict keys (HF layout): `gate.weight` [E, D] (+ buffer
   `gate.e_score_correction_bias` [E]), `experts.<l>.{gate,up,down}_proj.weight` for the
-  L = E / ep_size LOCAL experts (l is local; global id = local_expert_offset + l),
+  L = E / ep_size LOCAL experts (l is local; global id = local_expert_offset + l; stored
+  stacked as `experts.gate_up_proj` / `experts.down_proj`, see experts.py),
   `shared_experts.{gate,up,down}_proj.weight` (one fused SwiGLU of width n_shared * H; absent
   when n_shared_experts = 0).
 - `self.dispatcher` (default `LocalDispatcher`) is the parallelism seam; see `dispatch.py`. For
@@ -105,8 +106,13 @@ class MoELayer(nn.Module):
         self.last_counts_E: Optional[torch.Tensor] = None
         self.last_probs_mean_E: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x_BSD (or x_TD) -> (y of the same shape, alpha-scaled aux losses)."""
+    def forward(self, x: torch.Tensor, replay: bool = False
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x_BSD (or x_TD) -> (y of the same shape, alpha-scaled aux losses).
+
+        `replay=True` (the backward recompute under activation checkpointing) computes the same
+        outputs but records nothing: statistics, bias loads and last counts were recorded by
+        the first forward."""
         cfg, E = self.cfg, self.num_experts
         if self.num_local_experts != E and isinstance(self.dispatcher, LocalDispatcher):
             raise RuntimeError(
@@ -118,7 +124,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
 
-        r = self.gate(x_TD)
+        r = self.gate(x_TD, record_load=not replay)
         ids_TK = r.ids_TK
         kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
         if cfg.capacity_factor is not None and self.training:
@@ -138,6 +144,8 @@ class MoELayer(nn.Module):
         if cfg.scoring_func == "sigmoid":  # V3: normalise sigmoid affinities for the losses
             probs_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
         aux = self._aux_losses(r.logits_TE, probs_TE, r.ids_TK, B, S)
+        if replay:
+            return y_TD.view(shape), aux
         with torch.no_grad():
             self.last_counts_E = losses.expert_counts(r.ids_TK, E)
             self.last_probs_mean_E = probs_TE.mean(dim=0).detach()

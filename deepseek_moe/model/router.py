@@ -112,7 +112,9 @@ class Router(KeepBufferDtype):
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("pending_load_E", torch.zeros(E, dtype=torch.float32), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, record_load: bool = True) -> RouterOutput:
+        """`record_load=False`: do not add this call's selections to `pending_load_E` (a
+        recompute of an already counted forward)."""
         cfg = self.cfg
         # NOTE: router math in fp32 (softmax over many experts and top-k ties are precision
         # sensitive), whatever the activation dtype.
@@ -130,7 +132,7 @@ class Router(KeepBufferDtype):
             routed_scaling_factor=cfg.routed_scaling_factor,
             bias_E=self.e_score_correction_bias if use_bias else None,
         )
-        if self.training and use_bias:
+        if self.training and use_bias and record_load:
             with torch.no_grad():
                 self.pending_load_E += count_ids(ids_TK, cfg.n_routed_experts).float()
         return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)

@@ -16,6 +16,9 @@ MoE, see moe.py), `model.norm.weight`, `lm_head.weight` (absent from parameters 
 
 Build big presets without memory: `with torch.device("meta"): DeepSeekMoEForCausalLM(cfg)`;
 after `model.to_empty(device=...)` call `model.init_weights()`.
+
+Activation checkpointing: `model.activation_checkpointing = "full"` keeps only each block's
+input during a training forward and recomputes the block in backward (see `_checkpointed`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.config.train import ACTIVATION_CHECKPOINTING
 from deepseek_moe.model.attention import Attention
+from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.ffn import SwiGLU
 from deepseek_moe.model.moe import MoELayer
 from deepseek_moe.model.norm import RMSNorm
@@ -90,11 +96,13 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x_BSD: torch.Tensor, replay: bool = False
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`replay`: this is the backward recompute of a checkpointed block (see `_checkpointed`)."""
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD))
         h_BSD = self.post_attention_layernorm(x_BSD)
         if isinstance(self.mlp, MoELayer):
-            y_BSD, aux = self.mlp(h_BSD)
+            y_BSD, aux = self.mlp(h_BSD, replay=replay)
         else:
             y_BSD, aux = self.mlp(h_BSD), {}
         return x_BSD + y_BSD, aux
@@ -115,6 +123,8 @@ class DeepSeekMoEForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, *, ep_rank: int = 0, ep_size: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = "none"
+        """"none" or "full" (recompute every block in backward); set by the trainer."""
         self.model = DeepSeekMoEModel(cfg, ep_rank, ep_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -131,6 +141,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RoutedExperts):
+                nn.init.normal_(m.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(m.down_proj, mean=0.0, std=std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
             elif isinstance(m, RotaryEmbedding):
@@ -150,8 +163,13 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 ) -> CausalLMOutput:
         x_BSD = self.model.embed_tokens(input_ids_BS)
         aux_losses: dict[str, torch.Tensor] = {}
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r} must be "
+                             f"one of {ACTIVATION_CHECKPOINTING}")
+        recompute = (self.activation_checkpointing == "full" and self.training
+                     and torch.is_grad_enabled())
         for block in self.model.layers:
-            x_BSD, aux = block(x_BSD)
+            x_BSD, aux = _checkpointed(block, x_BSD) if recompute else block(x_BSD)
             for name, value in aux.items():
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
         logits_BSV = self.lm_head(self.model.norm(x_BSD))
@@ -182,6 +200,27 @@ class DeepSeekMoEForCausalLM(nn.Module):
             for name, value in layer.stats.compute_metrics(reset=reset).items():
                 out[f"moe/layer{layer.layer_idx}/{name}"] = value
         return out
+
+
+def _checkpointed(block: Block, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """block(x_BSD), keeping only x_BSD for backward; the block runs again inside backward.
+
+    The recompute must compute exactly the first forward, or the saved shapes (and under expert
+    parallelism the all-to-all splits every rank agreed on) would differ:
+    - RNG (router noise): `preserve_rng_state` restores the CPU and input-device generators.
+    - Routing is then a deterministic function of the same inputs and weights.
+    - Side effects (router statistics, V3 bias loads, the layer's last counts) happen once:
+      the second call runs with replay=True. Every rank recomputes its blocks in the same
+      (reverse) order in its own backward, so the all-to-alls pair up as in the forward.
+    """
+    calls = 0
+
+    def run(x: torch.Tensor):
+        nonlocal calls
+        calls += 1
+        return block(x, replay=calls > 1)
+
+    return checkpoint(run, x_BSD, use_reentrant=False, preserve_rng_state=True)
 
 
 def lm_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

@@ -20,17 +20,21 @@
 How DeepSpeed is made to treat our layers as MoE (see docs/design.md for why this route):
 the engine recognises MoE by `isinstance(module, deepspeed.moe.layer.MoE)` and finds expert
 parameters by `param.allreduce == False` + `param.group_name`, and its checkpoint code splits
-expert files by the name pattern `.deepspeed_moe.experts.deepspeed_experts.<i>.`. So
-`parallelize_moe` replaces each `MoELayer.experts` (a `RoutedExperts` ModuleList holding only
-this rank's experts) with a `DeepSpeedExperts` wrapper: a subclass of DeepSpeed's `MoE` that does
+expert files by the STATE-DICT key pattern `.deepspeed_moe.experts.deepspeed_experts.<i>.`.
+`RoutedExperts` stores its experts stacked (`gate_up_proj` [L, 2H, D], `down_proj` [L, D, H])
+but its `state_dict()` / `load_state_dict()` speak the per-expert keys `<l>.<proj>.weight`, so
+that pattern (and our consolidation) sees one expert per index as before. So
+`parallelize_moe` replaces each `MoELayer.experts` (a `RoutedExperts` holding only this rank's
+experts) with a `DeepSpeedExperts` wrapper: a subclass of DeepSpeed's `MoE` that does
 NOT run `MoE.__init__` (no GShard gate, no capacity buffers) and holds the same `RoutedExperts`
 at `deepspeed_moe.experts.deepspeed_experts`. Its forward is our grouped expert compute; the
 router and the all-to-all dispatcher stay in `MoELayer`. Only the routed experts live under the
 wrapper: DeepSpeed treats every state-dict key containing "expert" under an MoE module as an
 expert parameter, so the shared experts and the gate must stay outside it (they do).
 
-Resulting keys: `model.layers.{L}.mlp.experts.deepspeed_moe.experts.deepspeed_experts.{l}.
-{gate,up,down}_proj.weight` with LOCAL l; `consolidated_state_dict` maps them back to the HF
+Resulting state-dict keys: `model.layers.{L}.mlp.experts.deepspeed_moe.experts.deepspeed_experts.
+{l}.{gate,up,down}_proj.weight` with LOCAL l (the parameters themselves are the two stacks
+`...deepspeed_experts.{gate_up_proj,down_proj}`); `consolidated_state_dict` maps them back to the HF
 layout `model.layers.{L}.mlp.experts.{e}...` with GLOBAL e = ep_rank * L + l.
 
 Scaling note: `parallelize_moe` slices a full model, so every rank builds all experts once
@@ -72,8 +76,8 @@ _DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 class DeepSpeedExperts(_DeepSpeedMoE):
     """This rank's routed experts, dressed as a DeepSpeed MoE module (see module docstring).
 
-    `forward(x_ND, counts_L) -> y_ND` is `RoutedExperts.forward`. Indexing / len / iteration go
-    to the wrapped `RoutedExperts` so code that walks `layer.experts` keeps working.
+    `forward(x_ND, counts_L) -> y_ND` is `RoutedExperts.forward`; `len()` and
+    `expert_weights(l)` go to the wrapped `RoutedExperts`.
     """
 
     def __init__(self, experts: RoutedExperts, *, num_experts: int, ep_size: int) -> None:
@@ -112,11 +116,16 @@ class DeepSpeedExperts(_DeepSpeedMoE):
     def __len__(self) -> int:
         return len(self.local_experts)
 
-    def __iter__(self) -> Iterator[nn.Module]:
-        return iter(self.local_experts)
+    def expert_weights(self, l: int):
+        return self.local_experts.expert_weights(l)
 
-    def __getitem__(self, i):
-        return self.local_experts[i]
+    @property
+    def gate_up_proj(self) -> nn.Parameter:
+        return self.local_experts.gate_up_proj
+
+    @property
+    def down_proj(self) -> nn.Parameter:
+        return self.local_experts.down_proj
 
 
 def _moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
@@ -163,8 +172,7 @@ def parallelize_moe(model: nn.Module, ep_size: int) -> nn.Module:
         if isinstance(experts, DeepSpeedExperts):
             raise ValueError(f"parallelize_moe: layer {name} is already parallelized")
         if len(experts) == E:
-            del experts[(ep_rank + 1) * L:]
-            del experts[: ep_rank * L]
+            experts.keep_experts(ep_rank * L, (ep_rank + 1) * L)
         elif len(experts) != L or layer.local_expert_offset != ep_rank * L:
             raise ValueError(
                 f"parallelize_moe: layer {name} holds {len(experts)} experts from offset "
@@ -241,10 +249,11 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     dst = dist.get_global_rank(group, 0)
     out: dict[str, torch.Tensor] = {} if me != 0 else dict(local)
     # local expert keys in the same order on every rank (same model, same local count)
-    local_keys = [k for k in model.state_dict() if _LOCAL_KEY.match(k)]
+    state = model.state_dict()
+    local_keys = [k for k in state if _LOCAL_KEY.match(k)]
     for key in local_keys:
         # gathered on the parameters' device (NCCL on GPUs), copied to CPU afterwards
-        tensor = model.state_dict()[key].detach().contiguous()
+        tensor = state[key].detach().contiguous()
         gathered = [torch.empty_like(tensor) for _ in range(ep_size)] if me == 0 else None
         dist.gather(tensor, gathered, dst=dst, group=group)
         if me == 0:

@@ -147,6 +147,7 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same init on every rank, whatever the EP size
         model = DeepSeekMoEForCausalLM(cfg.model)
+        model.activation_checkpointing = cfg.trainer.activation_checkpointing
         if cfg.model.moe is not None:
             model = parallelize_moe(model, cfg.parallel.ep_size)
         self.model = model

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.model.moe import MoELayer, capacity_mask
@@ -46,13 +47,23 @@ def reference_moe(layer: MoELayer, x_TD: torch.Tensor, capacity=None) -> torch.T
            else torch.zeros(x_TD.shape[1]) for t in range(x_TD.shape[0])]
     for t, k, e, _ in copies:
         gate = probs[t, e] * cfg.routed_scaling_factor
-        out[t] = out[t] + gate * layer.experts[e](x_TD[t:t + 1])[0]
+        w_gate, w_up, w_down = layer.experts.expert_weights(e)
+        x = x_TD[t:t + 1]
+        y = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+        out[t] = out[t] + gate * y[0]
     return torch.stack(out)
 
 
 def _grads(layer, x, y, gy):
     params = [x] + list(layer.parameters())
     return torch.autograd.grad(y, params, gy, allow_unused=False)
+
+
+def _assert_grads_close(got, want):
+    """fp32: each gradient within 1e-4 relative, absolute floor 1e-6 of the tensor's scale
+    (per-token and batched sums round differently where entries cancel)."""
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()))
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
@@ -66,8 +77,7 @@ def test_layer_matches_loop_reference(impl, groups):
     ref = reference_moe(layer, x.view(-1, D)).view_as(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     gy = torch.randn_like(y)
-    for a, b in zip(_grads(layer, x, y, gy), _grads(layer, x, ref, gy)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_grads_close(_grads(layer, x, y, gy), _grads(layer, x, ref, gy))
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
@@ -81,9 +91,8 @@ def test_experts_with_zero_tokens_stay_in_graph(impl):
     y, _ = layer(x)
     assert layer.last_counts_E[5:].sum() == 0
     y.sum().backward()  # expanded (stride-0) output grad: grouped_mm needs it made contiguous
-    for e in range(5, 8):
-        for p in layer.experts[e].parameters():
-            assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+    for p in layer.experts.parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad[5:]) == 0
     ref = reference_moe(layer, x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
@@ -122,8 +131,7 @@ def test_capacity_dropping_matches_reference_and_reports(impl):
     ref = reference_moe(layer, x, capacity=cap)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     gy = torch.randn_like(y)
-    for a, b in zip(_grads(layer, x, y, gy), _grads(layer, x, ref, gy)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_grads_close(_grads(layer, x, y, gy), _grads(layer, x, ref, gy))
     dropped = layer.stats.compute_metrics()["dropped_frac"]
     assert dropped > 0
     # Eval never drops.

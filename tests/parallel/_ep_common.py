@@ -48,6 +48,16 @@ def set_bias(model, bias_by_expert: dict[int, float]) -> None:
             layer.gate.e_score_correction_bias[e] = b
 
 
+def grads_by_state_key(model) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient (zeros if none) under its state-dict key(s): stacked expert
+    gradients split per expert, like the weights in `state_dict()`."""
+    from deepseek_moe.model.experts import stacked_to_per_expert
+
+    grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+             for n, p in model.named_parameters()}
+    return stacked_to_per_expert(grads)
+
+
 def hf_grads(model) -> dict[str, torch.Tensor]:
     """Gradients after the EP run, as the EP=1 model would hold them (HF keys, all experts):
     non-expert grads summed over the world, expert grads summed over the EDP group then gathered
@@ -57,8 +67,7 @@ def hf_grads(model) -> dict[str, torch.Tensor]:
 
     P = model.ep_size
     out = {}
-    for name, p in model.named_parameters():
-        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+    for name, g in grads_by_state_key(model).items():
         m = _LOCAL_KEY.match(name)
         if m is None:
             dist.all_reduce(g)
@@ -87,4 +96,4 @@ def reference_forward_backward(cfg, world: int, bias=None):
                      "aux": o.aux_loss.detach()})
         total = total + o.loss / world
     total.backward()
-    return outs, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return outs, grads_by_state_key(model)

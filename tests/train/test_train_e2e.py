@@ -116,10 +116,12 @@ def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
 
 def test_bf16_two_processes_ep2_trains_and_resumes(tiny_data, tmp_path):
     """trainer.precision=bf16 on CPU: DeepSpeed's bf16 ZeRO path (bf16 weights, fp32 master
-    weights) at EP=2 with padded expert matmuls: the loss falls and a resumed run repeats the
-    straight one exactly (the fp32 master weights and the optimizer state are restored)."""
+    weights) at EP=2 with padded expert matmuls, and activation checkpointing (blocks and their
+    all-to-alls recomputed in backward): the loss falls and a resumed run repeats the straight
+    one exactly (the fp32 master weights and the optimizer state are restored)."""
     base = TINY + tiny_data + ["parallel.ep_size=2", "trainer.precision=bf16", "trainer.max_steps=6",
-                               "trainer.eval_every=3", "checkpoint.every=3", "logger=none"]
+                               "trainer.eval_every=3", "checkpoint.every=3", "logger=none",
+                               "trainer.activation_checkpointing=full"]
     straight = tmp_path / "straight"
     proc = run_train(base + [f"run_dir={straight}"], nproc=2, launcher="torchrun")
     assert "zero 1, bf16)" in proc.stdout

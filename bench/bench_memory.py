@@ -1,0 +1,150 @@
+"""Benchmark: peak memory and speed of a training step with and without activation
+checkpointing, and the memory plan's prediction of the peak.
+
+    python bench/bench_memory.py                        # tiny preset at seq 1024, micro-batch 8
+    python bench/bench_memory.py --seq-len 512 --iters 3 --dtype bf16
+    python bench/bench_memory.py --override num_layers=12   # deeper: blocks outweigh the logits
+
+Memory: each mode ("none", "full") runs in its own subprocess: build the model (fp32 AdamW, no
+DeepSpeed), then 2 training steps; we report peak RSS minus the RSS after the build (the
+step's own memory: gradients, optimizer state, activations and transients) next to the plan's
+gradients + optimizer + activations + logits gradient for the same run (`deepseek_moe.memory_plan`, ZeRO-0, one
+rank), and the ratio measured / planned. Speed: both modes stepped round-robin in ONE process
+(so load changes on a shared machine hit both alike); tokens/s median and "full"'s cost.
+Attention is forced to SDPA (the GPU path the plan accounts for); experts use the default
+path for the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+MODES = ("none", "full")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _cfg(args):
+    from deepseek_moe.summary import load_model_config
+
+    return load_model_config(args.model, [f"max_seq_len={args.seq_len}", "attn_impl=sdpa",
+                                          *args.override])
+
+
+def _build(args, mode: str):
+    import torch
+
+    from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepSeekMoEForCausalLM(_cfg(args))
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    model.activation_checkpointing = mode
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    window = torch.randint(0, model.cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=g)
+
+    def step():
+        out = model(window[:, :-1], window[:, 1:])
+        out.loss.backward()
+        del out
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step = _build(args, args.worker)
+    base = _rss_mb()
+    for _ in range(2):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"mode": args.worker, "peak_over_build_mb": peak - base}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deepseek_moe_tiny")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--override", action="append", default=[],
+                   help="model field override, e.g. --override num_layers=12 (repeatable)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    import torch
+
+    from deepseek_moe.memory_plan import memory_plan
+    from deepseek_moe.model.experts import resolve_impl
+
+    cfg = _cfg(args)
+    impl = resolve_impl(cfg.moe.experts_impl, torch.device("cpu")) if cfg.moe else "grouped_mm"
+    measured = {}
+    for mode in MODES:
+        flags = [f"--{k.replace('_', '-')}={getattr(args, k)}"
+                 for k in ("model", "seq_len", "micro_batch", "dtype", "threads")]
+        flags += [f"--override={o}" for o in args.override]
+        res = subprocess.run([sys.executable, __file__, "--worker", mode, *flags], cwd=ROOT,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+        if res.returncode or not lines:
+            sys.exit(f"memory run {mode} failed:\n{res.stderr[-2000:]}")
+        measured[mode] = json.loads(lines[-1])["peak_over_build_mb"]
+
+    torch.set_num_threads(args.threads)
+    steps = {mode: _build(args, mode) for mode in MODES}
+    times = {mode: [] for mode in MODES}
+    for i in range(args.warmup + args.iters):
+        for mode, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[mode].append(time.perf_counter() - t0)
+    tokens = args.micro_batch * args.seq_len
+    tps = {mode: tokens / statistics.median(t) for mode, t in times.items()}
+
+    print(f"{args.model} {' '.join(args.override)}, micro-batch {args.micro_batch} x seq {args.seq_len}, {args.dtype}, "
+          f"{args.threads} threads, experts {impl}, attention sdpa, {args.iters} round-robin steps")
+    print("| activation checkpointing | peak over build MB (measured) | planned MB "
+          "(grads + optimizer + activations + logits grad) | measured / planned | tokens/s median |")
+    print("|---|---|---|---|---|")
+    for mode in MODES:
+        b = memory_plan(cfg, micro_batch=args.micro_batch, seq_len=args.seq_len,
+                        precision=args.dtype, activation_checkpointing=mode, zero_stage=0,
+                        experts_impl=impl)["bytes"]
+        planned = (b["grads"] + b["optimizer"] + b["activations"] + b["logits_grad"]) / 2**20
+        print(f"| {mode} | {measured[mode]:,.0f} | {planned:,.0f} | {measured[mode] / planned:.2f} "
+              f"| {tps[mode]:,.0f} |")
+    print(f"full vs none: peak {measured['full'] / measured['none'] - 1:+.0%}, "
+          f"tokens/s {tps['full'] / tps['none'] - 1:+.0%}")
+
+
+if __name__ == "__main__":
+    main()

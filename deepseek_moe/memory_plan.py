@@ -1,0 +1,136 @@
+"""Per-GPU memory plan of a training run: parameters, gradients, optimizer state, activations,
+all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the config.
+
+    plan = memory_plan(model_cfg, ep_size=8, world_size=64, zero_stage=1, micro_batch=1,
+                       seq_len=4096, precision="bf16", activation_checkpointing="full")
+    plan["total_gb"]
+
+`python -m deepseek_moe.summary model=X ep_size=.. world_size=..` prints it. What is counted
+(T = micro_batch * seq_len tokens per rank, K = top_k, P = ep_size, W = world_size):
+- parameters: non-expert parameters on every rank, routed experts / P; 4 bytes (fp32) or
+  2 bytes (bf16: DeepSpeed's bf16 mode keeps bf16 weights, fp32 master weights in the
+  optimizer).
+- gradients: one per parameter in the weight dtype; ZeRO-2 keeps only its 1/W share of the
+  non-expert ones and 1/(W/P) (the expert-data-parallel group) of the expert ones. bf16 adds
+  the fp32 gradient copy DeepSpeed's bf16 optimizer accumulates into (partitioned like ZeRO).
+- optimizer: AdamW m and v in fp32 (+ fp32 master weights in bf16), partitioned from ZeRO-1 on
+  over the same groups.
+- activations: the tensors autograd keeps from the forward for the backward, counted from the
+  ops our model runs (SDPA attention, the grouped experts path; see `_block_saved_bytes`), plus
+  the logits and their log-softmax; with "full" checkpointing only each block's input is kept
+  and one block at a time is recomputed. Validated against the saved tensors of real runs
+  (tests/test_memory_plan.py) and peak RSS (bench/bench_memory.py).
+- logits_grad: the gradients of the log-softmax (fp32) and of the logits, alive together with
+  all activations when the backward starts (T x vocab each: the peak for large vocabularies).
+- all-to-all buffers: the dispatch send + receive buffers of one MoE layer (T*K rows of D), the
+  largest transient of the exchange.
+- a2a bytes per step: rows leaving the rank (a fraction (P-1)/P of T*K under uniform routing;
+  device-limited routing sends less) x D x dtype, dispatch + combine, forward + backward
+  (+ the forward again with "full"), over MoE layers and micro-batches.
+Not counted: framework workspace (cuBLAS/NCCL, CUDA context: ~1-3 GB on a GPU), allocator
+fragmentation, DeepSpeed's flat communication buckets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepseek_moe.config.model import ModelConfig
+
+GB = 1024**3
+_F32 = 4
+_I64 = 8
+
+
+def _block_saved_bytes(cfg: ModelConfig, layer: int, T: int, b: int, experts_impl: str) -> int:
+    """Bytes autograd saves for backward in block `layer` over T tokens, activation dtype of b
+    bytes (parameters excluded: they exist anyway)."""
+    D, H, G, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # RMSNorm: its fp32 input (a new tensor in bf16, the residual stream itself in fp32), the
+    # fp32 reciprocal rms, the normalised value in the activation dtype.
+    norm = D * _F32 + _F32 + D * b
+    # Attention: the normed input (shared by q/k/v), q, rotated k, v, the SDPA output (already
+    # laid out for o_proj) in the activation dtype, and SDPA's fp32 log-sum-exp per head.
+    attn = D * b + (2 * H + 2 * G) * d * b + H * _F32
+    if not cfg.is_moe_layer(layer):
+        return T * (2 * norm + attn + D * b + 4 * cfg.intermediate_size * b)
+    m = cfg.moe
+    K, E, Hx = m.top_k, m.n_routed_experts, m.moe_intermediate_size
+    router = (D * _F32 if b != _F32 else 0) + E * _F32 + K * _I64  # fp32 input, scores, ids
+    dispatch = K * _I64 + K * D * b  # source rows, gathered copies (the experts' input)
+    # grouped: gate|up output, silu(gate), the product fed to down_proj.
+    # loop kernel: only gate and up (it recomputes the rest in backward).
+    experts = K * 4 * Hx * b if experts_impl == "grouped_mm" else K * 2 * Hx * b
+    combine = K * _I64 + 2 * K * D * b + K * b  # order, expert outputs, [T,K,D] for bmm, gates
+    shared = 4 * m.n_shared_experts * Hx * b  # SwiGLU: gate, up, silu(gate), product
+    return T * (2 * norm + attn + D * b + router + dispatch + experts + combine + shared)
+
+
+def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str,
+                     activation_checkpointing: str, experts_impl: str = "grouped_mm") -> int:
+    """Bytes kept for backward at the end of one micro-batch's forward, plus the recompute of
+    one block (and its backward's gradients) with "full" checkpointing."""
+    T = micro_batch * seq_len
+    b = 2 if precision in ("bf16", "fp16") else _F32
+    blocks = [_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers)]
+    D, V = cfg.hidden_size, cfg.vocab_size
+    # token ids, final norm, lm_head input, the logits the caller holds, fp32 log-softmax
+    top = T * (_I64 + D * _F32 + _F32 + 2 * D * b + V * b + V * _F32)
+    if activation_checkpointing == "full":
+        # block inputs, plus the block being recomputed: its saved tensors and, while its
+        # backward runs, the gradients of its intermediates (about as large)
+        return top + cfg.num_layers * T * D * b + 2 * max(blocks)
+    return top + sum(blocks)
+
+
+def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero_stage: int = 1,
+                micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
+                activation_checkpointing: str = "none", grad_accum_steps: int = 1,
+                experts_impl: str = "grouped_mm") -> dict[str, Any]:
+    """Per-GPU bytes of each kind (and GB), and all-to-all bytes per optimizer step."""
+    if world_size % ep_size:
+        raise ValueError(f"world_size={world_size} is not a multiple of ep_size={ep_size}")
+    S = cfg.max_seq_len if seq_len is None else seq_len
+    m = cfg.moe
+    expert = (cfg.num_moe_layers * m.n_routed_experts * 3 * cfg.hidden_size
+              * m.moe_intermediate_size) if m is not None else 0
+    dense = cfg.num_params() - expert
+    local_expert = expert // ep_size
+    edp = world_size // ep_size
+    w = 2 if precision in ("bf16", "fp16") else _F32
+    params = (dense + local_expert) * w
+
+    def shard(n_dense: float, n_expert: float, stage: int) -> float:
+        return n_dense / world_size + n_expert / edp if zero_stage >= stage else n_dense + n_expert
+
+    grads = shard(dense, local_expert, 2) * w
+    if w != _F32:
+        grads += shard(dense, local_expert, 1) * _F32  # fp32 accumulation copy
+    opt_per_param = 2 * _F32 + (_F32 if w != _F32 else 0)  # Adam m, v (+ fp32 master)
+    optimizer = shard(dense, local_expert, 1) * opt_per_param
+    acts = activation_bytes(cfg, micro_batch=micro_batch, seq_len=S, precision=precision,
+                            activation_checkpointing=activation_checkpointing,
+                            experts_impl=experts_impl)
+    T = micro_batch * S
+    # the backward starts with the log-softmax's fp32 gradient and the logits' gradient alive
+    # next to all saved activations: the peak for large vocabularies
+    logits_grad = T * cfg.vocab_size * (_F32 + w)
+    a2a_buffers = 2 * T * m.top_k * cfg.hidden_size * w if (m is not None and ep_size > 1) else 0
+    passes = 3 if activation_checkpointing == "full" else 2  # fwd, bwd (+ recompute fwd)
+    a2a_step = (0 if m is None else
+                int(2 * T * m.top_k * (ep_size - 1) / ep_size * cfg.hidden_size * w
+                    * passes * cfg.num_moe_layers * grad_accum_steps))
+    parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": acts,
+             "logits_grad": logits_grad, "a2a_buffers": a2a_buffers}
+    total = sum(parts.values())
+    out: dict[str, Any] = {
+        "inputs": {"ep_size": ep_size, "world_size": world_size, "zero_stage": zero_stage,
+                   "micro_batch": micro_batch, "seq_len": S, "precision": precision,
+                   "activation_checkpointing": activation_checkpointing,
+                   "grad_accum_steps": grad_accum_steps},
+        "bytes": {**{k: int(v) for k, v in parts.items()}, "total": int(total)},
+        "gb": {**{k: round(v / GB, 2) for k, v in parts.items()}, "total": round(total / GB, 2)},
+        "a2a_bytes_per_step": a2a_step,
+        "a2a_gb_per_step": round(a2a_step / GB, 2),
+    }
+    return out

@@ -60,6 +60,18 @@ def traceback_requested() -> bool:
     return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
+def config_error_from_hydra(err: Exception, hint: str) -> ConfigError:
+    """Hydra's composition error (misspelt key, wrong type, unknown preset) as one ConfigError.
+    Hydra's own report spans several lines; its text and its cause (OmegaConf's reason) already
+    name the key, the type or the available presets; `hint` says where to look up the rest."""
+    parts, cause = [str(err)], err.__cause__
+    while cause is not None:
+        parts.append(str(cause))
+        cause = cause.__cause__
+    text = " ".join(" ".join(parts).split()).split(" Config search path:")[0]
+    return ConfigError(text if "Available options" in text else f"{text}; {hint}")
+
+
 def report_user_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run an entry point; a UserError ends it with one line on stderr and exit status 1."""
     try:

@@ -12,7 +12,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.errors import ConfigError, report_user_errors, traceback_requested
+from deepseek_moe.errors import (ConfigError, config_error_from_hydra, report_user_errors,
+                                 traceback_requested)
 
 SCHEMA_NAME = "run_schema"
 
@@ -83,20 +84,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run_cfg
 
 
-def hydra_config_error(err: Exception) -> ConfigError:
-    """Hydra's composition error (misspelt key, wrong type, unknown preset) as one ConfigError.
-    Hydra's own report spans several lines; its text already names the key, the type or the
-    available presets, so only a pointer to the full schema is added."""
-    parts, cause = [str(err)], err.__cause__
-    while cause is not None:  # OmegaConf's reason (e.g. "Key 'x' not in 'TrainerConfig'")
-        parts.append(str(cause))
-        cause = cause.__cause__
-    text = " ".join(" ".join(parts).split()).split(" Config search path:")[0]
-    if "Available options" not in text:
-        text += "; `python train.py --cfg job` prints every key with its value"
-    return ConfigError(text)
-
-
 def run_entry(main: Callable[[], None]) -> None:
     """Run a `@hydra.main` function so that a user error ends it with one line on stderr.
 
@@ -112,6 +99,7 @@ def run_entry(main: Callable[[], None]) -> None:
         except HydraException as err:
             if traceback_requested():
                 raise
-            raise hydra_config_error(err) from None
+            raise config_error_from_hydra(
+                err, "`python train.py --cfg job` prints every key with its value") from None
 
     report_user_errors(composed)

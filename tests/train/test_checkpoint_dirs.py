@@ -12,7 +12,8 @@ def _make(root, step, complete):
     (d / "trainer_state").mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        ckpt.mark_complete(d, step, world_size=1)
+        files = ckpt.describe_files(d, list(ckpt.checkpoint_files(d)))
+        ckpt.mark_complete(d, step, world_size=1, files=files)
     return d
 
 
@@ -37,7 +38,7 @@ def test_prune_keeps_newest_complete_and_drops_partials(tmp_path):
         _make(tmp_path, step, True)
     _make(tmp_path, 25, False)  # a save that died
     _make(tmp_path, 40, False)  # a save that died in a launch whose progress was lost
-    deleted = ckpt.prune(tmp_path, keep=2)
+    deleted = ckpt.prune(tmp_path, keep=2, saved_step=30)
     assert sorted(p.name for p in deleted) == ["step_00000010", "step_00000025", "step_00000040"]
     left = [(s, c) for s, _, c in ckpt.list_checkpoints(tmp_path)]
     assert left == [(20, True), (30, True)]
@@ -45,7 +46,7 @@ def test_prune_keeps_newest_complete_and_drops_partials(tmp_path):
 
 def test_prune_without_complete_checkpoint_deletes_nothing(tmp_path):
     _make(tmp_path, 10, False)
-    assert ckpt.prune(tmp_path, keep=1) == []
+    assert ckpt.prune(tmp_path, keep=1, saved_step=10) == []
 
 
 def test_atomic_torch_save_leaves_no_temp_files(tmp_path):

@@ -395,15 +395,15 @@ class Trainer:
         self.precision = self._on_all_ranks(self._check_world_and_device)
         meta = self._prepare_data()
         self._on_all_ranks(self._set_vocab, meta)
-        if dist.is_main:  # only now: a config or data error leaves no run directory behind
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # the resolved config (vocab included), for humans and reruns
-            ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
-                                    OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
         self._build_engine()
         self._on_all_ranks(self._build_loaders, meta)
         self.last_saved_step = -1
         self._maybe_resume()
+        if dist.is_main:  # only now: a config, data or resume error leaves the run dir as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # the resolved config (vocab included), for humans and reruns
+            ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
+                                    OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
 
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
         self.metrics.truncate_after(self.step)

@@ -8,13 +8,15 @@ keeps its traceback.
 
 Under a multi-process launch the ranks that detect the same error agree on one reporter (the
 lowest such rank, see `Trainer._fail_together`); the others raise `ReportedByAnotherRank`, which
-exits with status 1 and prints nothing, so a user error is one line, not one per rank.
+exits with status 1 and prints nothing, so a user error is one line, not one per rank. Before the
+process group exists (config errors, the same on every rank) rank 0 reports.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable
 
 TRACEBACK_ENV = "DSMOE_TRACEBACK"
@@ -72,6 +74,22 @@ def config_error_from_hydra(err: Exception, hint: str) -> ConfigError:
     return ConfigError(text if "Available options" in text else f"{text}; {hint}")
 
 
+_QUIET_EXIT_DELAY_S = 2.0
+"""How long a rank that leaves the report to another waits before exiting: launchers stop every
+process once one exits, and the reporter must have printed its line by then."""
+
+
+def _reported_elsewhere(err: UserError) -> bool:
+    """True when another rank prints this error: the ranks agreed so, or no process group exists
+    yet (config composition and checks, which every rank runs alike) and this is not rank 0."""
+    if isinstance(err, ReportedByAnotherRank):
+        return True
+    torch = sys.modules.get("torch")  # not imported: no process group either
+    grouped = torch is not None and torch.distributed.is_available() and \
+        torch.distributed.is_initialized()
+    return not grouped and os.environ.get("RANK", "0") != "0"
+
+
 def report_user_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run an entry point; a UserError ends it with one line on stderr and exit status 1."""
     try:
@@ -79,6 +97,8 @@ def report_user_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     except UserError as err:
         if traceback_requested():
             raise
-        if not isinstance(err, ReportedByAnotherRank):
+        if _reported_elsewhere(err):
+            time.sleep(_QUIET_EXIT_DELAY_S)
+        else:
             print(err.one_line(), file=sys.stderr, flush=True)
         raise SystemExit(1) from None

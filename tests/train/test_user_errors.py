@@ -162,12 +162,3 @@ def reprepared_copy(tiny_data, dest: Path) -> list[str]:
     meta.fingerprint = meta.compute_fingerprint()
     (dest / "meta.json").write_text(meta.to_json())
     return [o for o in tiny_data if not o.startswith("data.out_dir=")] + [f"data.out_dir={dest}"]
-
-
-def test_data_error_inside_train_py(tmp_path):
-    """Missing data through train.py: one line, and neither a run dir nor a data dir."""
-    out = tmp_path / "prepared"
-    proc = run_train(["data=local_text", f"data.path={tmp_path / 'missing'}", f"data.out_dir={out}",
-                      "logger=none", f"run_dir={tmp_path / 'run'}"], check=False, timeout=120)
-    check_one_line(proc, "Data error: data.path=", "matches no files", "check data.path")
-    assert list(tmp_path.iterdir()) == []

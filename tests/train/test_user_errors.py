@@ -6,7 +6,6 @@ as the entry points, in-process; the rows that need the trainer's wiring run `tr
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -162,3 +161,43 @@ def reprepared_copy(tiny_data, dest: Path) -> list[str]:
     meta.fingerprint = meta.compute_fingerprint()
     (dest / "meta.json").write_text(meta.to_json())
     return [o for o in tiny_data if not o.startswith("data.out_dir=")] + [f"data.out_dir={dest}"]
+
+
+def _fail_together_case(rank, world_size, ckpt_root):
+    from deepseek_moe.errors import ReportedByAnotherRank
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.dist = DistInfo(rank=rank, world_size=world_size, local_rank=rank,
+                            device=torch.device("cpu"))
+    outcome = []
+    for failing in ({1}, {0, 1}, set()):
+        try:
+            trainer._fail_together(DataError(f"bad on rank {rank}") if rank in failing else None)
+            outcome.append("ok")
+        except ReportedByAnotherRank:
+            outcome.append("silent")
+        except DataError as err:
+            outcome.append(str(err))
+    # Damage that only rank 1 checks (its share): both ranks still pick the same checkpoint.
+    trainer.ckpt_dir = Path(ckpt_root)
+    found = trainer._newest_intact()
+    return outcome, found[0], sorted(p.name for p in trainer.ckpt_dir.iterdir())
+
+
+def test_ranks_agree_on_one_reporter_and_on_the_resume_checkpoint(tmp_path):
+    from deepseek_moe.train import checkpoint as ckpt
+    from tests.distributed import run_distributed
+
+    for step in (1, 2):
+        tag_dir = tmp_path / ckpt.tag_for_step(step)
+        (tag_dir / "trainer_state").mkdir(parents=True)
+        (tag_dir / "big.pt").write_bytes(b"b" * 1000)  # rank 0's share (largest first)
+        (tag_dir / "trainer_state" / "small.pt").write_bytes(b"s" * 10)  # rank 1's share
+        ckpt.mark_complete(tag_dir, step, 2, ckpt.describe_files(tag_dir, ["big.pt", "trainer_state/small.pt"]))
+    (tmp_path / "step_00000002" / "trainer_state" / "small.pt").write_bytes(b"S" * 10)
+    results = run_distributed(_fail_together_case, 2, str(tmp_path), timeout=120)
+    assert results[0][0] == ["silent", "bad on rank 0", "ok"]
+    assert results[1][0] == ["bad on rank 1", "silent", "ok"]
+    for rank in range(2):
+        assert results[rank][1] == 1
+        assert results[rank][2] == ["step_00000001", "step_00000002.damaged"]

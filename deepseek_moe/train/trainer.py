@@ -103,12 +103,13 @@ class Trainer:
         """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
         from deepseek_moe.data import ensure_prepared
 
+        def on_main(main: bool):
+            return ensure_prepared(self.cfg.data) if self.dist.is_main == main else None
+
         # The collective in _on_all_ranks doubles as the barrier, and a failure on rank 0
         # stops every rank instead of leaving them waiting for a barrier that never comes.
-        meta = self._on_all_ranks(lambda: ensure_prepared(self.cfg.data) if self.dist.is_main
-                                  else None)
-        other = self._on_all_ranks(lambda: None if self.dist.is_main
-                                   else ensure_prepared(self.cfg.data))
+        meta = self._on_all_ranks(on_main, True)  # rank 0 prepares
+        other = self._on_all_ranks(on_main, False)  # then the others read what it wrote
         return meta if self.dist.is_main else other
 
     # ---- errors -----------------------------------------------------------------------------

@@ -128,6 +128,28 @@ def test_data_source_errors(files, needles, capsys, tmp_path):
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["model=deepseek_moe_3b"], ["no model preset 'deepseek_moe_3b'", "known presets"]),
+    (["model=deepseek_moe_tiny", "model.moe.topk=2"], ["topk", "ModelConfig"]),
+    (["model=deepseek_moe_tiny", "seq_len=long"], ["seq_len='long' must be a positive integer"]),
+])
+def test_summary_cli(argv, needles, capsys):
+    from deepseek_moe import summary
+
+    line = one_line_exit(capsys, summary.main, argv)
+    assert line.startswith("Config error: ")
+    for needle in needles:
+        assert needle in line
+
+
+def test_consolidate_cli(tmp_path, capsys):
+    from deepseek_moe.parallel import checkpoint
+
+    line = one_line_exit(capsys, checkpoint.main, [str(tmp_path), "--out", str(tmp_path / "m.pt")])
+    assert line.startswith("Checkpoint error: ") and "pass a DeepSpeed tag directory" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_traceback_on_request(capsys, monkeypatch):
     monkeypatch.setenv(TRACEBACK_ENV, "1")  # the exception itself, not SystemExit(1)
     with pytest.raises(ValueError, match="optim.warmup_steps=500"):

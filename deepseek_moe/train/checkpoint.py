@@ -177,6 +177,14 @@ def find_damage(tag_dir: Path, expected: dict[str, dict[str, Any]]) -> list[str]
     return problems
 
 
+def discard_partial(tag_dir: Path) -> None:
+    """Delete a save that failed, and DeepSpeed's `latest` if it already names it (rank 0)."""
+    shutil.rmtree(tag_dir, ignore_errors=True)
+    latest = tag_dir.parent / "latest"
+    if latest.is_file() and latest.read_text().strip() == tag_dir.name:
+        latest.unlink()
+
+
 def set_aside(tag_dir: Path) -> Path:
     """Rename a damaged checkpoint out of the resume candidates, files untouched; returns the
     new path (`step_00000200.damaged`, or `.damaged-2`... if that exists)."""

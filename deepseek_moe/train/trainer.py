@@ -204,13 +204,22 @@ class Trainer:
                 shutil.rmtree(tag_dir)
         barrier()
         t0 = time.time()
-        discard = functools.partial(shutil.rmtree, tag_dir, ignore_errors=True)
+        discard = functools.partial(ckpt.discard_partial, tag_dir)
         error = None
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step})
-            ckpt.atomic_torch_save(self._rank_state(), ckpt.rank_state_path(tag_dir, self.dist.rank))
         except (OSError, RuntimeError) as err:
             error = self._save_error(tag_dir, err)
+            # NOTE: after its first write, DeepSpeed's save has one collective left, the barrier
+            # it ends with; ranks whose writes succeeded wait in it. Join it, so that every rank
+            # then reaches the agreement below instead of waiting forever.
+            barrier()
+        if error is None:
+            try:
+                ckpt.atomic_torch_save(self._rank_state(),
+                                       ckpt.rank_state_path(tag_dir, self.dist.rank))
+            except (OSError, RuntimeError) as err:
+                error = self._save_error(tag_dir, err)
         self._fail_together(error, cleanup=discard)  # also the barrier: every rank's files exist
         sizes = broadcast_object(ckpt.checkpoint_files(tag_dir) if self.dist.is_main else None)
         mine = ckpt.share(sizes, self.dist.rank, self.dist.world_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.metrics import read_metrics
-from tests.train.helpers import REPO, TINY, run_train, train_env
+from tests.train.helpers import REPO, TINY, command, run_train, train_env
 from tests.train.test_user_errors import check_one_line, reprepared_copy, stderr_lines
 
 
@@ -109,3 +110,25 @@ def test_reprepared_data_is_refused_at_resume(reference, tiny_data, tmp_path):
     check_one_line(proc, "Data error: the checkpoint was trained on data with fingerprint",
                    str(tmp_path / "reprepared"), "point data.out_dir at the original data")
     assert _digests(run_dir) == before  # nothing written, nothing set aside
+
+
+def test_failed_save_on_one_rank_stops_both(tiny_data, tmp_path):
+    """ENOSPC on rank 1 only, inside DeepSpeed's save: rank 0 waits in DeepSpeed's last barrier;
+    both must still agree, report once and exit (no hang)."""
+    run_dir = tmp_path / "run"
+    env = train_env() | {"FULL_DISK_AT": "step_00000002", "FULL_DISK_RANK": "1"}
+    cmd = command(2, "torchrun")
+    cmd[-1] = "tests/train/full_disk_train.py"
+    proc = subprocess.run(cmd + TINY + tiny_data + [
+        "logger=none", f"run_dir={run_dir}", "trainer.max_steps=2", "checkpoint.every=2",
+        "trainer.eval_every=0", "optim.warmup_steps=1", "parallel.ep_size=2",
+        "trainer.micro_batch_size=2"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    ours = [line for line in stderr_lines(proc.stderr)
+            if re.match(r"(Config|Data|Checkpoint|Export) error: ", line)]
+    assert len(ours) == 1 and ours[0].startswith("Checkpoint error: saving checkpoint"), proc.stderr
+    assert "failed on rank 1: No space left on device" in ours[0]
+    assert "deepseek_moe/" not in proc.stderr  # no traceback from our code (torchrun adds its own)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "zero_to_fp32.py", "zero_to_torch.py"]  # no partial step dir, no `latest` naming it

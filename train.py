@@ -9,7 +9,9 @@
     sbatch launch/...                                # multi-node, see README "Multi-node on SLURM"
     python train.py --cfg job                        # print the composed config and exit
 
-Relaunching the same command resumes from the newest complete checkpoint in `run_dir`.
+Relaunching the same command resumes from the newest intact checkpoint in `run_dir`.
+A mistake in the config, the data or the checkpoints ends the run with one line on stderr and
+exit status 1; `DSMOE_TRACEBACK=1 python train.py ...` shows the traceback instead.
 """
 
 import sys
@@ -23,13 +25,13 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from deepseek_moe.train.cli import apply_cli_intent, register_schema, to_run_config  # noqa: E402
+from deepseek_moe.errors import report_user_errors  # noqa: E402
+from deepseek_moe.train.cli import apply_cli_intent, register_schema, run_entry, to_run_config  # noqa: E402
 
 register_schema()
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> None:
     apply_cli_intent(cfg, list(HydraConfig.get().overrides.task))
     run_cfg = to_run_config(cfg)
     from deepseek_moe.train.trainer import Trainer  # heavy imports after the config is valid
@@ -37,5 +39,11 @@ def main(cfg: DictConfig) -> None:
     Trainer(run_cfg).fit()
 
 
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    # Reported inside the job: an exception leaving it gets an extra line from Hydra.
+    report_user_errors(train, cfg)
+
+
 if __name__ == "__main__":
-    main()
+    run_entry(main)

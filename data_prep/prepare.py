@@ -46,6 +46,7 @@ from deepseek_moe.data.meta import (DTYPES, FORMAT_VERSION, META_FILE, SPLITS, T
                                     resolve_out_dir, resolve_path)
 from deepseek_moe.data.packed import PackedTokens
 from deepseek_moe.data.tokenizer import TEXT_ESCAPE, Tokenizer
+from deepseek_moe.errors import ConfigError, DataError, config_error_from_hydra, report_user_errors
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 OUR_FILES = {META_FILE, TOKENIZER_FILE} | {f"{s}.bin" for s in SPLITS}
@@ -75,16 +76,16 @@ def _complete_meta(out: Path, cfg: DataConfig) -> Optional[DataMeta]:
             if meta.prepare_config.get(k) != v}
     if diff:
         changes = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-        raise ValueError(f"{out} was prepared with a different data config ({changes}); "
-                         "set data.force=true to rebuild it, or choose another data.out_dir")
+        raise DataError(f"{out} was prepared with a different data config ({changes}); "
+                        "set data.force=true to rebuild it, or choose another data.out_dir")
     return meta
 
 
 def _split_is_val(n: int, cfg: DataConfig) -> np.ndarray:
     """Boolean [n]: which documents go to val (exactly max(1, round(n * val_fraction)))."""
     if n < 2:
-        raise ValueError(f"the source has {n} usable document(s); a train/val split needs at "
-                         "least 2. Add documents (check data.path / data.max_documents)")
+        raise DataError(f"the source has {n} usable document(s); a train/val split needs at "
+                        "least 2. Add documents (check data.path / data.max_documents)")
     n_val = min(n - 1, max(1, round(n * cfg.val_fraction)))
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng(cfg.split_seed).permutation(n)[:n_val]] = True
@@ -160,8 +161,8 @@ def _write_splits(tokenized, is_val, cfg: DataConfig, tmp: Path, dtype: str,
     metas = {s: w.close() for s, w in writers.items()}
     for split, m in metas.items():
         if m.num_documents == 0:
-            raise ValueError(f"the {split} split is empty ({index} documents, val_fraction="
-                             f"{cfg.val_fraction}); add documents or change data.val_fraction")
+            raise DataError(f"the {split} split is empty ({index} documents, val_fraction="
+                            f"{cfg.val_fraction}); add documents or change data.val_fraction")
     return metas, empty
 
 
@@ -169,16 +170,16 @@ def _tokenizer(cfg: DataConfig, source: Source, is_val) -> Tokenizer:
     if cfg.tokenizer_model is not None:
         path = resolve_path(cfg.tokenizer_model)
         if not path.is_file():
-            raise FileNotFoundError(f"data.tokenizer_model={path} does not exist; give the path "
-                                    "of a sentencepiece .model file, or null to train one")
+            raise DataError(f"data.tokenizer_model={path} does not exist; give the path "
+                            "of a sentencepiece .model file, or null to train one")
         try:
             tok = Tokenizer(path)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"data.tokenizer_model={path} is not a sentencepiece model ({e}); "
-                             "give a .model file, or null to train one") from e
+            raise DataError(f"data.tokenizer_model={path} is not a sentencepiece model ({e}); "
+                            "give a .model file, or null to train one") from e
         if tok.eos_id < 0:
-            raise ValueError(f"data.tokenizer_model={path} defines no EOS piece, which packing "
-                             "needs between documents; train one with an eos_id")
+            raise DataError(f"data.tokenizer_model={path} defines no EOS piece, which packing "
+                            "needs between documents; train one with an eos_id")
         return tok
     ds = source.dataset
     if is_val is None:  # streaming: the train documents at the head of the stream
@@ -198,8 +199,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES)
         if foreign:
-            raise ValueError(f"refusing to replace {out}: it holds files a preparation does not "
-                             f"write ({foreign[:5]}); choose another data.out_dir or remove it")
+            raise DataError(f"refusing to replace {out}: it holds files a preparation does not "
+                            f"write ({foreign[:5]}); choose another data.out_dir or remove it")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)
@@ -300,18 +301,26 @@ def run_data_cli(prog: str, doc: str, argv: Optional[list[str]], action) -> None
     """The shell shared by the data_prep commands: `-h/--help` prints `doc`; the remaining
     arguments are Hydra overrides of the data group, composed into a `DataConfig` for
     `action(cfg)`. A user error (bad value, missing file, bad override) exits with one line,
-    no traceback."""
+    no traceback (see `deepseek_moe.errors`)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(doc)
         return
+    report_user_errors(_compose_and_run, prog, argv, action)
+
+
+def _compose_and_run(prog: str, argv: list[str], action) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        action(compose_data_config(argv))
-    except (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as e:
-        sys.exit(f"{prog}: error: {e}")
+        cfg = compose_data_config(argv)
+    except (HydraException, OmegaConfBaseException) as e:  # misspelt key, wrong type, preset
+        raise config_error_from_hydra(e, f"`python -m {prog} --help` lists the data presets "
+                                         "and conf/data/*.yaml their keys") from None
+    except ValueError as e:  # a DataConfig check
+        raise ConfigError(str(e)) from None
+    action(cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

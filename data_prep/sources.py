@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.meta import resolve_path
+from deepseek_moe.errors import DataError
 
 TABLE_EXTENSIONS = {"json": (".json", ".jsonl", ".json.gz", ".jsonl.gz"),
                     "csv": (".csv", ".csv.gz"), "parquet": (".parquet",)}
@@ -68,11 +69,11 @@ def _expand(path: str, pattern: str, exclude_dirs: list[str]) -> tuple[Path, lis
     return (root if root.is_dir() else root.parent), matches
 
 
-def _no_files(cfg: DataConfig, where: str) -> ValueError:
-    return ValueError(f"data.path={cfg.path!r} ({where}) matches no files for "
-                      f"data.source={cfg.source}; check data.path"
-                      + (f" and data.file_pattern={cfg.file_pattern!r}"
-                         if cfg.source == "local_text" else ""))
+def _no_files(cfg: DataConfig, where: str) -> DataError:
+    return DataError(f"data.path={cfg.path!r} ({where}) matches no files for "
+                     f"data.source={cfg.source}; check data.path"
+                     + (f" and data.file_pattern={cfg.file_pattern!r}"
+                        if cfg.source == "local_text" else ""))
 
 
 def _read_utf8(path: str) -> Optional[str]:
@@ -118,8 +119,8 @@ def _file_documents(cfg: DataConfig, cache_dir: Path) -> Source:
         h.update(f"{f.relative_to(root).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\0".encode())
         kept.append(str(f))
     if not kept:
-        raise ValueError(f"data.source={cfg.source} at {root}: all {len(files)} files are empty "
-                         f"or not UTF-8 ({skipped}); point data.path at real text")
+        raise DataError(f"data.source={cfg.source} at {root}: all {len(files)} files are empty "
+                        f"or not UTF-8 ({skipped}); point data.path at real text")
     # An on-disk arrow copy in the temp dir: bounded memory whatever the corpus size. (With
     # streaming we iterate that copy; IterableDataset.from_generator would write lock files
     # to ~/.cache.)
@@ -134,11 +135,11 @@ def _check_column(ds, cfg: DataConfig, where: str):
     if columns is None:  # streaming without known features: peek at the first row
         first = next(iter(ds), None)
         if first is None:
-            raise ValueError(f"{where} holds no rows; check data.path")
+            raise DataError(f"{where} holds no rows; check data.path")
         columns = list(first)
     if cfg.text_column not in columns:
-        raise ValueError(f"data.text_column={cfg.text_column!r} is not a column of {where} "
-                         f"(columns: {columns}); set data.text_column to one of them")
+        raise DataError(f"data.text_column={cfg.text_column!r} is not a column of {where} "
+                        f"(columns: {columns}); set data.text_column to one of them")
     ds = ds.select_columns([cfg.text_column])
     return ds.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else ds
 
@@ -159,8 +160,8 @@ def _table_documents(cfg: DataConfig, cache_dir: Path) -> Source:
         ds = datasets.load_dataset(cfg.source, data_files=[str(f) for f in files], split="train",
                                    streaming=cfg.streaming, cache_dir=str(cache_dir))
     except Exception as e:  # datasets raises many types for unreadable files
-        raise ValueError(f"could not read {[str(f) for f in files[:3]]}... as "
-                         f"{cfg.source}: {e}; check data.path and data.source") from e
+        raise DataError(f"could not read {[str(f) for f in files[:3]]}... as "
+                        f"{cfg.source}: {e}; check data.path and data.source") from e
     ds = _check_column(ds, cfg, f"{cfg.path}")
     return _finish(ds, cfg, h.hexdigest()[:16])
 
@@ -172,9 +173,9 @@ def _hub_documents(cfg: DataConfig, cache_dir: Path) -> Source:
         ds = datasets.load_dataset(cfg.path, cfg.hf_name, split=cfg.hf_split,
                                    revision=cfg.hf_revision, streaming=cfg.streaming)
     except Exception as e:
-        raise ValueError(f"could not load hub dataset data.path={cfg.path!r} "
-                         f"(hf_name={cfg.hf_name!r}, split={cfg.hf_split!r}): {e}; check the "
-                         "name and your network, or use a local source") from e
+        raise DataError(f"could not load hub dataset data.path={cfg.path!r} "
+                        f"(hf_name={cfg.hf_name!r}, split={cfg.hf_split!r}): {e}; check the "
+                        "name and your network, or use a local source") from e
     ds = _check_column(ds, cfg, f"hub dataset {cfg.path}")
     key = f"hf_hub\0{cfg.path}\0{cfg.hf_name}\0{cfg.hf_split}\0{cfg.hf_revision}"
     if not cfg.streaming:
@@ -193,8 +194,8 @@ def _finish(ds, cfg: DataConfig, fingerprint: str) -> Source:
                        desc="drop empty documents")
         skipped["empty"] = before - len(ds)
         if len(ds) == 0:
-            raise ValueError(f"data.path={cfg.path!r}: every row of {cfg.text_column!r} is empty; "
-                             "check data.text_column")
+            raise DataError(f"data.path={cfg.path!r}: every row of {cfg.text_column!r} is empty; "
+                            "check data.text_column")
     return Source(ds, fingerprint, skipped)
 
 

@@ -25,6 +25,7 @@ import sentencepiece as spm
 
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.tokenizer import escape_text
+from deepseek_moe.errors import DataError
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 
@@ -48,8 +49,8 @@ def sample_lines(texts: Iterable[str], limit: int) -> list[str]:
 def train_sentencepiece(lines: list[str], cfg: DataConfig) -> bytes:
     """Train a BPE model on `lines`; returns the serialized model. Errors name the fix."""
     if not lines:
-        raise ValueError("the training documents hold no text to train a tokenizer on; check "
-                         "data.path, or pass an existing data.tokenizer_model")
+        raise DataError("the training documents hold no text to train a tokenizer on; check "
+                        "data.path, or pass an existing data.tokenizer_model")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -65,12 +66,12 @@ def train_sentencepiece(lines: list[str], cfg: DataConfig) -> bytes:
         small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         large = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg)
         if small:
-            raise ValueError(f"data.vocab_size={cfg.vocab_size} is too small for this corpus: "
-                             f"its characters and special pieces need {small.group(2)}; set "
-                             f"data.vocab_size >= {small.group(2)}") from e
+            raise DataError(f"data.vocab_size={cfg.vocab_size} is too small for this corpus: "
+                            f"its characters and special pieces need {small.group(2)}; set "
+                            f"data.vocab_size >= {small.group(2)}") from e
         if large:
-            raise ValueError(f"data.vocab_size={cfg.vocab_size} is too large for this corpus "
-                             f"({len(lines)} training lines support at most {large.group(2)} "
-                             f"pieces); set data.vocab_size <= {large.group(2)} or add data") from e
+            raise DataError(f"data.vocab_size={cfg.vocab_size} is too large for this corpus "
+                            f"({len(lines)} training lines support at most {large.group(2)} "
+                            f"pieces); set data.vocab_size <= {large.group(2)} or add data") from e
         raise
     return model.getvalue()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from deepseek_moe.data.meta import SPLITS, DataMeta, load_meta
 from deepseek_moe.data.packed import PackedTokens
+from deepseek_moe.errors import DataError
 
 CHUNK_TOKENS = 1 << 24
 
@@ -30,8 +31,8 @@ def verify(data_dir) -> DataMeta:
     fix = (f"rebuild it: python -m data_prep.prepare data=<preset> data.force=true "
            f"(out_dir {meta.dir})")
     if hashlib.sha256(meta.tokenizer_path.read_bytes()).hexdigest() != meta.tokenizer_sha256:
-        raise ValueError(f"{meta.tokenizer_path} does not match tokenizer_sha256 in meta.json; "
-                         f"{fix}")
+        raise DataError(f"{meta.tokenizer_path} does not match tokenizer_sha256 in meta.json; "
+                        f"{fix}")
     for split in SPLITS:
         tokens = PackedTokens(meta, split).tokens  # size check
         sha, eos, top = hashlib.sha256(), 0, 0
@@ -43,13 +44,13 @@ def verify(data_dir) -> DataMeta:
             top = max(top, int(chunk.max()))
         path, info = meta.split_path(split), meta.splits[split]
         if sha.hexdigest() != info.sha256:
-            raise ValueError(f"{path} does not match its sha256 in meta.json (corrupt); {fix}")
+            raise DataError(f"{path} does not match its sha256 in meta.json (corrupt); {fix}")
         if top >= meta.vocab_size:
-            raise ValueError(f"{path} holds id {top} >= vocab_size {meta.vocab_size}; {fix}")
+            raise DataError(f"{path} holds id {top} >= vocab_size {meta.vocab_size}; {fix}")
         if eos != info.num_documents or int(tokens[-1]) != meta.eos_id:
-            raise ValueError(f"{path} has {eos} EOS tokens (last token {int(tokens[-1])}) but "
-                             f"meta.json says {info.num_documents} documents, each ending in "
-                             f"EOS; {fix}")
+            raise DataError(f"{path} has {eos} EOS tokens (last token {int(tokens[-1])}) but "
+                            f"meta.json says {info.num_documents} documents, each ending in "
+                            f"EOS; {fix}")
     return meta
 
 

@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.errors import ConfigError, report_user_errors
 from deepseek_moe.memory_plan import memory_plan
 
 _PLAN_INT_ARGS = ("ep_size", "world_size", "zero_stage", "micro_batch", "grad_accum_steps")
@@ -41,10 +42,17 @@ def load_model_config(name: str, overrides: Sequence[str] = ()) -> ModelConfig:
         path = CONF_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no model preset {name!r} ({path}); known presets: {known}")
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path),
-                             OmegaConf.from_dotlist(list(overrides)))
-    cfg = OmegaConf.to_object(merged)
+        raise ConfigError(f"no model preset {name!r} ({path}); known presets: {known}")
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ValueError) as err:  # misspelt field, wrong type, a check
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
+        raise ConfigError(f"{cause}; the fields are those of ModelConfig "
+                          "(deepseek_moe/config/model.py)") from None
     assert isinstance(cfg, ModelConfig)
     return cfg
 
@@ -92,10 +100,12 @@ def main(argv: Sequence[str]) -> None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise SystemExit(f"expected key=value arguments, got {arg!r} (e.g. model=deepseek_moe_16b)")
+            raise ConfigError(f"expected key=value arguments, got {arg!r} (e.g. model=deepseek_moe_16b)")
         if key == "model":
             name = value
         elif key == "seq_len":
+            if not value.isdigit():
+                raise ConfigError(f"seq_len={value!r} must be a positive integer")
             seq_len = int(value)
         elif key.startswith("model."):
             overrides.append(f"{key[len('model.'):]}={value}")
@@ -104,13 +114,13 @@ def main(argv: Sequence[str]) -> None:
         elif key in ("precision", "activation_checkpointing"):
             plan[key] = value
         else:
-            raise SystemExit(f"unknown argument {key!r}: use model=NAME, model.<field>=V, seq_len=N, "
-                             f"{'=N, '.join(_PLAN_INT_ARGS)}=N, precision=bf16|fp32, "
-                             "activation_checkpointing=none|full")
+            raise ConfigError(f"unknown argument {key!r}: use model=NAME, model.<field>=V, seq_len=N, "
+                              f"{'=N, '.join(_PLAN_INT_ARGS)}=N, precision=bf16|fp32, "
+                              "activation_checkpointing=none|full")
     if name is None:
-        raise SystemExit("usage: python -m deepseek_moe.summary model=NAME [model.<field>=V] [seq_len=N]")
+        raise ConfigError("usage: python -m deepseek_moe.summary model=NAME [model.<field>=V] [seq_len=N]")
     print(json.dumps(summarize(load_model_config(name, overrides), seq_len, plan)))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    report_user_errors(main, sys.argv[1:])

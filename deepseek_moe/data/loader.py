@@ -32,6 +32,7 @@ import torch
 
 from deepseek_moe.data.meta import DataMeta, load_meta, resolve_out_dir
 from deepseek_moe.data.packed import PackedTokens
+from deepseek_moe.errors import DataError
 
 STATE_VERSION = 1
 
@@ -84,7 +85,7 @@ class TrainLoader:
         self.num_windows = self.tokens.num_windows(seq_len)
         self.steps_per_epoch = self.num_windows // global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"{self.tokens.path} has {len(self.tokens)} tokens = {self.num_windows} windows "
                 f"of seq_len+1={seq_len + 1}, fewer than global_batch_size={global_batch_size}; "
                 "lower the batch size or seq_len, or prepare a larger corpus")
@@ -146,23 +147,23 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self.meta.fingerprint:
-            raise ValueError(
+            raise DataError(
                 f"the checkpoint was trained on data with fingerprint {state.get('fingerprint')!r}"
                 f" but {self.meta.dir} has {self.meta.fingerprint!r} (re-prepared or different "
-                "data); point data.out_dir at the original data, or start a new run")
+                "data); point data.out_dir at the original data, or start a new run (another run_dir)")
         for key in ("seed", "seq_len", "global_batch_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader state has {key}={state[key]} but this run uses "
-                                 f"{getattr(self, key)}; resuming would change the data order. "
-                                 f"Use {key}={state[key]} or start a new run")
+                raise DataError(f"loader state has {key}={state[key]} but this run uses "
+                                f"{getattr(self, key)}; resuming would change the data order. "
+                                f"Use {key}={state[key]} or start a new run")
         if state["micro_step"] and (state["micro_batch_size"], state["dp_world"]) != (
                 self.micro_batch_size, self.dp_world):
-            raise ValueError("loader state was saved in the middle of a gradient accumulation "
-                             f"with micro_batch_size={state['micro_batch_size']}, dp_world="
-                             f"{state['dp_world']}; resume with that layout")
+            raise DataError("loader state was saved in the middle of a gradient accumulation "
+                            f"with micro_batch_size={state['micro_batch_size']}, dp_world="
+                            f"{state['dp_world']}; resume with that layout")
         if state["step_in_epoch"] >= self.steps_per_epoch:
-            raise ValueError(f"loader state step_in_epoch={state['step_in_epoch']} is past the "
-                             f"epoch length {self.steps_per_epoch}; the data does not match")
+            raise DataError(f"loader state step_in_epoch={state['step_in_epoch']} is past the "
+                            f"epoch length {self.steps_per_epoch}; the data does not match")
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.micro_step = state["micro_step"]
 
@@ -172,7 +173,10 @@ class EvalLoader:
 
     Step i uses windows [i*B*W, (i+1)*B*W) of the split in file order; rank r takes the r-th
     run of B. `len()` is the same on every rank (so collective ops after each batch never
-    hang): `num_batches`, capped at what the split holds.
+    hang): `num_batches`, capped at what the split holds. A split too small for one batch of
+    B windows per rank (a small local corpus) is evaluated with what it has: B shrinks to the
+    windows per rank, and when there are fewer windows than ranks, ranks share windows (the
+    index wraps around). `shortfall` then says what was asked for and what is used.
     """
 
     def __init__(self, meta: DataMeta, *, seq_len: int, micro_batch_size: int,
@@ -180,15 +184,25 @@ class EvalLoader:
                  split: str = "val"):
         _check_rank(dp_rank, dp_world)
         self.tokens = PackedTokens(meta, split)
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
-        self.dp_rank, self.dp_world = dp_rank, dp_world
-        available = self.tokens.num_windows(seq_len) // (micro_batch_size * dp_world)
-        if available == 0:
-            raise ValueError(
-                f"{self.tokens.path} has {len(self.tokens)} tokens, too few for one eval batch "
-                f"of {micro_batch_size} x {dp_world} ranks x (seq_len+1={seq_len + 1}); lower "
-                "the eval batch or seq_len, or prepare with a larger data.val_fraction")
+        self.seq_len, self.dp_rank, self.dp_world = seq_len, dp_rank, dp_world
+        self.num_windows = self.tokens.num_windows(seq_len)
+        if self.num_windows == 0:
+            raise DataError(
+                f"{self.tokens.path} has {len(self.tokens)} tokens, fewer than one eval sequence "
+                f"of seq_len+1={seq_len + 1}; prepare with a larger data.val_fraction (or more "
+                "documents), or lower trainer.seq_len")
+        self.micro_batch_size = max(1, min(micro_batch_size, self.num_windows // dp_world))
+        available = max(1, self.num_windows // (self.micro_batch_size * dp_world))
         self.num_batches = available if num_batches is None else min(num_batches, available)
+        self.shortfall: Optional[str] = None
+        wanted = micro_batch_size * (available if num_batches is None else num_batches)
+        if self.micro_batch_size * self.num_batches < wanted:
+            self.shortfall = (
+                f"{self.tokens.path} holds {self.num_windows} eval sequences of seq_len+1="
+                f"{seq_len + 1} tokens for {dp_world} rank(s): evaluating {self.num_batches} "
+                f"batch(es) of {self.micro_batch_size} per rank instead of "
+                f"{wanted // micro_batch_size} of {micro_batch_size}; prepare with a larger "
+                "data.val_fraction for a steadier val_loss")
 
     def __len__(self) -> int:
         return self.num_batches
@@ -197,7 +211,8 @@ class EvalLoader:
         b, w = self.micro_batch_size, self.dp_world
         for i in range(self.num_batches):
             start = (i * w + self.dp_rank) * b
-            yield _to_batch(self.tokens.windows(np.arange(start, start + b), self.seq_len))
+            idx = np.arange(start, start + b) % self.num_windows  # wraps only when W > windows
+            yield _to_batch(self.tokens.windows(idx, self.seq_len))
 
 
 def build_train_loader(data, *, seq_len: int, global_batch_size: int, micro_batch_size: int,

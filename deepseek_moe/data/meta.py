@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from deepseek_moe.errors import ConfigError, DataError
+
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "val")
@@ -89,8 +91,8 @@ class DataMeta:
 
     def split_path(self, split: str) -> Path:
         if split not in self.splits:
-            raise ValueError(f"split {split!r} is not in {self.dir / META_FILE} "
-                             f"(has {sorted(self.splits)})")
+            raise DataError(f"split {split!r} is not in {self.dir / META_FILE} "
+                            f"(has {sorted(self.splits)})")
         return self.dir / self.splits[split].file
 
     @property
@@ -133,27 +135,27 @@ def load_meta(data_dir: str | os.PathLike) -> DataMeta:
     fix = ("run `python -m data_prep.prepare data=<preset>` (add data.force=true to rebuild) "
            "or point data.out_dir at a prepared directory")
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} is missing: {data_dir} is not a prepared data "
-                                f"directory; {fix}")
+        raise DataError(f"{meta_path} is missing: {data_dir} is not a prepared data "
+                        f"directory; {fix}")
     try:
         raw = json.loads(meta_path.read_text())
         raw["splits"] = {k: SplitMeta(**v) for k, v in raw["splits"].items()}
         meta = DataMeta(**raw, dir=data_dir)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{meta_path} is corrupt or from another version ({e!r}); {fix}") from e
+        raise DataError(f"{meta_path} is corrupt or from another version ({e!r}); {fix}") from e
     if meta.format_version != FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format_version={meta.format_version}, this code "
-                         f"reads {FORMAT_VERSION}; {fix}")
+        raise DataError(f"{meta_path} has format_version={meta.format_version}, this code "
+                        f"reads {FORMAT_VERSION}; {fix}")
     if meta.dtype not in DTYPES:
-        raise ValueError(f"{meta_path}: dtype={meta.dtype!r} is not one of {list(DTYPES)}; {fix}")
+        raise DataError(f"{meta_path}: dtype={meta.dtype!r} is not one of {list(DTYPES)}; {fix}")
     for split in SPLITS:
         if split not in meta.splits:
-            raise ValueError(f"{meta_path} has no {split!r} split; {fix}")
+            raise DataError(f"{meta_path} has no {split!r} split; {fix}")
     if meta.fingerprint != meta.compute_fingerprint():
-        raise ValueError(f"{meta_path} was edited or is corrupt (its fingerprint does not match "
-                         f"its contents); {fix}")
+        raise DataError(f"{meta_path} was edited or is corrupt (its fingerprint does not match "
+                        f"its contents); {fix}")
     if not meta.tokenizer_path.is_file():
-        raise FileNotFoundError(f"{meta.tokenizer_path} is missing next to {meta_path}; {fix}")
+        raise DataError(f"{meta.tokenizer_path} is missing next to {meta_path}; {fix}")
     return meta
 
 
@@ -165,7 +167,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
 def check_model_vocab(meta: DataMeta, model_vocab_size: int) -> None:
     """Raise if the model cannot embed every id the tokenizer produces."""
     if model_vocab_size < meta.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size={model_vocab_size} is smaller than the tokenizer vocab "
             f"{meta.vocab_size} of {meta.tokenizer_path}; set model.vocab_size >= "
             f"{padded_vocab_size(meta.vocab_size)} (or leave it to the trainer to take it from "

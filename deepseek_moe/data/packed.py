@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseek_moe.data.meta import DTYPES, DataMeta
+from deepseek_moe.errors import DataError
 
 
 class PackedTokens:
@@ -31,16 +32,16 @@ class PackedTokens:
         fix = ("re-run `python -m data_prep.prepare data=<preset> data.force=true` to rebuild "
                f"{self.path.parent}")
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} is missing although meta.json lists it; {fix}")
+            raise DataError(f"{self.path} is missing although meta.json lists it; {fix}")
         dtype = np.dtype(DTYPES[meta.dtype])
         expected = info.num_tokens * dtype.itemsize
         actual = self.path.stat().st_size
         if actual != expected:
-            raise ValueError(f"{self.path} is truncated or corrupt: {actual} bytes, meta.json "
-                             f"says {info.num_tokens} {meta.dtype} tokens = {expected} bytes; "
-                             f"{fix}")
+            raise DataError(f"{self.path} is truncated or corrupt: {actual} bytes, meta.json "
+                            f"says {info.num_tokens} {meta.dtype} tokens = {expected} bytes; "
+                            f"{fix}")
         if info.num_tokens == 0:
-            raise ValueError(f"{self.path} holds no tokens; {fix}")
+            raise DataError(f"{self.path} holds no tokens; {fix}")
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
 
     def __len__(self) -> int:

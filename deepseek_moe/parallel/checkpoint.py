@@ -23,6 +23,8 @@ import re
 
 import torch
 
+from deepseek_moe.errors import CheckpointError, report_user_errors
+
 __all__ = ["consolidate_deepspeed_checkpoint"]
 
 _DS_EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<e>\d+)\.(?P<rest>.*)$")
@@ -33,7 +35,7 @@ def consolidate_deepspeed_checkpoint(tag_dir: str) -> dict[str, torch.Tensor]:
     """HF-layout state dict (all experts, global ids) from a DeepSpeed tag directory."""
     main_path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.exists(main_path):
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{main_path} not found: pass a DeepSpeed tag directory (the one holding "
             "mp_rank_00_model_states.pt), e.g. RUN/checkpoints/step_00000100"
         )
@@ -69,4 +71,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)

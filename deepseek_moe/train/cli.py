@@ -1,15 +1,19 @@
-"""Hydra glue for `train.py`: the structured schema and DictConfig -> RunConfig."""
+"""Hydra glue for `train.py`: the structured schema, DictConfig -> RunConfig, and the entry
+wrapper that turns every user error (Hydra's composition errors included) into one line."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import os
 import typing
+from typing import Callable
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from deepseek_moe.config.train import RunConfig
+from deepseek_moe.errors import (ConfigError, config_error_from_hydra, report_user_errors,
+                                 traceback_requested)
 
 SCHEMA_NAME = "run_schema"
 
@@ -59,11 +63,11 @@ def unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> list[str]:
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Validate into our dataclasses; a bad value exits with the check's message (no traceback)."""
+    """Validate into our dataclasses; a bad value raises ConfigError with the check's message."""
     bad = unknown_keys(cfg, RunConfig)
     if bad:
-        sys.exit(f"Config error: unknown key(s) {bad}; check the spelling against "
-                 "`python train.py --cfg job` (the schema is deepseek_moe/config/*.py)")
+        raise ConfigError(f"unknown key(s) {bad}; check the spelling against "
+                          "`python train.py --cfg job` (the schema is deepseek_moe/config/*.py)")
     try:
         run_cfg = OmegaConf.to_object(cfg)
     except Exception as err:  # noqa: BLE001 - OmegaConf wraps __post_init__ errors
@@ -73,6 +77,29 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
             if isinstance(cause, ValueError) and not type(cause).__module__.startswith("omegaconf"):
                 break
             cause = nxt
-        sys.exit(f"Config error: {cause}")
+        if traceback_requested():
+            raise
+        raise ConfigError(str(cause)) from None
     assert isinstance(run_cfg, RunConfig)
     return run_cfg
+
+
+def run_entry(main: Callable[[], None]) -> None:
+    """Run a `@hydra.main` function so that a user error ends it with one line on stderr.
+
+    HYDRA_FULL_ERROR=1 makes Hydra re-raise instead of printing its multi-line report, so the
+    composition errors reach us and are reported like every other config error."""
+    from hydra.errors import HydraException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+
+    def composed() -> None:
+        try:
+            main()
+        except HydraException as err:
+            if traceback_requested():
+                raise
+            raise config_error_from_hydra(
+                err, "`python train.py --cfg job` prints every key with its value") from None
+
+    report_user_errors(composed)

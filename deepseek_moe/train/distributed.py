@@ -13,6 +13,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -122,6 +123,37 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     t = torch.full((1,), int(flag), dtype=torch.int32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def lowest_rank_with(flag: bool, device: torch.device) -> Optional[int]:
+    """The lowest rank whose `flag` is True, on every rank (None when no rank's is): one rank
+    to report an error that several ranks may have seen."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return 0 if flag else None
+    world = torch.distributed.get_world_size()
+    t = torch.tensor([torch.distributed.get_rank() if flag else world], dtype=torch.int64,
+                     device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    lowest = int(t.item())
+    return None if lowest == world else lowest
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank (a small picklable object, e.g. a file listing)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_dict(values: dict[str, float | torch.Tensor], device: torch.device,

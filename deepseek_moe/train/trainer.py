@@ -7,32 +7,39 @@
  3. model built from the seed on every rank (so weights do not depend on the EP size), then
     `parallelize_moe` keeps this rank's experts; AdamW over MoE-aware param groups; our LR
     schedule; `deepspeed.initialize` with the generated config;
- 4. resume from the newest complete checkpoint (DeepSpeed state + our per-rank state);
+ 4. resume from the newest complete checkpoint whose files match its manifest (DeepSpeed
+    state + our per-rank state; damaged ones are set aside, see `checkpoint.py`);
  5. the loop: accumulate micro-batches, step, log one metrics line per step (rank 0), eval,
     checkpoint, and stop cleanly on SIGTERM/SIGUSR1;
  6. print where the run directory, metrics and checkpoint are.
+
+User errors (config, data, checkpoints) are raised as `deepseek_moe.errors` classes at points
+every rank reaches together (`_on_all_ranks`, `_fail_together`): the lowest rank that saw the
+error reports it as one line, every rank exits, none is left waiting in a collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.errors import CheckpointError
+from deepseek_moe.errors import CheckpointError, ConfigError, ReportedByAnotherRank
 from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.distributed import (
-    all_reduce_max_flag, all_reduce_mean_dict, barrier, init_distributed, main_print, reduce_sum_,
-    to_device)
+    all_gather_objects, all_reduce_max_flag, all_reduce_mean_dict, barrier, broadcast_object,
+    init_distributed, lowest_rank_with, main_print, reduce_sum_, to_device)
 from deepseek_moe.train.ds_config import (build_ds_config, cpu_bf16_is_native, peak_flops_per_device,
                                          resolve_precision)
 from deepseek_moe.train.host_memory import keep_freed_host_memory
@@ -110,25 +117,39 @@ class Trainer:
         """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
         from deepseek_moe.data import ensure_prepared
 
-        error: Optional[BaseException] = None
-        if self.dist.is_main:
-            try:
-                meta = ensure_prepared(self.cfg.data)
-            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
-                error = err
-        # The collective doubles as the barrier, and a failure on rank 0 stops every rank
-        # instead of leaving them waiting for a barrier that never comes.
-        if all_reduce_max_flag(error is not None, self.dist.device):
-            if isinstance(error, (ValueError, FileNotFoundError)):
-                # a user error (missing source, bad column, vocab...): its message names the
-                # fix, so print it like a config error, without a traceback
-                raise SystemExit(f"Data error: {error}") from None
-            if error is not None:
-                raise error
-            raise SystemExit("rank 0 failed to prepare the data (see its error)")
-        if not self.dist.is_main:
-            meta = ensure_prepared(self.cfg.data)
-        return meta
+        def on_main(main: bool):
+            return ensure_prepared(self.cfg.data) if self.dist.is_main == main else None
+
+        # The collective in _on_all_ranks doubles as the barrier, and a failure on rank 0
+        # stops every rank instead of leaving them waiting for a barrier that never comes.
+        meta = self._on_all_ranks(on_main, True)  # rank 0 prepares
+        other = self._on_all_ranks(on_main, False)  # then the others read what it wrote
+        return meta if self.dist.is_main else other
+
+    # ---- errors -----------------------------------------------------------------------------
+    def _fail_together(self, error: Optional[BaseException],
+                       cleanup: Optional[Callable[[], None]] = None) -> None:
+        """Call on every rank at the same point. If any rank holds an error, all stop: rank 0
+        runs `cleanup`, the lowest failing rank raises its error (a user error is reported as
+        one line), the others raise ReportedByAnotherRank (exit status 1, nothing printed)."""
+        reporter = lowest_rank_with(error is not None)
+        if reporter is None:
+            return
+        if cleanup is not None and self.dist.is_main:
+            cleanup()
+        if reporter == self.dist.rank:
+            raise error
+        raise ReportedByAnotherRank(f"rank {reporter} reports the error")
+
+    def _on_all_ranks(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on every rank; an error on any rank stops every rank (`_fail_together`)."""
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except Exception as err:  # noqa: BLE001 - re-raised by _fail_together on its rank
+            error = err
+        self._fail_together(error)
+        return result
 
     def _set_vocab(self, meta) -> None:
         """model.vocab_size = tokenizer vocab padded to a multiple of 64, unless set explicitly."""
@@ -161,9 +182,6 @@ class Trainer:
                                       fused=self.dist.device.type in ("cpu", "cuda"))
         scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.decay_steps)
         self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device.type)
-        if self.dist.is_main:  # exactly what the engine is given, for humans
-            ckpt.atomic_write_bytes(self.run_dir / "ds_config.json",
-                                    (json.dumps(self.ds_config, indent=2) + "\n").encode())
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
@@ -182,6 +200,8 @@ class Trainer:
         self.val_loader = build_eval_loader(
             meta, seq_len=cfg.seq_len, micro_batch_size=cfg.trainer.micro_batch_size,
             dp_rank=dist.rank, dp_world=dist.world_size, num_batches=cfg.trainer.eval_batches)
+        if self.val_loader.shortfall and cfg.trainer.eval_every and dist.is_main:
+            log.warning("small validation split: %s", self.val_loader.shortfall)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
@@ -191,6 +211,10 @@ class Trainer:
                 "zero_stage": self.cfg.parallel.zero_stage}
 
     def save_checkpoint(self) -> Path:
+        """Every rank writes its files, checksums its share (`ckpt.share`), rank 0 writes the
+        manifest as COMPLETE, then prunes. A write that fails on any rank (disk full, quota)
+        stops the run with a CheckpointError; the partial directory is deleted and the previous
+        checkpoint stays the resume point."""
         tag = ckpt.tag_for_step(self.step)
         tag_dir = self.ckpt_dir / tag
         if self.dist.is_main:
@@ -199,47 +223,129 @@ class Trainer:
                 shutil.rmtree(tag_dir)
         barrier()
         t0 = time.time()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step})
-        ckpt.atomic_torch_save(self._rank_state(), ckpt.rank_state_path(tag_dir, self.dist.rank))
-        barrier()  # every rank's files are on disk
+        discard = functools.partial(ckpt.discard_partial, tag_dir)
+        error = None
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step})
+        except (OSError, RuntimeError) as err:
+            error = self._save_error(tag_dir, err)
+            # NOTE: after its first write, DeepSpeed's save has one collective left, the barrier
+            # it ends with; ranks whose writes succeeded wait in it. Join it, so that every rank
+            # then reaches the agreement below instead of waiting forever.
+            barrier()
+        if error is None:
+            try:
+                ckpt.atomic_torch_save(self._rank_state(),
+                                       ckpt.rank_state_path(tag_dir, self.dist.rank))
+            except (OSError, RuntimeError) as err:
+                error = self._save_error(tag_dir, err)
+        self._fail_together(error, cleanup=discard)  # also the barrier: every rank's files exist
+        sizes = broadcast_object(ckpt.checkpoint_files(tag_dir) if self.dist.is_main else None)
+        mine = ckpt.share(sizes, self.dist.rank, self.dist.world_size)
+        files = dict(itertools.chain.from_iterable(
+            part.items() for part in all_gather_objects(ckpt.describe_files(tag_dir, mine))))
         if self.dist.is_main:
-            ckpt.mark_complete(tag_dir, self.step, self.dist.world_size)
-            for path in ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep):
+            try:
+                ckpt.mark_complete(tag_dir, self.step, self.dist.world_size, files)
+            except OSError as err:
+                error = self._save_error(tag_dir, err)
+        self._fail_together(error, cleanup=discard)
+        if self.dist.is_main:
+            for path in ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep, self.step):
                 log.info("deleted old checkpoint %s", path.name)
             log.info("saved checkpoint %s in %.1fs", tag_dir, time.time() - t0)
         barrier()
         self.last_saved_step = self.step
         return tag_dir
 
+    def _save_error(self, tag_dir: Path, err: Exception) -> Exception:
+        """A failed checkpoint write as a CheckpointError naming the file and the way out.
+        torch.save reports a failed write as a RuntimeError from its zip writer; other
+        RuntimeErrors are bugs and keep their traceback."""
+        if isinstance(err, RuntimeError) and "write" not in str(err).lower():
+            return err
+        what = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.strerror else err
+        previous = ckpt.latest_complete(self.ckpt_dir)
+        resume = f"{previous[1]}, which is intact" if previous else "the start (no checkpoint yet)"
+        return CheckpointError(
+            f"saving checkpoint {tag_dir} failed on rank {self.dist.rank}: {what}; the partial "
+            f"checkpoint is deleted. Free space (or fix permissions) under {self.ckpt_dir} and "
+            f"relaunch: the run resumes from {resume}")
+
+    def _verify(self, tag_dir: Path) -> list[str]:
+        """Problems of a complete checkpoint against its manifest (empty: intact). Every rank
+        checks its share of the files; every rank gets the full list."""
+        manifest = ckpt.read_manifest(tag_dir)
+        if manifest is None:  # marker from before manifests: nothing to check against
+            return []
+        mine = ckpt.share({rel: e["size"] for rel, e in manifest.items()}, self.dist.rank,
+                          self.dist.world_size)
+        problems = ckpt.find_damage(tag_dir, {rel: manifest[rel] for rel in mine})
+        return sorted(itertools.chain.from_iterable(all_gather_objects(problems)))
+
+    def _newest_intact(self) -> Optional[tuple[int, Path]]:
+        """The newest complete checkpoint that passes `_verify`. Newer damaged ones are set
+        aside (renamed to `<tag>.damaged`, files untouched) after a warning naming the file, so
+        that neither this resume, the next save of that step nor pruning touches their files;
+        none intact among complete ones is a CheckpointError."""
+        listing = ckpt.list_checkpoints(self.ckpt_dir) if self.dist.is_main else None
+        complete = [(s, p) for s, p, c in broadcast_object(listing) if c]
+        damaged, found = [], None
+        for step, tag_dir in reversed(complete):
+            problems = self._verify(tag_dir)
+            if not problems:
+                found = (step, tag_dir)
+                break
+            damaged.append((tag_dir, problems))
+        if found is None and damaged:
+            first = damaged[0][1][0]
+            self._fail_together(CheckpointError(
+                f"no intact checkpoint in {self.ckpt_dir}: all {len(damaged)} complete ones are "
+                f"damaged ({first}); restore the files from a copy, or start over with another "
+                "run_dir or checkpoint.resume=false"))
+        if self.dist.is_main:
+            for tag_dir, problems in damaged:
+                aside = ckpt.set_aside(tag_dir)
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                log.warning("checkpoint %s is damaged: %s%s. Set aside as %s with its files "
+                            "untouched; resuming from %s", tag_dir.name, problems[0], more,
+                            aside.name, found[1].name)
+        barrier()
+        return found
+
     def _maybe_resume(self) -> None:
-        found = ckpt.latest_complete(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        found = self._newest_intact() if self.cfg.checkpoint.resume else None
         if found is None:
             return
         step, tag_dir = found
         state_path = ckpt.rank_state_path(tag_dir, self.dist.rank)
-        if not state_path.exists():
-            raise RuntimeError(
-                f"{tag_dir} has no trainer state for rank {self.dist.rank}: it was written by a run "
-                f"with a different number of processes. Relaunch with the same world size, or use a "
-                f"new run_dir")
+        self._fail_together(None if state_path.exists() else CheckpointError(
+            f"{tag_dir} has no trainer state for rank {self.dist.rank}: it was written by a run "
+            f"with a different number of processes. Relaunch with the same world size, or use a "
+            f"new run_dir"))
         state = torch.load(state_path, weights_only=False)
-        check_parallel_layout(state, ep_size=self.cfg.parallel.ep_size,
-                              zero_stage=self.cfg.parallel.zero_stage, where=tag_dir)
+        self._on_all_ranks(lambda: check_parallel_layout(
+            state, ep_size=self.cfg.parallel.ep_size, zero_stage=self.cfg.parallel.zero_stage,
+            where=tag_dir))
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
                                                    load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+        self._on_all_ranks(self._load_rank_state, state, tag_dir)
+        log.info("resumed from %s (step %d)", tag_dir, self.step)
+
+    def _load_rank_state(self, state: dict[str, Any], tag_dir: Path) -> None:
         if state["world_size"] != self.dist.world_size:
-            raise RuntimeError(f"{tag_dir} was saved with world size {state['world_size']}, this launch "
-                               f"has {self.dist.world_size}; relaunch with the same world size")
+            raise CheckpointError(f"{tag_dir} was saved with world size {state['world_size']}, "
+                                  f"this launch has {self.dist.world_size}; relaunch with the "
+                                  "same world size")
+        self.train_loader.load_state_dict(state["loader"])  # DataError if the data changed
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.wandb_run_id = state["wandb_run_id"]
-        self.train_loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         self.last_saved_step = self.step
-        log.info("resumed from %s (step %d)", tag_dir, self.step)
 
     # ---- steps ------------------------------------------------------------------------------
     def _train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -329,24 +435,21 @@ class Trainer:
         self._setup_logging()
         if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
             log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")
-        try:  # checks that need the world size or device: same clean exit as other config errors
-            cfg.check_world(dist.world_size)
-            self.precision = resolve_precision(cfg.trainer.precision, dist.device.type)
-            build_ds_config(cfg, dist.world_size, dist.device.type)  # its checks, before any write
-        except ValueError as err:
-            raise SystemExit(f"Config error: {err}") from None
-
-        if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.precision = self._on_all_ranks(self._check_world_and_device)
         meta = self._prepare_data()
-        self._set_vocab(meta)
-        if dist.is_main:  # the resolved config (vocab included), for humans and reruns
-            ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
-                                    OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+        self._on_all_ranks(self._set_vocab, meta)
         self._build_engine()
-        self._build_loaders(meta)
+        self._on_all_ranks(self._build_loaders, meta)
         self.last_saved_step = -1
         self._maybe_resume()
+        if dist.is_main:  # only now: a config, data or resume error leaves the run dir as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # the resolved config (vocab included), for humans and reruns
+            ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
+                                    OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+            # exactly what the DeepSpeed engine was given, for humans
+            ckpt.atomic_write_bytes(self.run_dir / "ds_config.json",
+                                    (json.dumps(self.ds_config, indent=2) + "\n").encode())
 
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
         self.metrics.truncate_after(self.step)
@@ -376,6 +479,17 @@ class Trainer:
             f"total, {cfg.model.num_active_params() / 1e6:.2f}M active | vocab {cfg.model.vocab_size} | "
             f"{self.tokens_per_step} tokens/step, accum {self.engine.gradient_accumulation_steps()} | "
             f"steps {self.step}->{cfg.trainer.max_steps}")
+
+    def _check_world_and_device(self) -> str:
+        """Checks that need the world size or the device; returns the resolved precision."""
+        try:
+            self.cfg.check_world(self.dist.world_size)
+            precision = resolve_precision(self.cfg.trainer.precision, self.dist.device.type)
+            # the DeepSpeed config's own checks, before anything is written
+            build_ds_config(self.cfg, self.dist.world_size, self.dist.device.type)
+            return precision
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)

@@ -9,6 +9,7 @@ import torch
 
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.loader import build_eval_loader, build_train_loader
+from deepseek_moe.errors import DataError
 
 S = 8  # seq_len
 
@@ -156,8 +157,24 @@ def test_bad_batch_shapes_and_tiny_corpus_fail_clearly(make_prepared):
     with pytest.raises(ValueError, match="dp_rank=2"):
         build_train_loader(meta, seq_len=S, global_batch_size=4, micro_batch_size=1,
                            dp_rank=2, dp_world=2)
-    with pytest.raises(ValueError, match=r"val.bin.*data.val_fraction"):
-        build_eval_loader(meta, seq_len=S, micro_batch_size=2)
+    with pytest.raises(DataError, match=r"val.bin has 8 tokens.*data.val_fraction"):
+        build_eval_loader(make_prepared(10 * S + 1, S, name="noval"), seq_len=S, micro_batch_size=2)
+
+
+@pytest.mark.parametrize("world, micro, expected", [
+    (2, 4, [[[0, 1]], [[2, 3]]]),          # B shrinks to the 2 windows per rank
+    (3, 2, [[[0]], [[1]], [[2]]]),          # one window per rank
+    (8, 2, [[[r % 5]] for r in range(8)]),  # more ranks than windows: they share
+])
+def test_small_val_split_is_evaluated_with_what_it_has(make_prepared, world, micro, expected):
+    meta = make_prepared(10 * S + 1, 5 * S + 1)  # 5 val windows
+    loaders = [build_eval_loader(meta, seq_len=S, micro_batch_size=micro, dp_rank=r,
+                                 dp_world=world, num_batches=3) for r in range(world)]
+    assert [[window_id(b) for b in ld] for ld in loaders] == expected
+    assert {len(ld) for ld in loaders} == {1}
+    assert all("5 eval sequences" in ld.shortfall and "data.val_fraction" in ld.shortfall
+               for ld in loaders)
+    assert build_eval_loader(meta, seq_len=S, micro_batch_size=1, num_batches=5).shortfall is None
 
 
 def test_loader_accepts_a_data_config(make_prepared, tmp_path):

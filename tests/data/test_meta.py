@@ -9,10 +9,11 @@ import pytest
 from deepseek_moe.data.loader import build_train_loader
 from deepseek_moe.data.meta import check_model_vocab, load_meta, padded_vocab_size
 from deepseek_moe.data.packed import PackedTokens
+from deepseek_moe.errors import DataError
 
 
 def test_missing_meta_names_file_and_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"meta.json is missing.*data_prep.prepare"):
+    with pytest.raises(DataError, match=r"meta.json is missing.*data_prep.prepare"):
         load_meta(tmp_path)
 
 
@@ -29,7 +30,7 @@ def test_truncated_bin_is_rejected(make_prepared):
 def test_missing_bin_is_rejected(make_prepared):
     meta = make_prepared(1000, 100)
     (meta.dir / "val.bin").unlink()
-    with pytest.raises(FileNotFoundError, match="val.bin is missing"):
+    with pytest.raises(DataError, match="val.bin is missing"):
         PackedTokens(meta, "val")
 
 
@@ -48,7 +49,7 @@ def test_edited_or_corrupt_meta_is_rejected(make_prepared):
 def test_missing_tokenizer_is_rejected(make_prepared):
     meta = make_prepared(1000, 100)
     (meta.dir / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match="tokenizer.model is missing"):
+    with pytest.raises(DataError, match="tokenizer.model is missing"):
         load_meta(meta.dir)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -126,11 +127,17 @@ def test_streaming_local_text_round_trip(corpus, tmp_path):
     assert meta.skipped_documents == {"not_utf8": 1, "empty": 1}
 
 
-def test_cli_reports_user_errors_without_a_traceback(tmp_path):
-    with pytest.raises(SystemExit, match=r"data_prep.prepare: error: .*matches no files"):
+def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["data=local_text", f"data.path={tmp_path / 'none'}", f"data.out_dir={tmp_path / 'o'}"])
-    with pytest.raises(SystemExit, match="data.vocab_siz"):
+    assert exit_.value.code == 1
+    assert re.fullmatch(r"Data error: data.path=.*matches no files.*check data.path.*\n",
+                        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
         main(["data.vocab_siz=10"])
+    err = capsys.readouterr().err
+    assert err.startswith("Config error: ") and "data.vocab_siz" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_uint32_shards_round_trip(corpus, tmp_path, monkeypatch):

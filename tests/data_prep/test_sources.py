@@ -10,6 +10,7 @@ import pytest
 from data_prep.prepare import prepare
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.meta import load_meta
+from deepseek_moe.errors import DataError
 from tests.data_prep.conftest import corpus_config
 from tests.data_prep.test_prepare import decode_split
 
@@ -104,7 +105,7 @@ def test_vocab_size_out_of_range(corpus, tmp_path):
 
 def test_tokenizer_model_reuse_and_bad_path(prepared, corpus, tmp_path):
     _, out, _ = prepared
-    with pytest.raises(FileNotFoundError, match=r"data.tokenizer_model=.*missing.model does not exist"):
+    with pytest.raises(DataError, match=r"data.tokenizer_model=.*missing.model does not exist"):
         prepare(corpus_config(corpus[0], tmp_path / "o", tokenizer_model=str(tmp_path / "missing.model")))
     (tmp_path / "junk.model").write_bytes(b"junk")
     with pytest.raises(ValueError, match="is not a sentencepiece model"):

@@ -34,7 +34,7 @@ def test_a_good_directory_passes(copy, capsys):
     assert "OK" in capsys.readouterr().out
 
 
-def test_flipped_byte_is_caught(copy):
+def test_flipped_byte_is_caught(copy, capsys):
     path = copy / "train.bin"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 1
@@ -42,8 +42,10 @@ def test_flipped_byte_is_caught(copy):
     load_meta(copy)  # sizes and meta are fine: only the checksum can tell
     with pytest.raises(ValueError, match=r"train.bin does not match its sha256.*force=true"):
         verify(copy)
-    with pytest.raises(SystemExit, match="does not match its sha256"):
+    with pytest.raises(SystemExit):
         main([f"data.out_dir={copy}"])
+    last = capsys.readouterr().err.split("\n")[-2]  # after tqdm's progress bar
+    assert last.startswith("Data error: ") and "does not match its sha256" in last
 
 
 def test_out_of_vocab_id_and_missing_eos_are_caught(copy):

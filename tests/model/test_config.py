@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from deepseek_moe.config.model import ModelConfig, MoEConfig
+from deepseek_moe.errors import ConfigError
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 from deepseek_moe.summary import load_model_config, summarize
 
@@ -123,7 +124,7 @@ def test_tiny_preset_structure():
 def test_overrides_and_unknown_preset():
     cfg = load_model_config("deepseek_moe_tiny", ["moe.top_k=2", "num_layers=2"])
     assert cfg.moe.top_k == 2 and cfg.num_layers == 2
-    with pytest.raises(FileNotFoundError, match="known presets"):
+    with pytest.raises(ConfigError, match="known presets"):
         load_model_config("no_such_model")
     with pytest.raises(ValueError, match="top_k=99"):
         load_model_config("deepseek_moe_tiny", ["moe.top_k=99"])

@@ -4,6 +4,7 @@ the real EP=2 checkpoint round trip is in test_deepspeed_moe.py)."""
 import pytest
 import torch
 
+from deepseek_moe.errors import CheckpointError
 from deepseek_moe.parallel.checkpoint import consolidate_deepspeed_checkpoint, main
 
 PFX = "model.layers.1.mlp.experts.deepspeed_moe.experts.deepspeed_experts"
@@ -29,7 +30,7 @@ def test_renames_global_expert_keys(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tag directory"):
+    with pytest.raises(CheckpointError, match="tag directory"):
         consolidate_deepspeed_checkpoint(str(tmp_path))
     _write(tmp_path, {(0, 1): [f"{PFX}.1.up_proj.weight"], (1, 1): [f"{PFX}.1.up_proj.weight"]})
     with pytest.raises(ValueError, match="appears twice"):

@@ -1,7 +1,10 @@
-"""Checkpoint directory rules: only COMPLETE checkpoints count; pruning keeps the newest N."""
+"""Checkpoint directory rules: only COMPLETE checkpoints count; pruning keeps the newest N;
+the manifest in COMPLETE catches damage."""
 
 import os
+import zlib
 
+import pytest
 import torch
 
 from deepseek_moe.train import checkpoint as ckpt
@@ -12,7 +15,8 @@ def _make(root, step, complete):
     (d / "trainer_state").mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        ckpt.mark_complete(d, step, world_size=1)
+        files = ckpt.describe_files(d, list(ckpt.checkpoint_files(d)))
+        ckpt.mark_complete(d, step, world_size=1, files=files)
     return d
 
 
@@ -37,7 +41,7 @@ def test_prune_keeps_newest_complete_and_drops_partials(tmp_path):
         _make(tmp_path, step, True)
     _make(tmp_path, 25, False)  # a save that died
     _make(tmp_path, 40, False)  # a save that died in a launch whose progress was lost
-    deleted = ckpt.prune(tmp_path, keep=2)
+    deleted = ckpt.prune(tmp_path, keep=2, saved_step=30)
     assert sorted(p.name for p in deleted) == ["step_00000010", "step_00000025", "step_00000040"]
     left = [(s, c) for s, _, c in ckpt.list_checkpoints(tmp_path)]
     assert left == [(20, True), (30, True)]
@@ -45,7 +49,7 @@ def test_prune_keeps_newest_complete_and_drops_partials(tmp_path):
 
 def test_prune_without_complete_checkpoint_deletes_nothing(tmp_path):
     _make(tmp_path, 10, False)
-    assert ckpt.prune(tmp_path, keep=1) == []
+    assert ckpt.prune(tmp_path, keep=1, saved_step=10) == []
 
 
 def test_atomic_torch_save_leaves_no_temp_files(tmp_path):
@@ -53,3 +57,74 @@ def test_atomic_torch_save_leaves_no_temp_files(tmp_path):
     ckpt.atomic_torch_save({"x": torch.arange(3)}, path)
     assert torch.load(path)["x"].tolist() == [0, 1, 2]
     assert os.listdir(path.parent) == ["state.pt"]
+
+
+def test_share_balances_bytes_and_covers_every_file_once():
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 10, "e": 10}
+    # by hand, largest first to the rank with fewer bytes (ties: lower rank); loads after each:
+    # a->0 (100, 0), b->1 (100, 60), c->1 (100, 110), d->0 (110, 110), e->0 (120, 110)
+    assert [ckpt.share(sizes, r, 2) for r in range(2)] == [["a", "d", "e"], ["b", "c"]]
+    assert ckpt.share(sizes, 0, 1) == ["a", "b", "c", "d", "e"]
+    parts = [ckpt.share(sizes, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(sizes)
+
+
+def test_manifest_catches_truncation_bit_flip_and_missing_files(tmp_path):
+    d = _make(tmp_path, 10, True)
+    (d / "trainer_state" / "rank00000.pt").write_bytes(bytes(range(200)))
+    files = ckpt.describe_files(d, list(ckpt.checkpoint_files(d)))
+    ckpt.mark_complete(d, 10, world_size=1, files=files)
+    manifest = ckpt.read_manifest(d)
+    assert set(manifest) == {"mp_rank_00_model_states.pt", "trainer_state/rank00000.pt"}
+    assert manifest["trainer_state/rank00000.pt"]["crc32"] == f"{zlib.crc32(bytes(range(200))):08x}"
+    assert ckpt.find_damage(d, manifest) == []
+    raw = bytearray(range(200))
+    raw[77] ^= 0x01
+    (d / "trainer_state" / "rank00000.pt").write_bytes(bytes(raw))
+    assert ckpt.find_damage(d, manifest) == [
+        f"{d / 'trainer_state' / 'rank00000.pt'}: contents changed since it was saved (CRC-32 mismatch)"]
+    (d / "trainer_state" / "rank00000.pt").write_bytes(bytes(range(100)))
+    assert "100 bytes, 200 when saved" in ckpt.find_damage(d, manifest)[0]
+    (d / "mp_rank_00_model_states.pt").unlink()
+    assert ckpt.find_damage(d, manifest)[0].endswith("mp_rank_00_model_states.pt: missing")
+    (d / ckpt.COMPLETE).write_text("{not json")
+    assert "cannot be read" in ckpt.find_damage(d, ckpt.read_manifest(d))[0]
+
+
+def test_prune_never_deletes_the_fallback_for_a_newer_checkpoint(tmp_path):
+    """A complete checkpoint above the saved step (a launch with resume=false, or one not yet
+    set aside) must not count towards `keep`: the one just saved and its fallback stay."""
+    for step in (10, 20, 40):
+        _make(tmp_path, step, True)
+    _make(tmp_path, 30, True)  # just saved
+    damaged = _make(tmp_path, 50, True)
+    aside = ckpt.set_aside(damaged)
+    assert aside.name == "step_00000050.damaged" and (aside / ckpt.COMPLETE).is_file()
+    deleted = ckpt.prune(tmp_path, keep=2, saved_step=30)
+    assert [p.name for p in deleted] == ["step_00000010"]
+    assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path)] == [20, 30, 40]
+    assert aside.is_dir()
+    assert ckpt.set_aside(_make(tmp_path, 50, False)).name == "step_00000050.damaged-2"
+
+
+def test_resume_candidates_when_every_checkpoint_is_damaged(tmp_path, capsys):
+    """One process, no process group: the collectives pass through."""
+    from deepseek_moe.errors import CheckpointError
+    from deepseek_moe.train.distributed import DistInfo
+    from deepseek_moe.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.ckpt_dir = tmp_path
+    trainer.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for step in (10, 20, 30):
+        _make(tmp_path, step, True)
+    (tmp_path / "step_00000030" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert trainer._newest_intact() == (20, tmp_path / "step_00000020")
+    assert [p.name for p in sorted(tmp_path.iterdir())] == [
+        "step_00000010", "step_00000020", "step_00000030.damaged"]
+    for step in (10, 20):
+        (tmp_path / ckpt.tag_for_step(step) / "mp_rank_00_model_states.pt").write_bytes(b"y")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint.*all 2 complete ones are "
+                                              r"damaged.*checkpoint.resume=false"):
+        trainer._newest_intact()
+    assert (tmp_path / "step_00000020").is_dir()  # nothing set aside when nothing is intact

@@ -4,13 +4,15 @@ mismatching field."""
 
 import dataclasses
 
+import torch
+
 import pytest
 
 from deepseek_moe.config.model import ModelConfig, MoEConfig
 from deepseek_moe.errors import ConfigError, ExportError
 from deepseek_moe.export import export, exporter
 from deepseek_moe.export.__main__ import main
-from deepseek_moe.export.importer import config_differences, read_model_config
+from deepseek_moe.export.importer import check_init_from, config_differences, read_model_config
 from deepseek_moe.export.refusals import Accept, check_representable
 
 
@@ -90,6 +92,41 @@ def test_init_from_names_each_mismatching_field(ep2_runs, tmp_path):
     other = dataclasses.replace(cfg, hidden_size=48, moe=dataclasses.replace(cfg.moe, top_k=3))
     assert config_differences(other, fields) == ["model.hidden_size=48 (checkpoint: 32)",
                                                  "model.moe.top_k=3 (checkpoint: 2)"]
+    run_cfg = find_source(ep2_runs["fp32"]).run_cfg
+    run_cfg.model = dataclasses.replace(other, init_from=str(tmp_path / "m"), vocab_size=7)
+    with pytest.raises(ConfigError, match=r"hidden_size=48 \(checkpoint: 32\); model.moe.top_k=3"):
+        check_init_from(run_cfg)
+    assert run_cfg.model.vocab_size == fields["vocab_size"]  # the vocab follows the checkpoint
     with pytest.raises(ConfigError, match="model_type"):
         (tmp_path / "m" / "config.json").write_text('{"model_type": "llama"}')
         read_model_config(tmp_path / "m")
+
+
+def test_train_starts_from_init_from(ep2_runs, tokenizer_data, tmp_path):
+    """train.py with model.init_from: at an LR too small to move a weight, the run's first
+    checkpoint holds exactly the imported weights (a random init would not)."""
+    from deepseek_moe.export.source import find_source, read_weights
+    from tests.train.helpers import run_train
+
+    export(ep2_runs["fp32"], tmp_path / "init")
+    m = find_source(ep2_runs["fp32"]).run_cfg.model
+    overrides = [
+        f"model.init_from={tmp_path / 'init'}", f"run_dir={tmp_path / 'run'}",
+        f"data.out_dir={tokenizer_data}", "data.max_documents=12", "data.vocab_size=512",
+        "data.val_fraction=0.2", "data.tokenizer_sentences=5000", "data.num_proc=1",
+        f"model.hidden_size={m.hidden_size}", f"model.num_layers={m.num_layers}",
+        f"model.num_heads={m.num_heads}", f"model.num_kv_heads={m.num_kv_heads}",
+        f"model.head_dim={m.head_dim}", f"model.intermediate_size={m.intermediate_size}",
+        f"model.max_seq_len={m.max_seq_len}", f"model.first_k_dense={m.first_k_dense}",
+        f"model.moe.n_routed_experts={m.moe.n_routed_experts}", f"model.moe.top_k={m.moe.top_k}",
+        f"model.moe.n_shared_experts={m.moe.n_shared_experts}",
+        f"model.moe.moe_intermediate_size={m.moe.moe_intermediate_size}",
+        "model.moe.n_groups=1", "model.moe.topk_groups=1",
+        "optim.lr=1e-30", "optim.weight_decay=0", "optim.warmup_steps=0", "trainer.max_steps=1",
+        "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.eval_every=0",
+        "logger=none"]
+    run_train(overrides)
+    got, _ = read_weights(find_source(tmp_path / "run"))
+    want, _ = read_weights(find_source(ep2_runs["fp32"]))
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key

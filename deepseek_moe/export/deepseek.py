@@ -51,7 +51,6 @@ def config_json(cfg: ModelConfig, *, dtype: torch.dtype, special_ids: dict[str, 
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.rms_norm_eps,
         "use_cache": True,
-        "pad_token_id": special_ids.get("pad"),
         "bos_token_id": special_ids.get("bos"),
         "eos_token_id": special_ids.get("eos"),
         "pretraining_tp": 1,
@@ -61,6 +60,7 @@ def config_json(cfg: ModelConfig, *, dtype: torch.dtype, special_ids: dict[str, 
         "attention_bias": False,
         "attention_dropout": 0.0,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        **({"pad_token_id": special_ids["pad"]} if "pad" in special_ids else {}),
     }
 
 

@@ -49,8 +49,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "deepse
     with hf_dir.staged_dir(out, force=force) as tmp:
         shards = hf_dir.write_safetensors(tmp, tensors)
         hf_dir.write_json(tmp / "config.json", layout.config_json(cfg, dtype=dtype, special_ids=ids))
-        generation = {"do_sample": False, "bos_token_id": ids.get("bos"),
-                      "eos_token_id": ids.get("eos"), "pad_token_id": ids.get("pad")}
+        generation = {"do_sample": False, **{f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")
+                                             if k in ids}}
         hf_dir.write_json(tmp / "generation_config.json", generation)
         write_tokenizer(meta, tmp)
     return {"out": str(out), "format": fmt, "checkpoint": str(src.tag_dir),

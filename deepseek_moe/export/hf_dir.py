@@ -52,6 +52,12 @@ def staged_dir(out: Path, *, force: bool) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -76,6 +82,7 @@ def write_safetensors(out: Path, tensors: dict[str, torch.Tensor],
     weight_map = {}
     for name, shard in zip(names, shards):
         save_file(shard, str(out / name), metadata={"format": "pt"})
+        os.chmod(out / name, 0o666 & ~_umask())  # safetensors creates files owner-only
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

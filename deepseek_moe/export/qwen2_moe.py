@@ -66,11 +66,12 @@ def config_json(cfg: ModelConfig, *, dtype: torch.dtype, special_ids: dict[str, 
         "norm_topk_prob": moe.norm_topk_prob if moe else False,
         "router_aux_loss_coef": moe.aux_loss_alpha if moe else 0.0,
         "output_router_logits": False,
-        "pad_token_id": special_ids.get("pad"),
         "bos_token_id": special_ids.get("bos"),
         "eos_token_id": special_ids.get("eos"),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if "pad" in special_ids:
+        out["pad_token_id"] = special_ids["pad"]
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         out["head_dim"] = cfg.head_dim
     return out

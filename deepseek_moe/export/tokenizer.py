@@ -17,6 +17,7 @@ A Hugging Face tokenizer used for the data (`data.tokenizer`) is written back as
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from deepseek_moe.data.meta import DataMeta
@@ -63,3 +64,9 @@ def write_tokenizer(meta: DataMeta, out: Path) -> None:
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False,
                                  model_max_length=int(1e30), **names)
     hf.save_pretrained(str(out))
+    # transformers 5 writes its own class name; the generic fast class loads in every version
+    # (and in inference servers that bring their own transformers).
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -164,3 +164,40 @@ def test_import_at_ep2_gives_every_rank_its_experts(exported, ep2_runs):
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+# config.json of DeepSeek's published deepseek-moe-16b-base.
+RELEASE_16B_CONFIG = {
+    "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                 "AutoModel": "modeling_deepseek.DeepseekModel",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001,
+    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 10944, "max_position_embeddings": 4096,
+    "model_type": "deepseek", "moe_intermediate_size": 1408, "moe_layer_freq": 1,
+    "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 28,
+    "num_key_value_heads": 16, "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 10000, "scoring_func": "softmax", "seq_aux": True, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": True,
+    "vocab_size": 102400,
+}
+
+
+def test_16b_preset_is_the_published_16b():
+    """Our 16B preset imports DeepSeek's checkpoint (no field differs) and exports its config."""
+    from omegaconf import OmegaConf
+
+    from deepseek_moe.config.model import ModelConfig
+    from deepseek_moe.export import deepseek
+    from deepseek_moe.export.importer import config_differences
+    from tests.train.helpers import REPO
+
+    preset = OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/deepseek_moe_16b.yaml")))
+    assert config_differences(preset, deepseek.model_config_fields(RELEASE_16B_CONFIG)) == []
+    ours = deepseek.config_json(preset, dtype=torch.bfloat16, special_ids={"bos": 100000, "eos": 100001})
+    assert set(ours) == set(RELEASE_16B_CONFIG) - {"auto_map", "transformers_version"}
+    differ = {k for k in ours if ours[k] != RELEASE_16B_CONFIG[k]}
+    assert differ == {"initializer_range"}  # the paper's 0.006 (the release file says 0.02)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -89,9 +89,11 @@ def write_safetensors(out: Path, tensors: dict[str, torch.Tensor],
     return names
 
 
-def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory (sharded with an index, or one model.safetensors)."""
-    from safetensors.torch import load_file
+def read_safetensors(model_dir: Path, keep: Optional[Callable[[str], bool]] = None
+                     ) -> dict[str, torch.Tensor]:
+    """The tensors of a model directory (sharded with an index, or one model.safetensors) whose
+    names pass `keep` (default all); the others are never read from disk."""
+    from safetensors import safe_open
 
     index = model_dir / INDEX_FILE
     if index.is_file():
@@ -104,7 +106,10 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
                           "weights")
     out: dict[str, torch.Tensor] = {}
     for name in files:
-        out.update(load_file(str(model_dir / name)))
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            for key in f.keys():
+                if keep is None or keep(key):
+                    out[key] = f.get_tensor(key)
     return out
 
 

@@ -7,14 +7,15 @@ DIR is in either export format (`model_type` "deepseek" or "qwen2_moe" in config
 DeepSeek's published deepseek-moe-16b-base. With `vocab_from_tokenizer` the model's vocab size
 is the checkpoint's (its tokenizer padding rule may differ from ours); every other field that
 shapes the weights or the function must already be equal, or ConfigError names each one.
-The weights are cast to the model's dtype and each rank keeps its own experts, so any EP size
-works; every rank reads the whole directory once.
+The weights are cast to the model's dtype; each rank reads the non-expert tensors and only its
+own routed experts, so any EP size works.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -71,18 +72,32 @@ def check_init_from(run_cfg) -> None:
                           + "; ".join(diffs) + ". Set these model.* values to the checkpoint's")
 
 
-def init_weights(model_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our HF-layout weights (all experts, global ids) from a model directory."""
+_ROUTED_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def init_weights(model_dir: str | Path, cfg: ModelConfig,
+                 experts: Optional[dict[int, range]] = None) -> dict[str, torch.Tensor]:
+    """Our HF-layout weights (global expert ids) from a model directory. `experts`: layer ->
+    the global expert ids to read (default all); routed experts of both layouts are named
+    `model.layers.{L}.mlp.experts.{e}.*`, so the others are skipped unread."""
+    def keep(key: str) -> bool:
+        m = _ROUTED_EXPERT.match(key)
+        return experts is None or m is None or int(m[2]) in experts.get(int(m[1]), ())
+
     layout, _ = read_model_config(model_dir)
-    return layout.from_tensors(hf_dir.read_safetensors(Path(model_dir)), cfg)
+    return layout.from_tensors(hf_dir.read_safetensors(Path(model_dir), keep), cfg)
 
 
 @torch.no_grad()
 def load_init_from(model: nn.Module, cfg: ModelConfig) -> None:
-    """Load `cfg.init_from` into `model` (any EP size; not collective)."""
+    """Load `cfg.init_from` into `model` (any EP size; not collective). Each rank reads the
+    non-expert tensors and only its own routed experts."""
+    from deepseek_moe.model.moe import MoELayer
     from deepseek_moe.parallel import load_consolidated_state_dict
 
-    weights = init_weights(cfg.init_from, cfg)
+    own = {m.layer_idx: range(m.local_expert_offset, m.local_expert_offset + m.num_local_experts)
+           for m in model.modules() if isinstance(m, MoELayer)}
+    weights = init_weights(cfg.init_from, cfg, own)
     try:
         load_consolidated_state_dict(model, weights)
     except (KeyError, RuntimeError) as err:

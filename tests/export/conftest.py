@@ -4,6 +4,7 @@ checkpoints/step_XXXXXXXX with COMPLETE)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,10 @@ def _run_config(run_dir: Path, data_dir: Path, model: ModelConfig, precision: st
                                            micro_batch_size=2, precision=precision))
 
 
-def _train_and_save(rank, world, run_cfgs):
-    """Per run config: EP=2 engine, STEPS optimizer steps, a checkpoint like the trainer's."""
+def _train_and_save(rank, world, run_cfgs, import_dir):
+    """Per run config: EP=2 engine, STEPS optimizer steps, a checkpoint like the trainer's.
+    Then the first run is exported (deepseek format) and imported at EP=2 from a different
+    random init: returns the consolidated imported weights (rank 0)."""
     import deepspeed
     from omegaconf import OmegaConf
 
@@ -65,6 +68,19 @@ def _train_and_save(rank, world, run_cfgs):
             ckpt.mark_complete(run_dir / "checkpoints" / tag, STEPS, world)
         torch.distributed.barrier()
 
+    from deepseek_moe.export import export
+    from deepseek_moe.export.importer import load_init_from
+    from deepseek_moe.parallel import consolidated_state_dict
+
+    if rank == 0:
+        export(run_cfgs[0].run_dir, import_dir)
+    torch.distributed.barrier()
+    cfg = run_cfgs[0].model
+    torch.manual_seed(100 + rank)  # every rank starts from other random weights
+    model = parallelize_moe(DeepSeekMoEForCausalLM(cfg), EP)
+    load_init_from(model, dataclasses.replace(cfg, init_from=str(import_dir)))
+    return consolidated_state_dict(model)
+
 
 @pytest.fixture(scope="session")
 def tokenizer_data(tmp_path_factory) -> Path:
@@ -79,8 +95,9 @@ def tokenizer_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ep2_runs(tmp_path_factory, tokenizer_data) -> dict[str, Path]:
-    """{"fp32": run_dir, "bf16": run_dir}: EP=2 ZeRO-1 checkpoints from 2 processes."""
+def ep2_runs(tmp_path_factory, tokenizer_data) -> dict:
+    """{"fp32": run_dir, "bf16": run_dir}: EP=2 ZeRO-1 checkpoints from 2 processes, and
+    "ep2_import": the fp32 run exported and imported at EP=2 (consolidated weights)."""
     from deepseek_moe.data import load_meta, padded_vocab_size
     from tests.distributed import run_distributed
 
@@ -88,5 +105,5 @@ def ep2_runs(tmp_path_factory, tokenizer_data) -> dict[str, Path]:
     model = export_model_config(padded_vocab_size(load_meta(tokenizer_data).vocab_size))
     runs = {p: root / p for p in ("fp32", "bf16")}
     cfgs = [_run_config(runs[p], tokenizer_data, model, p) for p in runs]
-    run_distributed(_train_and_save, 2, cfgs, timeout=300)
-    return runs
+    results = run_distributed(_train_and_save, 2, cfgs, root / "ep2_import", timeout=300)
+    return {**runs, "ep2_import": results[0]}

@@ -7,17 +7,16 @@
 The model config is the run's resolved `config.yaml` (written by the trainer at start, vocab
 included), so a checkpoint directory must stay inside its run directory. Weights come from
 `consolidate_deepspeed_checkpoint` (the same files at every EP size). When the model states are
-bf16/fp16 and the optimizer holds fp32 master copies (ZeRO-1/2, and DeepSpeed's bf16 optimizer
-at ZeRO-0), the masters replace them: `read_weights` returns float32 then. Without masters (an
-fp32 run, or optimizer files missing) the model states are returned in their own dtype.
+bf16/fp16 and the optimizer holds fp32 master copies in ZeRO-1/2 shards, the masters replace
+them: `read_weights` returns float32 then. Otherwise (an fp32 run; ZeRO-0, whose DeepSpeed
+optimizer files keep the fp32 copies without parameter names) the model states are returned in
+their own dtype, and that is the dtype the export writes and reports.
 
-How DeepSpeed stores the masters (ZeRO stage 1/2 and bf16 stage 0): per data-parallel rank r,
-`*zero_pp_rank_{r}_mp_rank_00_optim_states.pt` holds the non-expert param groups and, with MoE,
-`expp_rank_{r}_mp_rank_00_optim_states.pt` the expert groups, as
-`optimizer_state_dict[...]["single_partition_of_fp32_groups"]` (one flat fp32 partition per
-param group; this rank's slice of the group's flat buffer). The model-states file's
-`param_shapes` lists, per group, the parameters in flattening order with their shapes, so the
-concatenated partitions (minus the alignment padding at the end) unflatten into named tensors.
+How ZeRO-1/2 store the masters: per data-parallel rank r,
+`[bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt` holds `optimizer_state_dict` with
+`single_partition_of_fp32_groups` (per param group, this rank's slice of the group's flat fp32
+buffer; expert groups are partitioned over the expert-data-parallel group) and
+`param_slice_mappings` (per group, parameter name -> (start, numel) of its piece in that slice).
 """
 
 from __future__ import annotations
@@ -153,7 +152,8 @@ def read_weights(src: Source) -> tuple[dict[str, torch.Tensor], torch.dtype]:
             shapes={k: v.shape for k, v in weights.items()})
         if masters is not None:
             weights.update(masters)
-    dtypes = {v.dtype for k, v in weights.items() if v.is_floating_point()}
-    dtype = torch.float32 if torch.float32 in dtypes and len(dtypes) == 1 else max(
-        dtypes, key=lambda d: torch.finfo(d).bits)
+    # the parameters' dtype (the fp32 selection-bias buffer is not exported)
+    dtypes = {v.dtype for k, v in weights.items()
+              if v.is_floating_point() and not k.endswith("e_score_correction_bias")}
+    dtype = max(dtypes, key=lambda d: torch.finfo(d).bits)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, dtype

@@ -1,4 +1,4 @@
-"""Real EP=2 DeepSpeed checkpoints (2 gloo processes, fp32 and bf16 ZeRO-1) and a prepared
+"""Real EP=2 DeepSpeed checkpoints (2 gloo processes, fp32 ZeRO-1 and bf16 ZeRO-2) and a prepared
 tokenizer, shared by the export tests; each run directory looks like the trainer's (config.yaml,
 checkpoints/step_XXXXXXXX with COMPLETE)."""
 
@@ -23,13 +23,13 @@ def export_model_config(vocab_size: int) -> ModelConfig:
                                      moe_intermediate_size=16, n_groups=2, topk_groups=2))
 
 
-def _run_config(run_dir: Path, data_dir: Path, model: ModelConfig, precision: str):
+def _run_config(run_dir: Path, data_dir: Path, model: ModelConfig, precision: str, zero_stage: int):
     from deepseek_moe.config.data import DataConfig
     from deepseek_moe.config.train import OptimConfig, ParallelConfig, RunConfig, TrainerConfig
 
     return RunConfig(run_dir=str(run_dir), model=model, optim=OptimConfig(warmup_steps=0),
                      data=DataConfig(out_dir=str(data_dir), vocab_size=512),
-                     parallel=ParallelConfig(ep_size=EP, zero_stage=1),
+                     parallel=ParallelConfig(ep_size=EP, zero_stage=zero_stage),
                      trainer=TrainerConfig(max_steps=STEPS, global_batch_size=4,
                                            micro_batch_size=2, precision=precision))
 
@@ -96,7 +96,8 @@ def tokenizer_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ep2_runs(tmp_path_factory, tokenizer_data) -> dict:
-    """{"fp32": run_dir, "bf16": run_dir}: EP=2 ZeRO-1 checkpoints from 2 processes, and
+    """{"fp32": run_dir, "bf16": run_dir}: EP=2 checkpoints (ZeRO-1 fp32, ZeRO-2 bf16) from 2
+    processes, and
     "ep2_import": the fp32 run exported and imported at EP=2 (consolidated weights)."""
     from deepseek_moe.data import load_meta, padded_vocab_size
     from tests.distributed import run_distributed
@@ -104,6 +105,7 @@ def ep2_runs(tmp_path_factory, tokenizer_data) -> dict:
     root = tmp_path_factory.mktemp("export_runs")
     model = export_model_config(padded_vocab_size(load_meta(tokenizer_data).vocab_size))
     runs = {p: root / p for p in ("fp32", "bf16")}
-    cfgs = [_run_config(runs[p], tokenizer_data, model, p) for p in runs]
+    cfgs = [_run_config(runs["fp32"], tokenizer_data, model, "fp32", zero_stage=1),
+            _run_config(runs["bf16"], tokenizer_data, model, "bf16", zero_stage=2)]
     results = run_distributed(_train_and_save, 2, cfgs, root / "ep2_import", timeout=300)
     return {**runs, "ep2_import": results[0]}

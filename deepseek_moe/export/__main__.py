@@ -4,8 +4,8 @@
 
 RUN_DIR_OR_CHECKPOINT: a run directory (its newest complete checkpoint) or one checkpoint
 (RUN/checkpoints/step_XXXXXXXX). Any EP size, ZeRO stage and precision; weights are written in
-fp32 when the checkpoint holds fp32 (fp32 runs, or the fp32 master copies of a bf16 run's
-optimizer), else in the checkpoint's dtype; the dtype is printed and is config.json's
+fp32 when the checkpoint holds fp32 (fp32 runs, or the fp32 master copies in a bf16 run's
+ZeRO-1/2 optimizer shards), else in the checkpoint's dtype; the dtype is printed and is config.json's
 `torch_dtype`. See README "After training".
 """
 

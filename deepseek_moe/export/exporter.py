@@ -24,7 +24,7 @@ FORMATS: dict[str, ModuleType] = {"deepseek": deepseek, "qwen2_moe": qwen2_moe}
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "deepseek", *,
-           accept: Accept = Accept(), data_dir: Optional[str | os.PathLike] = None,
+           accept: Optional[Accept] = None, data_dir: Optional[str | os.PathLike] = None,
            force: bool = False) -> dict:
     """Export `source` (run dir or checkpoint) to `out`; returns a summary dict.
 
@@ -35,7 +35,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "deepse
     layout = FORMATS[fmt]
     src = find_source(source)
     cfg = src.run_cfg.model
-    accepted = check_representable(cfg, fmt, accept, head_dim_free=layout.HEAD_DIM_FREE)
+    accepted = check_representable(cfg, fmt, accept or Accept(), head_dim_free=layout.HEAD_DIM_FREE)
     data = Path(data_dir) if data_dir is not None else resolve_out_dir(src.run_cfg.data)
     try:
         meta = load_meta(data)

@@ -127,10 +127,17 @@ def model_config_fields(config: dict[str, Any]) -> dict[str, Any]:
         if config.get("num_experts", 0) > 0 and len(dense) < L:
             H = config["moe_intermediate_size"]
             shared = config["shared_expert_intermediate_size"]
+            if shared % H == 0:
+                n_shared = shared // H
+            elif shared == 1:  # what `config_json` writes for a model without shared experts
+                n_shared = 0
+            else:
+                raise ExportError(f"config.json: shared_expert_intermediate_size={shared} is not "
+                                  f"a multiple of moe_intermediate_size={H}: not a DeepSeekMoE")
             fields["first_k_dense"] = len(dense)
             fields["moe"] = {
                 "n_routed_experts": config["num_experts"], "top_k": config["num_experts_per_tok"],
-                "moe_intermediate_size": H, "n_shared_experts": shared // H if shared % H == 0 else -1,
+                "moe_intermediate_size": H, "n_shared_experts": n_shared,
                 "norm_topk_prob": bool(config.get("norm_topk_prob", False)),
             }
         else:
@@ -152,7 +159,9 @@ def from_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
                                   "(only directories written by --format qwen2_moe import exactly)")
             continue
         if ".mlp.shared_expert." in key:
-            if no_shared:
+            if no_shared:  # the width-1 placeholder must add exactly 0
+                if key.endswith("down_proj.weight") and torch.count_nonzero(value):
+                    raise ExportError(f"{key} is not zero, but the config has no shared experts")
                 continue
             key = key.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
             if key.endswith("down_proj.weight"):

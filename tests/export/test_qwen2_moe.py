@@ -111,3 +111,39 @@ def _one_moe_layer_config():
     return ModelConfig(vocab_size=1, hidden_size=32, num_layers=1, num_heads=2, first_k_dense=0,
                        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=2,
                                      moe_intermediate_size=16))
+
+
+@pytest.mark.parametrize("fmt", ["qwen2_moe", "deepseek"])
+def test_no_shared_experts_tied_embeddings_and_free_head_dim(fmt, tmp_path):
+    """Layouts the EP=2 run does not cover: Ks = 0 (qwen2_moe: a width-1 shared expert adding
+    exactly 0), tied embeddings, and (qwen2_moe only) head_dim != hidden_size / num_heads."""
+    from transformers import AutoModelForCausalLM
+
+    from deepseek_moe.config.model import ModelConfig, MoEConfig
+    from deepseek_moe.export import FORMATS, hf_dir
+    from deepseek_moe.export.importer import read_model_config
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                      head_dim=24 if fmt == "qwen2_moe" else None, intermediate_size=48,
+                      max_seq_len=16, init_std=0.1, tie_embeddings=True,
+                      moe=MoEConfig(n_routed_experts=4, n_shared_experts=0, top_k=2,
+                                    moe_intermediate_size=8, norm_topk_prob=True))
+    torch.manual_seed(0)
+    ours = DeepSeekMoEForCausalLM(cfg).eval()
+    layout = FORMATS[fmt]
+    hf_dir.write_safetensors(tmp_path, layout.to_tensors(ours.state_dict(), cfg))
+    hf_dir.write_json(tmp_path / "config.json", layout.config_json(cfg, dtype=torch.float32,
+                                                                   special_ids={"eos": 2}))
+    _, fields = read_model_config(tmp_path)
+    from deepseek_moe.export.importer import config_differences
+
+    assert config_differences(cfg, fields) == []
+    back = init_weights(tmp_path, cfg)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back[key], value), key
+    if fmt == "qwen2_moe":
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            want, got = ours(ids).logits_BSV, hf(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -21,6 +21,7 @@ buffer; expert groups are partitioned over the expert-data-parallel group) and
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from deepseek_moe.errors import ExportError
 from deepseek_moe.train import checkpoint as ckpt
 
 _RUN_CONFIG = "config.yaml"
+log = logging.getLogger("deepseek_moe.export")
 
 
 @dataclass
@@ -123,11 +125,16 @@ def fp32_master_weights(tag_dir: Path, *, ep_size: int, num_experts: int,
                     name = f"{m['layer']}.experts.{e}.{m['rest']}"
                 piece = flat.narrow(0, frag.start, frag.numel)
                 pieces.setdefault(name, []).append(piece.float())
+    unknown = sorted(set(pieces) - set(shapes))
+    if unknown:
+        # NOTE: the names are the model's parameter names; if the expert parameter layout
+        # changes, `_LOCAL_EXPERT` must follow it. Until then the bf16 weights are exported.
+        log.warning("export: the fp32 master copies in %s name parameters that are not model "
+                    "weights (e.g. %s); writing the model states' own dtype instead",
+                    tag_dir, unknown[:2])
+        return None
     out = {}
     for name, parts in pieces.items():
-        if name not in shapes:
-            raise ExportError(f"{tag_dir}: the optimizer holds {name}, which the model states do "
-                              "not; the checkpoint is inconsistent")
         flat = torch.cat(parts)
         if flat.numel() != shapes[name].numel():
             raise ExportError(f"{tag_dir}: the fp32 slices of {name} hold {flat.numel()} values, "

@@ -42,11 +42,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "deepse
     except (FileNotFoundError, ValueError) as err:
         raise ExportError(f"the run's tokenizer was not found ({err}); pass --data-dir with the "
                           "prepared data directory the run trained on") from err
-    weights, dtype = read_weights(src)
-    tensors = layout.to_tensors(weights, cfg)
     ids = special_ids(meta)
     out = Path(out).absolute()
-    with hf_dir.staged_dir(out, force=force) as tmp:
+    with hf_dir.staged_dir(out, force=force) as tmp:  # checks --out before the weights are read
+        weights, dtype = read_weights(src)
+        tensors = layout.to_tensors(weights, cfg)
         shards = hf_dir.write_safetensors(tmp, tensors)
         hf_dir.write_json(tmp / "config.json", layout.config_json(cfg, dtype=dtype, special_ids=ids))
         generation = {"do_sample": False, **{f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")

@@ -68,19 +68,20 @@ def write_safetensors(out: Path, tensors: dict[str, torch.Tensor],
     shard names. Tied or sliced tensors are written as independent contiguous copies."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous().clone()
-        nbytes = t.numel() * t.element_size()
+        nbytes = tensors[key].numel() * tensors[key].element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = t
+        shards[-1].append(key)
         size += nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, keys in zip(names, shards):
+        # copies one shard at a time: safetensors refuses tensors that share storage
+        shard = {k: tensors[k].detach().cpu().contiguous().clone() for k in keys}
         save_file(shard, str(out / name), metadata={"format": "pt"})
         os.chmod(out / name, 0o666 & ~_umask())  # safetensors creates files owner-only
         weight_map.update({k: name for k in shard})

@@ -130,3 +130,20 @@ def test_train_starts_from_init_from(ep2_runs, tokenizer_data, tmp_path):
     want, _ = read_weights(find_source(ep2_runs["fp32"]))
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+def test_shards_and_index_hold_every_tensor_once(tmp_path):
+    import json
+
+    from deepseek_moe.export import hf_dir
+
+    tensors = {f"t{i}": torch.full((i + 1, 4), float(i)) for i in range(7)}
+    tensors["tied"] = tensors["t0"]  # shared storage is written as its own copy
+    names = hf_dir.write_safetensors(tmp_path, tensors, max_shard_bytes=64)
+    assert len(names) > 2 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    index = json.loads((tmp_path / hf_dir.INDEX_FILE).read_text())
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values())
+    back = hf_dir.read_safetensors(tmp_path)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert hf_dir.read_safetensors(tmp_path, keep=lambda k: k == "t3").keys() == {"t3"}

@@ -33,7 +33,10 @@ _COMPARED_MOE = ("n_routed_experts", "n_shared_experts", "top_k", "moe_intermedi
 
 def read_model_config(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
     """(layout module, our ModelConfig field values) of a model directory."""
-    config = hf_dir.read_config(Path(model_dir))
+    try:
+        config = hf_dir.read_config(Path(model_dir))
+    except ExportError as err:
+        raise ConfigError(str(err)) from err
     kind = config.get("model_type")
     if kind not in _LAYOUTS:
         raise ConfigError(f"model.init_from={model_dir}: config.json model_type={kind!r} is not "
@@ -97,9 +100,10 @@ def load_init_from(model: nn.Module, cfg: ModelConfig) -> None:
 
     own = {m.layer_idx: range(m.local_expert_offset, m.local_expert_offset + m.num_local_experts)
            for m in model.modules() if isinstance(m, MoELayer)}
-    weights = init_weights(cfg.init_from, cfg, own)
     try:
-        load_consolidated_state_dict(model, weights)
+        load_consolidated_state_dict(model, init_weights(cfg.init_from, cfg, own))
+    except ExportError as err:
+        raise ConfigError(f"model.init_from={cfg.init_from}: {err}") from err
     except (KeyError, RuntimeError) as err:
         raise ConfigError(f"model.init_from={cfg.init_from}: its tensors do not fit this model "
                           f"({err})") from err

@@ -12,8 +12,9 @@ The config is composed from `conf/prepare.yaml`, which holds only the `conf/data
 the trainer, `ensure_prepared(data_cfg) -> DataMeta` (no-op when the output is complete).
 
 Steps: 1) read documents (`sources.py`), 2) split them by document into train/val with
-`split_seed`, 3) train a sentencepiece BPE model on train documents (`train_tokenizer.py`) or
-copy `data.tokenizer_model`, 4) tokenise with `datasets.map(batched=True, num_proc=...)`,
+`split_seed`, 3) train a sentencepiece BPE model on train documents (`train_tokenizer.py`), copy
+`data.tokenizer_model`, or take a Hugging Face tokenizer (`data.tokenizer`, checked lossless on
+the first documents; stored as `tokenizer.json`), 4) tokenise with `datasets.map(batched=True, num_proc=...)`,
 appending EOS to every document, 5) write `train.bin`, `val.bin`, `tokenizer.model` and
 `meta.json` (see `deepseek_moe/data/meta.py`) into `.<out_dir>.tmp-<pid>` and rename it to
 `out_dir` only when all is written: an interrupted run never leaves a complete-looking
@@ -45,11 +46,14 @@ from deepseek_moe.data.meta import (DTYPES, FORMAT_VERSION, META_FILE, SPLITS, T
                                     DataMeta, SplitMeta, dtype_for_vocab, load_meta,
                                     resolve_out_dir, resolve_path)
 from deepseek_moe.data.packed import PackedTokens
-from deepseek_moe.data.tokenizer import TEXT_ESCAPE, Tokenizer
+from deepseek_moe.data.tokenizer import (HF_TOKENIZER_FILE, TEXT_ESCAPE, HFTokenizer, Tokenizer,
+                                         check_round_trip)
 from deepseek_moe.errors import ConfigError, DataError, config_error_from_hydra, report_user_errors
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-OUR_FILES = {META_FILE, TOKENIZER_FILE} | {f"{s}.bin" for s in SPLITS}
+OUR_FILES = {META_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE} | {f"{s}.bin" for s in SPLITS}
+# An HF tokenizer must give back every one of this many training documents byte for byte.
+ROUND_TRIP_DOCUMENTS = 256
 # Fields that do not change the output files (so a no-op re-run may differ in them).
 _NOT_CONTENT = {"name", "out_dir", "force", "num_proc"}
 
@@ -59,8 +63,9 @@ def _prepare_config(cfg: DataConfig) -> dict:
     d["exclude_dirs"] = cfg.excluded_dirs()
     if cfg.path is not None and cfg.source != "hf_hub":
         d["path"] = str(resolve_path(cfg.path))
-    if cfg.tokenizer_model is not None:
-        d["tokenizer_model"] = str(resolve_path(cfg.tokenizer_model))
+    for key in ("tokenizer_model", "tokenizer"):
+        if getattr(cfg, key) is not None:
+            d[key] = str(resolve_path(getattr(cfg, key)))
     return d
 
 
@@ -166,7 +171,28 @@ def _write_splits(tokenized, is_val, cfg: DataConfig, tmp: Path, dtype: str,
     return metas, empty
 
 
+def _hf_tokenizer(cfg: DataConfig, source: Source) -> HFTokenizer:
+    """`data.tokenizer`: a Hugging Face tokenizer directory, checked lossless on the corpus."""
+    path = resolve_path(cfg.tokenizer)
+    if not (path / HF_TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"data.tokenizer={path} has no {HF_TOKENIZER_FILE}; give a "
+                                "Hugging Face tokenizer directory, or null to train one")
+    try:
+        tok = HFTokenizer.from_dir(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file, said in one line
+        raise ValueError(f"data.tokenizer={path}: {HF_TOKENIZER_FILE} does not load ({e})") from e
+    if tok.eos_id < 0:
+        raise ValueError(f"data.tokenizer={path} names no eos_token in tokenizer_config.json; "
+                         "packing needs EOS between documents: add one")
+    texts = (row["text"] for row in source.dataset.take(ROUND_TRIP_DOCUMENTS)) if cfg.streaming \
+        else source.dataset.select(range(min(ROUND_TRIP_DOCUMENTS, len(source.dataset))))["text"]
+    check_round_trip(tok, (t for t in texts if t))
+    return tok
+
+
 def _tokenizer(cfg: DataConfig, source: Source, is_val) -> Tokenizer:
+    if cfg.tokenizer is not None:
+        return _hf_tokenizer(cfg, source)
     if cfg.tokenizer_model is not None:
         path = resolve_path(cfg.tokenizer_model)
         if not path.is_file():
@@ -226,7 +252,8 @@ def prepare(cfg: DataConfig) -> Path:
         is_val = None if cfg.streaming else _split_is_val(n, cfg)
         t1 = time.perf_counter()
         tok = _tokenizer(cfg, source, is_val)
-        (tmp / TOKENIZER_FILE).write_bytes(tok.model_bytes)
+        tokenizer_file = HF_TOKENIZER_FILE if isinstance(tok, HFTokenizer) else TOKENIZER_FILE
+        (tmp / tokenizer_file).write_bytes(tok.model_bytes)
         t2 = time.perf_counter()
         dtype = dtype_for_vocab(tok.vocab_size)
         encode = _EncodeWithEOS(tok)
@@ -246,7 +273,7 @@ def prepare(cfg: DataConfig) -> Path:
         meta = DataMeta(format_version=FORMAT_VERSION, name=cfg.name, source=cfg.source,
                         vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
                         pad_id=tok.pad_id, unk_id=tok.unk_id, dtype=dtype, splits=splits,
-                        tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=tok.sha256,
+                        tokenizer_file=tokenizer_file, tokenizer_sha256=tok.sha256,
                         source_fingerprint=source.fingerprint, skipped_documents=skipped,
                         text_escape=TEXT_ESCAPE, prepare_config=_prepare_config(cfg))
         meta.fingerprint = meta.compute_fingerprint()

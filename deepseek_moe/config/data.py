@@ -4,7 +4,7 @@
 composed by `python -m data_prep.prepare data=<preset>` (which writes the shards) and by
 `train.py data=<preset>` (which reads them), so both agree on `out_dir`.
 
-Path resolution: relative `path`, `out_dir` and `tokenizer_model` are resolved against the
+Path resolution: relative `path`, `out_dir`, `tokenizer_model` and `tokenizer` are resolved against the
 directory the command was started from (Hydra's original cwd; `conf/config.yaml` sets
 `hydra.job.chdir: false`, so that is the process cwd). `out_dir=None` means `data/<name>`.
 See `deepseek_moe.data.meta.resolve_path`.
@@ -75,9 +75,15 @@ class DataConfig:
     split_seed: int = 1234
     """Seed of the train/val document split; the same seed gives the same split everywhere."""
     vocab_size: int = 8192
-    """Sentencepiece vocabulary size to train (ignored when `tokenizer_model` is given)."""
+    """Sentencepiece vocabulary size to train (ignored when `tokenizer_model` or `tokenizer`
+    is given)."""
     tokenizer_model: Optional[str] = None
     """Reuse this existing sentencepiece `.model` instead of training one."""
+    tokenizer: Optional[str] = None
+    """A Hugging Face tokenizer directory (holding `tokenizer.json`, e.g. a downloaded
+    deepseek-moe-16b-base) to use instead of training a sentencepiece model: continued
+    pretraining needs the checkpoint's own tokenizer. It must be lossless on the corpus
+    (checked); the model's vocab size follows it. Excludes `tokenizer_model`."""
     tokenizer_sentences: int = 300_000
     """Sentencepiece trains on at most this many lines, sampled with a fixed seed."""
     tokenizer_max_sentence_length: int = 4192
@@ -116,7 +122,10 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1), "
                              "e.g. 0.01")
-        if self.tokenizer_model is None and not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
+        if self.tokenizer is not None and self.tokenizer_model is not None:
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} and data.tokenizer_model="
+                             f"{self.tokenizer_model!r} are both set; keep one of them")
+        if self.tokenizer is None and self.tokenizer_model is None and not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be in "
                              f"[{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (4 special ids + 256 byte "
                              "pieces + merges); e.g. data.vocab_size=8192")

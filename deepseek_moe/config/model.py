@@ -153,6 +153,12 @@ class ModelConfig:
     CPU); "auto" = SDPA on CUDA; on CPU "bmm" in bf16, or in fp32 up to S = 1024, while the
     per-layer scores B*H*S*S stay under a memory bound, else SDPA (rule and measurements in
     deepseek_moe/model/attention.py)."""
+    init_from: Optional[str] = None
+    """A Hugging Face model directory (`python -m deepseek_moe.export` output in either format,
+    or DeepSeek's own release such as deepseek-moe-16b-base) whose weights a NEW run starts
+    from: continued pretraining at any EP size. The other model.* fields must match its
+    config.json (the vocab size is taken from it); a run resuming its own checkpoint ignores
+    it. None = random init."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -185,6 +191,9 @@ class ModelConfig:
             raise ValueError(
                 f"model.attn_impl={self.attn_impl!r} must be one of {_ATTN_IMPLS}."
             )
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ValueError("model.init_from is empty; give a model directory, or null for a "
+                             "random init")
         if isinstance(self.moe, dict):  # convenience for ModelConfig(moe={...}) in scripts
             self.moe = MoEConfig(**self.moe)
 

@@ -4,7 +4,8 @@ A prepared directory (`data.out_dir`, written by `python -m data_prep.prepare`) 
 
     train.bin  val.bin     flat little-endian token ids (`dtype` below), every document
                            followed by EOS, documents in source order within each split
-    tokenizer.model        the sentencepiece model that produced them
+    tokenizer.model        the sentencepiece model that produced them (or tokenizer.json:
+                           the Hugging Face tokenizer given as data.tokenizer)
     meta.json              this file: dtype, vocab_size, bos/eos/pad/unk ids, per-split
                            token/document counts and sha256, tokenizer_sha256,
                            source_fingerprint and `fingerprint` (a hash of all of the above

@@ -157,6 +157,14 @@ class Trainer:
 
         if self.cfg.vocab_from_tokenizer:
             self.cfg.model.vocab_size = padded_vocab_size(meta.vocab_size)
+        if self.cfg.model.init_from:  # its vocab wins; the other fields must match it
+            from deepseek_moe.errors import ConfigError
+            from deepseek_moe.export.importer import check_init_from
+
+            try:
+                check_init_from(self.cfg)
+            except ConfigError as err:
+                raise SystemExit(err.one_line()) from None
         check_model_vocab(meta, self.cfg.model.vocab_size)
 
     def _build_engine(self) -> None:
@@ -171,6 +179,10 @@ class Trainer:
         model.activation_checkpointing = cfg.trainer.activation_checkpointing
         if cfg.model.moe is not None:
             model = parallelize_moe(model, cfg.parallel.ep_size)
+        if cfg.model.init_from and not (cfg.checkpoint.resume and ckpt.latest_complete(self.ckpt_dir)):
+            from deepseek_moe.export.importer import load_init_from
+
+            load_init_from(model, cfg.model)  # a new run: continued pretraining from these weights
         self.model = model
         groups = optimizer_param_groups(model, cfg.optim.weight_decay)
         for group in groups:

@@ -12,10 +12,9 @@ ZeRO-1/2 optimizer shards), else in the checkpoint's dtype; the dtype is printed
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional
 
-from deepseek_moe.errors import UserError
+from deepseek_moe.errors import report_user_errors
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -39,13 +38,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--drop-router-bias", action="store_true",
                         help="accept leaving out the V3 selection bias (moe.bias_update_rate > 0)")
     args = parser.parse_args(argv)
-    try:
-        summary = export(args.source, args.out, args.format, data_dir=args.data_dir,
-                         force=args.force,
-                         accept=Accept(drop_group_limit=args.drop_group_limit,
-                                       drop_router_bias=args.drop_router_bias))
-    except UserError as err:
-        sys.exit(err.one_line())
+    summary = report_user_errors(export, args.source, args.out, args.format,
+                                 data_dir=args.data_dir, force=args.force,
+                                 accept=Accept(drop_group_limit=args.drop_group_limit,
+                                               drop_router_bias=args.drop_router_bias))
     print(f"wrote {summary['out']} ({summary['format']}, {summary['dtype']} weights, "
           f"{summary['tensors']} tensors in {summary['shards']} shard(s)) from {summary['checkpoint']}")
     for change in summary["accepted_changes"]:

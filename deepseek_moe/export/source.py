@@ -91,7 +91,9 @@ def find_source(path: str | os.PathLike) -> Source:
 # ---- fp32 master weights ----------------------------------------------------------------------
 
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-_LOCAL_EXPERT = re.compile(r"^(?P<layer>.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<l>\d+)\.(?P<rest>.*)$")
+# the stacked expert parameters of one EP rank (model/experts.py): [L, 2H, D] and [L, D, H]
+_LOCAL_EXPERTS = re.compile(r"^(?P<layer>.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\."
+                            r"(?P<proj>gate_up_proj|down_proj)$")
 
 
 def fp32_master_weights(tag_dir: Path, *, ep_size: int, num_experts: int,
@@ -119,16 +121,16 @@ def fp32_master_weights(tag_dir: Path, *, ep_size: int, num_experts: int,
             return None  # not a ZeRO / bf16 optimizer: the module weights are the masters
         for flat, mapping in zip(flat_groups, mappings):
             for name, frag in mapping.items():
-                m = _LOCAL_EXPERT.match(name)
-                if m:
-                    e = (rank % ep_size) * local_experts + int(m["l"])
-                    name = f"{m['layer']}.experts.{e}.{m['rest']}"
+                m = _LOCAL_EXPERTS.match(name)
+                if m:  # joined per EP rank, split into global expert ids below
+                    name = (m["layer"], rank % ep_size, m["proj"])
                 piece = flat.narrow(0, frag.start, frag.numel)
                 pieces.setdefault(name, []).append(piece.float())
+    pieces = _experts_to_hf(pieces, local_experts, shapes)
     unknown = sorted(set(pieces) - set(shapes))
     if unknown:
         # NOTE: the names are the model's parameter names; if the expert parameter layout
-        # changes, `_LOCAL_EXPERT` must follow it. Until then the bf16 weights are exported.
+        # changes, `_LOCAL_EXPERTS` must follow it. Until then the bf16 weights are exported.
         log.warning("export: the fp32 master copies in %s name parameters that are not model "
                     "weights (e.g. %s); writing the model states' own dtype instead",
                     tag_dir, unknown[:2])
@@ -140,6 +142,29 @@ def fp32_master_weights(tag_dir: Path, *, ep_size: int, num_experts: int,
             raise ExportError(f"{tag_dir}: the fp32 slices of {name} hold {flat.numel()} values, "
                               f"its shape {tuple(shapes[name])} needs {shapes[name].numel()}")
         out[name] = flat.view(shapes[name]).clone()
+    return out
+
+
+def _experts_to_hf(pieces: dict, local_experts: int, shapes: dict[str, torch.Size]
+                   ) -> dict[str, list[torch.Tensor]]:
+    """Stacked expert slices keyed (layer, ep_rank) -> per-expert HF keys with global ids."""
+    from deepseek_moe.model.experts import per_expert_tensors
+
+    stacks: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, parts in pieces.items():
+        if isinstance(name, str):
+            out[name] = parts
+            continue
+        (layer, ep_rank), proj = name[:2], name[2]
+        stacks.setdefault((layer, ep_rank), {})[proj] = torch.cat(parts)
+    for (layer, ep_rank), flat in stacks.items():
+        down_DH = shapes[f"{layer}.experts.0.down_proj.weight"]
+        D, H = down_DH
+        gate_up = flat["gate_up_proj"].view(local_experts, 2 * H, D)
+        down = flat["down_proj"].view(local_experts, D, H)
+        for key, tensor in per_expert_tensors(gate_up, down, ep_rank * local_experts).items():
+            out[f"{layer}.experts.{key}"] = [tensor.reshape(-1)]
     return out
 
 

@@ -158,13 +158,9 @@ class Trainer:
         if self.cfg.vocab_from_tokenizer:
             self.cfg.model.vocab_size = padded_vocab_size(meta.vocab_size)
         if self.cfg.model.init_from:  # its vocab wins; the other fields must match it
-            from deepseek_moe.errors import ConfigError
             from deepseek_moe.export.importer import check_init_from
 
-            try:
-                check_init_from(self.cfg)
-            except ConfigError as err:
-                raise SystemExit(err.one_line()) from None
+            check_init_from(self.cfg)  # a ConfigError naming each mismatching field
         check_model_vocab(meta, self.cfg.model.vocab_size)
 
     def _build_engine(self) -> None:

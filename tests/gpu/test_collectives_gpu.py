@@ -1,7 +1,6 @@
 """The process group a CUDA run creates carries CPU and CUDA collectives; a NCCL-only group
 refuses CPU tensors (the failure the CPU tests emulate with `cuda:gloo`)."""
 
-import pytest
 import torch
 
 from tests.distributed import run_distributed

@@ -3,7 +3,6 @@
 import warnings
 from contextlib import contextmanager
 
-import pytest
 import torch
 
 

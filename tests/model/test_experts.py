@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepseek_moe.model import experts as experts_mod
 from deepseek_moe.model.experts import RoutedExperts, resolve_impl
 from deepseek_moe.model.kernels import expert_loop as loop_mod
 from deepseek_moe.model.kernels.expert_loop import gemm_row_multiple

@@ -5,8 +5,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.train.cli import apply_cli_intent, register_schema, unknown_keys
-from tests.train.helpers import REPO, compose_config, run_train
+from deepseek_moe.train.cli import apply_cli_intent, unknown_keys
+from tests.train.helpers import compose_config, run_train
 from tests.train.test_user_errors import check_one_line
 
 _compose = compose_config

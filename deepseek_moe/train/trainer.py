@@ -65,12 +65,15 @@ def check_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
             "Relaunch to resume from the last checkpoint, with a lower optim.lr")
 
 
-def check_parallel_layout(saved: dict[str, Any], *, ep_size: int, zero_stage: int, where: Path) -> None:
+def check_parallel_layout(saved: dict[str, Any], *, world_size: int, ep_size: int, zero_stage: int,
+                          where: Path) -> None:
     """Raise CheckpointError when `saved` (a rank's trainer state) was written with another
-    EP size or ZeRO stage: DeepSpeed's own error for that is a misleading parameter-alignment
-    failure. States written before these were recorded carry neither and pass."""
-    diffs = [f"parallel.{key}={saved[key]} (this launch: {now})"
-             for key, now in (("ep_size", ep_size), ("zero_stage", zero_stage))
+    world size, EP size or ZeRO stage, before DeepSpeed's load (whose own error for that is a
+    misleading parameter-alignment failure). States written before a value was recorded pass."""
+    diffs = [f"{label}{saved[key]} (this launch: {now})"
+             for key, label, now in (("world_size", "world size ", world_size),
+                                     ("ep_size", "parallel.ep_size=", ep_size),
+                                     ("zero_stage", "parallel.zero_stage=", zero_stage))
              if key in saved and saved[key] != now]
     if diffs:
         raise CheckpointError(
@@ -132,7 +135,7 @@ class Trainer:
         """Call on every rank at the same point. If any rank holds an error, all stop: rank 0
         runs `cleanup`, the lowest failing rank raises its error (a user error is reported as
         one line), the others raise ReportedByAnotherRank (exit status 1, nothing printed)."""
-        reporter = lowest_rank_with(error is not None)
+        reporter = lowest_rank_with(error is not None, self.dist.device)
         if reporter is None:
             return
         if cleanup is not None and self.dist.is_main:
@@ -333,8 +336,8 @@ class Trainer:
             f"new run_dir"))
         state = torch.load(state_path, weights_only=False)
         self._on_all_ranks(lambda: check_parallel_layout(
-            state, ep_size=self.cfg.parallel.ep_size, zero_stage=self.cfg.parallel.zero_stage,
-            where=tag_dir))
+            state, world_size=self.dist.world_size, ep_size=self.cfg.parallel.ep_size,
+            zero_stage=self.cfg.parallel.zero_stage, where=tag_dir))
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
                                                    load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
@@ -344,10 +347,6 @@ class Trainer:
         log.info("resumed from %s (step %d)", tag_dir, self.step)
 
     def _load_rank_state(self, state: dict[str, Any], tag_dir: Path) -> None:
-        if state["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{tag_dir} was saved with world size {state['world_size']}, "
-                                  f"this launch has {self.dist.world_size}; relaunch with the "
-                                  "same world size")
         self.train_loader.load_state_dict(state["loader"])  # DataError if the data changed
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]

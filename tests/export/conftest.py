@@ -65,7 +65,9 @@ def _train_and_save(rank, world, run_cfgs, import_dir):
         if rank == 0:
             ckpt.atomic_write_bytes(run_dir / "config.yaml",
                                     OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
-            ckpt.mark_complete(run_dir / "checkpoints" / tag, STEPS, world)
+            tag_dir = run_dir / "checkpoints" / tag
+            ckpt.mark_complete(tag_dir, STEPS, world,
+                               ckpt.describe_files(tag_dir, list(ckpt.checkpoint_files(tag_dir))))
         torch.distributed.barrier()
 
     from deepseek_moe.export import export

@@ -79,7 +79,9 @@ def test_non_empty_out_needs_force_and_failures_leave_nothing(ep2_runs, tmp_path
 def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "--out", str(tmp_path / "o")])
-    assert str(exit_.value).startswith("Export error: ") and "\n" not in str(exit_.value)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Export error: ") and err.count("\n") == 1
 
 
 def test_init_from_names_each_mismatching_field(ep2_runs, tmp_path):

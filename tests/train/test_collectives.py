@@ -57,14 +57,14 @@ def _fit(rank, world, overrides, backend):
         layer.stats.counters[3] = 6.0  # copies
     out["router"] = trainer._router_metrics()
     # relaunching with another EP size: stopped with what differs, before DeepSpeed's load
-    from deepseek_moe.errors import CheckpointError
+    from deepseek_moe.errors import CheckpointError, ReportedByAnotherRank
 
     try:
         Trainer(OmegaConf.to_object(compose_config(overrides + ["parallel.ep_size=1",
                                                                 "trainer.max_steps=4"]))).fit()
         out["resume_error"] = None
-    except CheckpointError as err:
-        out["resume_error"] = str(err)
+    except (CheckpointError, ReportedByAnotherRank) as err:  # one rank reports, the others stop
+        out["resume_error"] = f"{type(err).__name__}: {err}"
     return out
 
 
@@ -113,5 +113,6 @@ def test_trainer_collectives_on_the_cuda_run_group(tiny_data, tmp_path):
     state = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer_state" / "rank00001.pt",
                        weights_only=False)
     assert (state["ep_size"], state["zero_stage"]) == (2, 1)
-    for r in results:
-        assert "was saved with parallel.ep_size=2 (this launch: 1)" in r["resume_error"]
+    assert results[0]["resume_error"].startswith("CheckpointError: ")
+    assert "was saved with parallel.ep_size=2 (this launch: 1)" in results[0]["resume_error"]
+    assert results[1]["resume_error"] == "ReportedByAnotherRank: rank 0 reports the error"

@@ -66,15 +66,19 @@ def test_model_output_is_a_dict_with_attributes():
 
 
 def test_resume_layout_check_names_what_differs():
-    saved = {"step": 3, "ep_size": 2, "zero_stage": 1}
-    check_parallel_layout(saved, ep_size=2, zero_stage=1, where=Path("ckpt"))
-    check_parallel_layout({"step": 3}, ep_size=4, zero_stage=2, where=Path("ckpt"))  # older states
+    saved = {"step": 3, "world_size": 2, "ep_size": 2, "zero_stage": 1}
+    check_parallel_layout(saved, world_size=2, ep_size=2, zero_stage=1, where=Path("ckpt"))
+    check_parallel_layout({"step": 3}, world_size=1, ep_size=4, zero_stage=2,
+                          where=Path("ckpt"))  # older states
     with pytest.raises(CheckpointError, match=r"parallel.ep_size=2 \(this launch: 4\)") as err:
-        check_parallel_layout(saved, ep_size=4, zero_stage=1, where=Path("ckpt"))
-    assert "zero_stage" not in str(err.value)
+        check_parallel_layout(saved, world_size=2, ep_size=4, zero_stage=1, where=Path("ckpt"))
+    assert "zero_stage" not in str(err.value) and "world size" not in str(err.value)
     with pytest.raises(CheckpointError, match=r"ep_size=2 \(this launch: 1\), parallel.zero_stage=1 "
                                               r"\(this launch: 2\)"):
-        check_parallel_layout(saved, ep_size=1, zero_stage=2, where=Path("ckpt"))
+        check_parallel_layout(saved, world_size=2, ep_size=1, zero_stage=2, where=Path("ckpt"))
+    with pytest.raises(CheckpointError, match=r"ckpt was saved with world size 2 \(this launch: 1\); "
+                                              r".*relaunch with the saved values"):
+        check_parallel_layout(saved, world_size=1, ep_size=2, zero_stage=1, where=Path("ckpt"))
 
 
 def _bf16(zero_stage: int, reduce_dtype: str = "fp32") -> RunConfig:

@@ -44,7 +44,7 @@ from torch import nn
 
 from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.model import losses
-from deepseek_moe.model.dispatch import Dispatcher, LocalDispatcher
+from deepseek_moe.model.dispatch import Dispatcher, LocalDispatcher, count_ids
 from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.ffn import SwiGLU
 from deepseek_moe.model.router import Router
@@ -62,7 +62,7 @@ def capacity_mask(
     aff_N = affinity_TK.reshape(-1)
     by_aff = torch.argsort(aff_N, descending=True, stable=True)
     order = by_aff[torch.argsort(ids_N[by_aff], stable=True)]  # by expert, then affinity desc
-    counts_E = torch.bincount(ids_N, minlength=num_experts)
+    counts_E = count_ids(ids_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     pos_sorted = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order]]
     kept_N = torch.empty_like(ids_N, dtype=torch.bool)

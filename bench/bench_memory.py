@@ -29,15 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.bench_moe_layer import rss_mb  # noqa: E402 (after the sys.path line)
+
 MODES = ("none", "full")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _cfg(args):
@@ -76,7 +70,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     step = _build(args, args.worker)
-    base = _rss_mb()
+    base = rss_mb()
     for _ in range(2):
         step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

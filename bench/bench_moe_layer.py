@@ -47,7 +47,7 @@ _SHAPE_ARGS = ("tokens", "hidden", "expert_width", "experts", "top_k", "shared",
 IMPLS = ["ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -178,7 +178,7 @@ def worker(args) -> None:
     torch.manual_seed(1)
     x = torch.randn(args.tokens, args.hidden, dtype=_dtype(args), requires_grad=True)
     gy = torch.randn(args.tokens, args.hidden, dtype=_dtype(args))
-    base = _rss_mb()
+    base = rss_mb()
     step, module = _build(args, args.worker)
     for _ in range(2):
         step(x, gy)

@@ -34,7 +34,7 @@ the HF worker too. Both read the same prepared python_stdlib windows (vocab 1024
 loader. Timing: mean
 optimizer-step wall time over the steps after `--warmup` (what a run sees, stalls included);
 tokens/s = 16 x 256 / mean.
-Target (issue 5): ours >= 1.5x hf tokens/s at both EP sizes.
+Target: ours >= 1.5x hf tokens/s at both EP sizes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checksum candidates for the checkpoint manifest (train/checkpoint.py), over one large file.
+"""Checksum candidates for the checkpoint manifest (checkpoint/files.py), over one large file.
 
     python bench/bench_checksum.py                    # 1 GiB file, 16 MiB reads, 3 repeats
     python bench/bench_checksum.py --size-mib 4096 --chunk-mib 64

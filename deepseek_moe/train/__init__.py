@@ -1,11 +1,11 @@
-"""Training: the loop on the DeepSpeed engine and its components, one module each.
+"""Training: the loop on the DeepSpeed engine and its components, one module each
+(checkpoint files and resharding live in `deepseek_moe.checkpoint`).
 
 - `trainer.py`      `Trainer(cfg).fit()`: setup, loop, eval, checkpoints, signals, summary
 - `cli.py`          Hydra schema registration and DictConfig -> `RunConfig`
 - `distributed.py`  launcher-agnostic process setup, small collectives, `--local_rank` stripping
 - `ds_config.py`    the DeepSpeed config generated from `RunConfig`; MFU peak table
 - `schedule.py`     LR schedules (warmup + cosine, DeepSeekMoE step decay) as pure functions
-- `checkpoint.py`   checkpoint directory rules: COMPLETE markers, newest complete, pruning
 - `metrics.py`      metrics.jsonl writer (rank 0), MFU
 - `wandb_logger.py` wandb, offline unless an API key is set, never blocking training
 - `signals.py`      SIGTERM/SIGUSR1 -> finish the step, save, exit 0

@@ -8,7 +8,9 @@
     `parallelize_moe` keeps this rank's experts; AdamW over MoE-aware param groups; our LR
     schedule; `deepspeed.initialize` with the generated config;
  4. resume from the newest complete checkpoint whose files match its manifest (DeepSpeed
-    state + our per-rank state; damaged ones are set aside, see `checkpoint.py`);
+    state + our per-rank state; damaged ones are set aside, see `checkpoint/files.py`); one
+    written with another world size, EP size or ZeRO stage is resharded on load
+    (`checkpoint/reshard.py`);
  5. the loop: accumulate micro-batches, step, log one metrics line per step (rank 0), eval,
     checkpoint, and stop cleanly on SIGTERM/SIGUSR1;
  6. print where the run directory, metrics and checkpoint are.
@@ -34,9 +36,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from omegaconf import OmegaConf
 
+from deepseek_moe.checkpoint import files as ckpt
+from deepseek_moe.checkpoint import reshard
 from deepseek_moe.config.train import RunConfig
 from deepseek_moe.errors import CheckpointError, ConfigError, ReportedByAnotherRank
-from deepseek_moe.train import checkpoint as ckpt
 from deepseek_moe.train.distributed import (
     all_gather_objects, all_reduce_max_flag, all_reduce_mean_dict, barrier, broadcast_object,
     init_distributed, lowest_rank_with, main_print, reduce_sum_, to_device)
@@ -63,22 +66,6 @@ def check_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
         raise FloatingPointError(
             f"gradient norm is {grad_norm} at step {step}; the update made the weights unusable. "
             "Relaunch to resume from the last checkpoint, with a lower optim.lr")
-
-
-def check_parallel_layout(saved: dict[str, Any], *, world_size: int, ep_size: int, zero_stage: int,
-                          where: Path) -> None:
-    """Raise CheckpointError when `saved` (a rank's trainer state) was written with another
-    world size, EP size or ZeRO stage, before DeepSpeed's load (whose own error for that is a
-    misleading parameter-alignment failure). States written before a value was recorded pass."""
-    diffs = [f"{label}{saved[key]} (this launch: {now})"
-             for key, label, now in (("world_size", "world size ", world_size),
-                                     ("ep_size", "parallel.ep_size=", ep_size),
-                                     ("zero_stage", "parallel.zero_stage=", zero_stage))
-             if key in saved and saved[key] != now]
-    if diffs:
-        raise CheckpointError(
-            f"{where} was saved with {', '.join(diffs)}; resuming with a different layout is not "
-            "supported: relaunch with the saved values, or use a new run_dir")
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -219,7 +206,8 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": get_rng_state(),
                 "loader": self.train_loader.state_dict(), "wandb_run_id": self.wandb_run_id,
                 "world_size": self.dist.world_size, "ep_size": self.cfg.parallel.ep_size,
-                "zero_stage": self.cfg.parallel.zero_stage}
+                "zero_stage": self.cfg.parallel.zero_stage, "precision": self.precision,
+                "architecture": reshard.architecture(self.cfg.model)}
 
     def save_checkpoint(self) -> Path:
         """Every rank writes its files, checksums its share (`ckpt.share`), rank 0 writes the
@@ -325,33 +313,70 @@ class Trainer:
         return found
 
     def _maybe_resume(self) -> None:
+        """Resume from the newest intact checkpoint. With the layout it was saved with:
+        DeepSpeed's own load and each rank's own state. With another world size, EP size or
+        ZeRO stage: `reshard.load_resharded` and rank 0's state (step, loader position, wandb
+        id; the loader's position counts global batches, which do not depend on the layout).
+        Everything that cannot resume is refused before any state is loaded."""
         found = self._newest_intact() if self.cfg.checkpoint.resume else None
         if found is None:
             return
         step, tag_dir = found
-        state_path = ckpt.rank_state_path(tag_dir, self.dist.rank)
-        self._fail_together(None if state_path.exists() else CheckpointError(
-            f"{tag_dir} has no trainer state for rank {self.dist.rank}: it was written by a run "
-            f"with a different number of processes. Relaunch with the same world size, or use a "
-            f"new run_dir"))
-        state = torch.load(state_path, weights_only=False)
-        self._on_all_ranks(lambda: check_parallel_layout(
-            state, world_size=self.dist.world_size, ep_size=self.cfg.parallel.ep_size,
-            zero_stage=self.cfg.parallel.zero_stage, where=tag_dir))
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
-                                                   load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
-        self._on_all_ranks(self._load_rank_state, state, tag_dir)
+        state, change = self._on_all_ranks(self._read_rank_state, tag_dir)
+        self._on_all_ranks(self._check_resumable, state, tag_dir, change)
+        if change is None:
+            load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
+                                                       load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+        else:
+            log.info("resuming %s with another layout: %s", tag_dir.name, change)
+            self._on_all_ranks(lambda: reshard.load_resharded(
+                self.engine, self.model, tag_dir, saved_ep_size=state.get("ep_size", 1)))
+        self._load_rank_state(state, same_layout=change is None)
         log.info("resumed from %s (step %d)", tag_dir, self.step)
 
-    def _load_rank_state(self, state: dict[str, Any], tag_dir: Path) -> None:
-        self.train_loader.load_state_dict(state["loader"])  # DataError if the data changed
+    def _read_rank_state(self, tag_dir: Path) -> tuple[dict[str, Any], Optional[str]]:
+        """(trainer state, layout change): this rank's own state when the layout is the saved
+        one, else rank 0's (every rank reads rank 0's first, so all agree on the change)."""
+        def read(rank: int) -> dict[str, Any]:
+            path = ckpt.rank_state_path(tag_dir, rank)
+            if not path.exists():
+                raise CheckpointError(
+                    f"{tag_dir} has no trainer state for rank {rank} ({path}): the save did not "
+                    "finish on every rank; restore the file from a copy, or use a new run_dir")
+            return torch.load(path, weights_only=False)
+
+        state = read(0)
+        parallel = self.cfg.parallel
+        change = reshard.layout_change(state, world_size=self.dist.world_size,
+                                       ep_size=parallel.ep_size, zero_stage=parallel.zero_stage)
+        if change is None and self.dist.rank != 0:
+            state = read(self.dist.rank)
+        return state, change
+
+    def _check_resumable(self, state: dict[str, Any], tag_dir: Path, change: Optional[str]) -> None:
+        """What cannot resume, before anything is loaded: another model (CheckpointError),
+        other data or batch order (DataError, from the loader), a layout change that cannot
+        be resharded. Also sets the loader's position."""
+        reshard.check_same_model(state, self.cfg.model, tag_dir)
+        self.train_loader.load_state_dict(state["loader"])
+        if change is not None:
+            reshard.check_reshardable(state, tag_dir, zero_stage=self.cfg.parallel.zero_stage,
+                                      precision=self.precision)
+
+    def _load_rank_state(self, state: dict[str, Any], *, same_layout: bool) -> None:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.wandb_run_id = state["wandb_run_id"]
-        set_rng_state(state["rng"])
+        if same_layout:
+            set_rng_state(state["rng"])
+        else:
+            # RNG states are per rank and do not map onto another set of ranks: each rank
+            # starts a stream of its own from the seed, the step and its rank (router noise is
+            # the only draw in training; its values then differ from an unchanged layout's).
+            seed_everything(rank_seed(self.cfg.trainer.seed + self.step, self.dist.rank))
         self.last_saved_step = self.step
 
     # ---- steps ------------------------------------------------------------------------------

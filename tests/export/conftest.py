@@ -43,7 +43,7 @@ def _train_and_save(rank, world, run_cfgs, import_dir):
 
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
     from deepseek_moe.parallel import optimizer_param_groups, parallelize_moe
-    from deepseek_moe.train import checkpoint as ckpt
+    from deepseek_moe.checkpoint import files as ckpt
     from deepseek_moe.train.ds_config import build_ds_config
 
     for cfg in run_cfgs:

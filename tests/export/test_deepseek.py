@@ -12,7 +12,7 @@ from deepseek_moe.export.importer import check_init_from, init_weights
 from deepseek_moe.export.source import find_source
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 from deepseek_moe.parallel import load_consolidated_state_dict
-from deepseek_moe.parallel.checkpoint import consolidate_deepspeed_checkpoint
+from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
 
 # The keyword arguments of `DeepseekConfig.__init__` in the release's configuration_deepseek.py
 # (deepseek-ai/deepseek-moe-16b-base), plus what PretrainedConfig serialises with them.

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from deepseek_moe.parallel.checkpoint import consolidate_deepspeed_checkpoint
+from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
 from deepseek_moe.parallel.deepspeed_moe import (consolidated_state_dict, load_consolidated_state_dict,
                                                  optimizer_param_groups, parallelize_moe)
 from tests.distributed import run_distributed

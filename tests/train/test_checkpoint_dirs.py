@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from deepseek_moe.train import checkpoint as ckpt
+from deepseek_moe.checkpoint import files as ckpt
 
 
 def _make(root, step, complete):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from deepseek_moe.train import checkpoint as ckpt
+from deepseek_moe.checkpoint import files as ckpt
 from deepseek_moe.train.metrics import read_metrics
 from tests.train.helpers import REPO, TINY, command, run_train, train_env
 from tests.train.test_user_errors import check_one_line, reprepared_copy, stderr_lines

@@ -143,7 +143,7 @@ def test_summary_cli(argv, needles, capsys):
 
 
 def test_consolidate_cli(tmp_path, capsys):
-    from deepseek_moe.parallel import checkpoint
+    from deepseek_moe.checkpoint import consolidate as checkpoint
 
     line = one_line_exit(capsys, checkpoint.main, [str(tmp_path), "--out", str(tmp_path / "m.pt")])
     assert line.startswith("Checkpoint error: ") and "pass a DeepSpeed tag directory" in line
@@ -207,7 +207,7 @@ def _fail_together_case(rank, world_size, ckpt_root):
 
 
 def test_ranks_agree_on_one_reporter_and_on_the_resume_checkpoint(tmp_path):
-    from deepseek_moe.train import checkpoint as ckpt
+    from deepseek_moe.checkpoint import files as ckpt
     from tests.distributed import run_distributed
 
     for step in (1, 2):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deepseek_moe.errors import CheckpointError
-from deepseek_moe.parallel.checkpoint import consolidate_deepspeed_checkpoint, main
+from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint, main
 
 PFX = "model.layers.1.mlp.experts.deepspeed_moe.experts.deepspeed_experts"
 

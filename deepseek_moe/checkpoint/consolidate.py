@@ -12,7 +12,7 @@ returns `model.layers.{L}.mlp.experts.{e}.<proj>.weight` keys, the layout of an 
 `DeepSeekMoEForCausalLM` and of `consolidated_state_dict`; load it with
 `load_consolidated_state_dict(model, sd)` at any EP size. Optimizer state is not converted.
 
-CLI: python -m deepseek_moe.parallel.checkpoint RUN/checkpoints/step_00000100 --out model.pt
+CLI: python -m deepseek_moe.checkpoint.consolidate RUN/checkpoints/step_00000100 --out model.pt
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import re
 
 import torch
 
+from deepseek_moe.checkpoint.keys import DS_EXPERT_KEY
 from deepseek_moe.errors import CheckpointError, report_user_errors
 
 __all__ = ["consolidate_deepspeed_checkpoint"]
 
-_DS_EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<e>\d+)\.(?P<rest>.*)$")
 _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
@@ -47,10 +47,10 @@ def consolidate_deepspeed_checkpoint(tag_dir: str) -> dict[str, torch.Tensor]:
     for name in expert_files:
         part = torch.load(os.path.join(tag_dir, name), map_location="cpu", weights_only=True)
         for key, tensor in part.items():
-            m = _DS_EXPERT_KEY.match(key)
+            m = DS_EXPERT_KEY.match(key)
             if m is None:
                 raise ValueError(f"{name}: unexpected key {key!r} (not a DeepSpeed expert key)")
-            hf_key = f"{m['layer']}.experts.{m['e']}.{m['rest']}"
+            hf_key = f"{m['layer']}.experts.{m['l']}.{m['rest']}"
             if hf_key in out:
                 raise ValueError(f"{name}: expert tensor {hf_key} appears twice in the checkpoint")
             out[hf_key] = tensor

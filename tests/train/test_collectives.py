@@ -5,7 +5,8 @@ type associated with device type cpu". A gloo group registered for the cuda devi
 (`backend="cuda:gloo"`) rejects CPU tensors the same way, which lets a CPU machine reproduce
 that failure. The real Trainer (world 2, EP 2: data-preparation flag, per-step metrics,
 preemption flag, eval, router and all-to-all metrics, checkpoint save; then a relaunch with
-another EP size, which must stop at the layout check) then runs
+another model, refused by one rank for all, and one with another EP size, resharded on load)
+then runs
 
 - under `cuda:gloo`, standing for the NCCL-only group the trainer used to create: it must fail
   (this is what shows the test can see the bug), and
@@ -22,6 +23,7 @@ import json
 import pytest
 import torch
 
+from deepseek_moe.train.metrics import read_metrics
 from tests.distributed import run_distributed
 from tests.train.helpers import TINY
 
@@ -56,15 +58,22 @@ def _fit(rank, world, overrides, backend):
         layer.stats.counters[0] = 3.0  # tokens
         layer.stats.counters[3] = 6.0  # copies
     out["router"] = trainer._router_metrics()
-    # relaunching with another EP size: stopped with what differs, before DeepSpeed's load
+    # the layout is recorded in every rank's trainer state (read before the relaunches prune it)
+    saved = torch.load(trainer.ckpt_dir / "step_00000002" / "trainer_state" / f"rank{rank:05d}.pt",
+                       weights_only=False)
+    out["saved_layout"] = (saved["world_size"], saved["ep_size"], saved["zero_stage"])
+    # relaunching with another model: refused with what differs, before anything is loaded
     from deepseek_moe.errors import CheckpointError, ReportedByAnotherRank
 
     try:
-        Trainer(OmegaConf.to_object(compose_config(overrides + ["parallel.ep_size=1",
+        Trainer(OmegaConf.to_object(compose_config(overrides + ["model.moe.moe_intermediate_size=16",
                                                                 "trainer.max_steps=4"]))).fit()
         out["resume_error"] = None
     except (CheckpointError, ReportedByAnotherRank) as err:  # one rank reports, the others stop
         out["resume_error"] = f"{type(err).__name__}: {err}"
+    # relaunching with another EP size continues the run, resharded on load
+    out["resumed"] = Trainer(OmegaConf.to_object(compose_config(
+        overrides + ["parallel.ep_size=1", "trainer.max_steps=4"]))).fit()
     return out
 
 
@@ -110,9 +119,10 @@ def test_trainer_collectives_on_the_cuda_run_group(tiny_data, tmp_path):
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"] == {"stage": 1}
     # the layout is recorded in every rank's trainer state
-    state = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer_state" / "rank00001.pt",
-                       weights_only=False)
-    assert (state["ep_size"], state["zero_stage"]) == (2, 1)
+    assert [r["saved_layout"] for r in results] == [(2, 2, 1)] * 2
     assert results[0]["resume_error"].startswith("CheckpointError: ")
-    assert "was saved with parallel.ep_size=2 (this launch: 1)" in results[0]["resume_error"]
+    assert "model.moe.moe_intermediate_size=32 (this launch: 16)" in results[0]["resume_error"]
     assert results[1]["resume_error"] == "ReportedByAnotherRank: rank 0 reports the error"
+    assert all(r["resumed"]["finished"] and r["resumed"]["step"] == 4 for r in results)
+    steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    assert steps == [1, 2, 3, 4]

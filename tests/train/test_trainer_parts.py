@@ -1,18 +1,17 @@
-"""Trainer pieces without a process group: host reads per step, the resume layout check, the
-bf16 DeepSpeed config, the per-rank seed."""
+"""Trainer pieces without a process group: host reads per step, the bf16 DeepSpeed config, the
+per-rank seed (the resume layout checks are in tests/checkpoint/test_reshard.py)."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from deepseek_moe.config.train import ParallelConfig, RunConfig, TrainerConfig
-from deepseek_moe.errors import CheckpointError, ConfigError
+from deepseek_moe.errors import ConfigError
 from deepseek_moe.model.transformer import CausalLMOutput
 from deepseek_moe.train.distributed import DistInfo
 from deepseek_moe.train.ds_config import build_ds_config
 from deepseek_moe.train.rng import rank_seed
-from deepseek_moe.train.trainer import Trainer, check_parallel_layout
+from deepseek_moe.train.trainer import Trainer
 from tests.host_reads import count_host_reads
 
 ACCUM = 4
@@ -63,22 +62,6 @@ def test_model_output_is_a_dict_with_attributes():
     assert out["loss"] is out.loss
     with pytest.raises(AttributeError, match="no field 'los'"):
         out.los = 1
-
-
-def test_resume_layout_check_names_what_differs():
-    saved = {"step": 3, "world_size": 2, "ep_size": 2, "zero_stage": 1}
-    check_parallel_layout(saved, world_size=2, ep_size=2, zero_stage=1, where=Path("ckpt"))
-    check_parallel_layout({"step": 3}, world_size=1, ep_size=4, zero_stage=2,
-                          where=Path("ckpt"))  # older states
-    with pytest.raises(CheckpointError, match=r"parallel.ep_size=2 \(this launch: 4\)") as err:
-        check_parallel_layout(saved, world_size=2, ep_size=4, zero_stage=1, where=Path("ckpt"))
-    assert "zero_stage" not in str(err.value) and "world size" not in str(err.value)
-    with pytest.raises(CheckpointError, match=r"ep_size=2 \(this launch: 1\), parallel.zero_stage=1 "
-                                              r"\(this launch: 2\)"):
-        check_parallel_layout(saved, world_size=2, ep_size=1, zero_stage=2, where=Path("ckpt"))
-    with pytest.raises(CheckpointError, match=r"ckpt was saved with world size 2 \(this launch: 1\); "
-                                              r".*relaunch with the saved values"):
-        check_parallel_layout(saved, world_size=1, ep_size=2, zero_stage=1, where=Path("ckpt"))
 
 
 def _bf16(zero_stage: int, reduce_dtype: str = "fp32") -> RunConfig:

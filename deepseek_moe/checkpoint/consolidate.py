@@ -10,7 +10,8 @@ The EP size at save time does not matter: the files are the same for every EP si
 `consolidate_deepspeed_checkpoint(tag_dir)` reads them (one process, no torch.distributed) and
 returns `model.layers.{L}.mlp.experts.{e}.<proj>.weight` keys, the layout of an EP=1
 `DeepSeekMoEForCausalLM` and of `consolidated_state_dict`; load it with
-`load_consolidated_state_dict(model, sd)` at any EP size. Optimizer state is not converted.
+`load_consolidated_state_dict(model, sd)` at any EP size. The optimizer state is read by
+`zero_shards.py` (and moved onto another layout by `reshard.py`).
 
 CLI: python -m deepseek_moe.checkpoint.consolidate RUN/checkpoints/step_00000100 --out model.pt
 """

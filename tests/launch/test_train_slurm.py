@@ -1,5 +1,6 @@
 """The real train.py through launch/train.sbatch on a local SLURM cluster (gloo on CPU): 1 node x
-2 tasks, USR1 preemption -> requeue -> resume, and 2 emulated nodes with expert parallelism."""
+2 tasks, USR1 preemption -> requeue -> resume, and 2 emulated nodes with expert parallelism
+(then resumed on 1 node)."""
 
 import re
 import time
@@ -68,7 +69,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, overrides
 
 
 def test_train_two_nodes_expert_parallel(slurm_cluster_2nodes, overrides, tmp_path):
-    """2 nodes x 1 task (two slurmd on this machine) with the experts sharded across the nodes."""
+    """2 nodes x 1 task (two slurmd on this machine) with the experts sharded across the nodes;
+    resubmitted with --nodes=1, the run continues."""
     cluster = slurm_cluster_2nodes
     ov = [*overrides, "trainer.max_steps=4", "parallel.ep_size=2"]
     job = submit(cluster, REPO, tmp_path, "tiny-2nodes", ov, tasks=1, nodes=2)
@@ -80,3 +82,10 @@ def test_train_two_nodes_expert_parallel(slurm_cluster_2nodes, overrides, tmp_pa
     run_dir = tmp_path / "runs" / "tiny-2nodes"
     assert step_records(run_dir) == [1, 2, 3, 4], log
     assert (run_dir / "checkpoints" / "step_00000004" / "COMPLETE").exists()
+
+    # the same job name on one node, one task, no EP: the run continues, resharded on load
+    ov = [*overrides, "trainer.max_steps=6", "parallel.ep_size=1"]
+    job = submit(cluster, REPO, tmp_path, "tiny-2nodes", ov, tasks=1, nodes=1)
+    log = cluster.job_log(cluster.wait_job(job, {"COMPLETED"}, timeout=240))
+    assert "with another layout: world 2 -> 1, ep 2 -> 1" in log and "steps 4->6" in log, log
+    assert step_records(run_dir) == [1, 2, 3, 4, 5, 6], log

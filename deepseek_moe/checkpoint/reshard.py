@@ -89,14 +89,20 @@ def check_same_model(saved: dict[str, Any], model_cfg, where: Path) -> None:
 def check_reshardable(saved: dict[str, Any], where: Path, *, zero_stage: int,
                       precision: str) -> None:
     """CheckpointError when a checkpoint with another layout cannot be resharded: ZeRO-0 on
-    either side (its optimizer files have no parameter names), or another precision."""
-    old_stage = saved.get("zero_stage")
+    either side (its optimizer files have no parameter names), another precision, or a state
+    written before the layout was recorded."""
+    if "ep_size" not in saved or "zero_stage" not in saved:
+        raise CheckpointError(
+            f"{where} was saved before checkpoints recorded their EP size and ZeRO stage, so it "
+            "cannot be resharded; relaunch with the world size, parallel.ep_size and "
+            "parallel.zero_stage it was saved with")
+    old_stage = saved["zero_stage"]
     if old_stage == 0 or zero_stage == 0:
         raise CheckpointError(
             f"{where} was saved with parallel.zero_stage={old_stage}; this launch uses "
             f"{zero_stage} and another world/EP layout. Resharding needs ZeRO stage 1 or 2 on both "
             f"sides: relaunch with the saved layout (world size {saved.get('world_size')}, "
-            f"parallel.ep_size={saved.get('ep_size')}, parallel.zero_stage={old_stage})")
+            f"parallel.ep_size={saved['ep_size']}, parallel.zero_stage={old_stage})")
     if saved.get("precision", precision) != precision:
         raise CheckpointError(
             f"{where} was saved with trainer.precision={saved['precision']}, this launch uses "
@@ -121,8 +127,11 @@ def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: in
     base = optimizer.optimizer  # the torch AdamW over one flat partition per group
     for group, flat in zip(base.param_groups, flat_partitions, strict=True):
         assert group["params"][0] is flat
-        base.state[flat] = {"step": torch.tensor(shards.step, dtype=torch.float32, device=flat.device),
-                            "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        # where torch.optim.AdamW keeps the step: on the device for fused/capturable, else CPU
+        on_device = group.get("fused") or group.get("capturable")
+        step = torch.tensor(shards.step, dtype=torch.float32, device=flat.device if on_device else "cpu")
+        base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat),
+                            "exp_avg_sq": torch.zeros_like(flat)}
     # NOTE: DeepSpeed links each parameter piece to its slice of the optimizer state lazily,
     # on the first step; link now so that the pieces below can be written through it.
     optimizer._lazy_init_hp_params_optimizer_state()

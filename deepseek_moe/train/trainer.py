@@ -333,7 +333,7 @@ class Trainer:
         else:
             log.info("resuming %s with another layout: %s", tag_dir.name, change)
             self._on_all_ranks(lambda: reshard.load_resharded(
-                self.engine, self.model, tag_dir, saved_ep_size=state.get("ep_size", 1)))
+                self.engine, self.model, tag_dir, saved_ep_size=state["ep_size"]))
         self._load_rank_state(state, same_layout=change is None)
         log.info("resumed from %s (step %d)", tag_dir, self.step)
 

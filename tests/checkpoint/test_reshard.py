@@ -33,6 +33,8 @@ def test_resharding_needs_zero_1_or_2_and_the_same_precision():
     with pytest.raises(CheckpointError, match=r"trainer.precision=fp32, this launch uses bf16; "
                                               r"relaunch with trainer.precision=fp32"):
         check_reshardable(SAVED, Path("ckpt"), zero_stage=1, precision="bf16")
+    with pytest.raises(CheckpointError, match="saved before checkpoints recorded their EP size"):
+        check_reshardable({"step": 3, "world_size": 2}, Path("ckpt"), zero_stage=1, precision="fp32")
 
 
 def test_another_model_is_refused_naming_every_difference():

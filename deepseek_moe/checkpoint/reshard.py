@@ -13,7 +13,8 @@ the new layout through the usual temp-dir + COMPLETE path, so an interrupted res
 old checkpoint as it was and nothing that looks complete):
 
 1. model weights and buffers (the V3 router bias): the DeepSpeed model files hold every expert
-   under its global id at any EP size (`consolidate.py`); each rank loads the experts it owns;
+   under its global id, one file each, at any EP size (`consolidate.py`); each rank reads the
+   non-expert file and the files of the experts it owns;
 2. fp32 master weights, exp_avg, exp_avg_sq: for every parameter piece this rank's optimizer
    partition holds (DeepSpeed's `_hp_mapping`: where the piece lies in the parameter and in the
    flat partition), the same values are read from the old shards (`zero_shards.py`: global
@@ -115,8 +116,11 @@ def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: in
     from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
     from deepseek_moe.checkpoint.keys import load_consolidated_state_dict
 
-    # 1. weights and buffers, experts by global id
-    load_consolidated_state_dict(model, consolidate_deepspeed_checkpoint(str(tag_dir)))
+    # 1. weights and buffers; of the experts only this rank's files, by global id
+    offsets = _layer_offsets(model)  # MoE layers in module order, as DeepSpeed numbers them
+    mine = {(m, offset + l) for m, (layer, offset) in enumerate(offsets.items())
+            for l in range(model.get_submodule(layer).num_local_experts)}
+    load_consolidated_state_dict(model, consolidate_deepspeed_checkpoint(str(tag_dir), mine))
     # 2. fp32 masters and Adam moments, piece by piece
     shards = ZeroShards.open(tag_dir, ep_size=saved_ep_size)
     if shards is None or shards.step is None or not shards.has("exp_avg"):
@@ -135,7 +139,6 @@ def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: in
     # NOTE: DeepSpeed links each parameter piece to its slice of the optimizer state lazily,
     # on the first step; link now so that the pieces below can be written through it.
     optimizer._lazy_init_hp_params_optimizer_state()
-    offsets = _layer_offsets(model)
     names = set(shards.names())
     for name, param in model.named_parameters():
         if name not in names:

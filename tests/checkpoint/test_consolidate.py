@@ -24,6 +24,10 @@ def test_renames_global_expert_keys(tmp_path):
                           "model.layers.1.mlp.experts.1.up_proj.weight",
                           "model.layers.1.mlp.experts.2.up_proj.weight", "model.norm.weight"]
     assert sd["model.layers.1.mlp.experts.2.up_proj.weight"].item() == 2.0
+    # a rank that holds experts 1 and 2 of MoE layer 0 reads only their files
+    mine = consolidate_deepspeed_checkpoint(str(tmp_path), {(0, 1), (0, 2), (1, 0)})
+    assert sorted(mine) == ["model.layers.1.mlp.experts.1.up_proj.weight",
+                            "model.layers.1.mlp.experts.2.up_proj.weight", "model.norm.weight"]
     out = tmp_path / "model.pt"
     main([str(tmp_path), "--out", str(out)])
     assert torch.load(out).keys() == sd.keys()

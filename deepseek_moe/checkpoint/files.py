@@ -3,7 +3,8 @@
 Layout under `<run_dir>/checkpoints/`:
 
     step_00000100/                  one DeepSpeed tag (model, optimizer, scheduler, experts)
-        trainer_state/rank00000.pt  ours, per rank: step, RNG states, loader state, wandb run id
+        trainer_state/rank00000.pt  ours, per rank: step, RNG states, loader state, wandb run id,
+                                    layout (world, EP, ZeRO, precision), model architecture
         COMPLETE                    written by rank 0 after every rank finished writing
     step_00000200.damaged/          a checkpoint that failed verification, set aside untouched
     latest                          DeepSpeed's pointer (informational; we do not trust it)

@@ -106,7 +106,7 @@ def _layer_worker(rank, world, tokens, iters, warmup):
 
     from deepseek_moe.config.model import MoEConfig
     from deepseek_moe.model.moe import MoELayer
-    from deepseek_moe.parallel.deepspeed_moe import parallelize_moe
+    from deepseek_moe.parallel.expert_parallel import parallelize_moe
 
     _install_a2a_timers()
     D = 512
@@ -156,7 +156,8 @@ def _model_worker(rank, world, iters, warmup):
 
     from deepseek_moe.config.model import ModelConfig
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-    from deepseek_moe.parallel.deepspeed_moe import optimizer_param_groups, parallelize_moe
+    from deepseek_moe.parallel.expert_parallel import parallelize_moe
+    from deepseek_moe.parallel.param_groups import optimizer_param_groups
 
     _install_a2a_timers()
     raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/deepseek_moe_tiny.yaml"))

@@ -19,6 +19,7 @@ from typing import Optional
 
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.config.parallel import validate_ep_size
 
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -280,9 +281,7 @@ class RunConfig:
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes. Raises ValueError naming the fix."""
-        # EP rules live with the EP code (ep | world, ep | experts, routing groups = EP ranks).
-        from deepseek_moe.parallel.groups import validate_ep_size
-
+        # EP rules: ep | world, ep | experts, routing groups = EP ranks (config/parallel.py)
         validate_ep_size(self.parallel.ep_size, world_size, self.model.moe,
                          zero_stage=self.parallel.zero_stage, grad_clip=self.optim.grad_clip)
         self.grad_accum_steps(world_size)

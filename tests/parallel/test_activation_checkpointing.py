@@ -5,7 +5,7 @@ all-to-all splits) and the V3 bias loads / router statistics recorded once."""
 import pytest
 import torch
 
-from deepseek_moe.parallel.deepspeed_moe import parallelize_moe
+from deepseek_moe.parallel.expert_parallel import parallelize_moe
 from tests.distributed import run_distributed
 from tests.parallel._ep_common import build_full_model, grads_by_state_key, micro_batch, tiny_config
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from deepseek_moe.parallel.checkpoint import consolidate_deepspeed_checkpoint
-from deepseek_moe.parallel.deepspeed_moe import (consolidated_state_dict, load_consolidated_state_dict,
-                                                 optimizer_param_groups, parallelize_moe)
+from deepseek_moe.parallel.deepspeed_moe import consolidated_state_dict, load_consolidated_state_dict
+from deepseek_moe.parallel.expert_parallel import parallelize_moe
+from deepseek_moe.parallel.param_groups import optimizer_param_groups
 from tests.distributed import run_distributed
 from tests.parallel._ep_common import B, SEED, build_full_model, micro_batch, tiny_config
 

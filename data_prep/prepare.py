@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from data_prep.sources import Source, load_documents
 from data_prep.train_tokenizer import sample_lines, train_sentencepiece
+from deepseek_moe.atomic import replace_dir
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.meta import (DTYPES, FORMAT_VERSION, META_FILE, SPLITS, TOKENIZER_FILE,
                                     DataMeta, SplitMeta, dtype_for_vocab, load_meta,
@@ -227,12 +228,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         if foreign:
             raise DataError(f"refusing to replace {out}: it holds files a preparation does not "
                             f"write ({foreign[:5]}); choose another data.out_dir or remove it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def prepare(cfg: DataConfig) -> Path:

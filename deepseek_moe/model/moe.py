@@ -19,7 +19,7 @@ Interface (stable; the EP helper and the trainer build on it):
   when n_shared_experts = 0).
 - `self.dispatcher` (`LocalDispatcher` until `apply_ep`) is the parallelism seam; see
   `dispatch.py`. Expert parallelism is something the layer does to itself:
-  `layer.apply_ep(ep_rank=r, ep_size=P, dispatcher=...)` keeps rank r's L = E/P experts,
+  `layer.apply_ep(ep_rank=r, ep_size=P, make_dispatcher=...)` keeps rank r's L = E/P experts,
   installs the (all-to-all) dispatcher and makes the statistics count EP ranks; the model's
   `apply_ep` calls it on every MoE layer (deepseek_moe/parallel/expert_parallel.py is the caller).
 - The router sees all E experts on every rank (gate weight replicated); routing is computed on
@@ -119,11 +119,11 @@ class MoELayer(nn.Module):
         """The routed experts, whether or not `apply_ep` dressed them for an engine."""
         return getattr(self.experts, "local_experts", self.experts)
 
-    def apply_ep(self, *, ep_rank: int, ep_size: int, dispatcher: Dispatcher,
+    def apply_ep(self, *, ep_rank: int, ep_size: int, make_dispatcher: Callable[[], Dispatcher],
                  wrap_experts: Optional[Callable[[RoutedExperts], nn.Module]] = None) -> None:
         """Become EP rank `ep_rank` of `ep_size`: keep the routed experts
-        [ep_rank*L, (ep_rank+1)*L) (L = E/ep_size), send tokens through `dispatcher` (an
-        all-to-all one when ep_size > 1) and count EP ranks per token in the statistics.
+        [ep_rank*L, (ep_rank+1)*L) (L = E/ep_size), send tokens through `make_dispatcher()` (an
+        all-to-all dispatcher when ep_size > 1) and count EP ranks per token in the statistics.
 
         The layer holds either all E experts (every rank built the full layer from one seed,
         so EP=P starts from the EP=1 weights) or already exactly this rank's (built with the
@@ -146,7 +146,7 @@ class MoELayer(nn.Module):
         self.num_local_experts = L
         self.local_expert_offset = ep_rank * L
         self.experts = experts if wrap_experts is None else wrap_experts(experts)
-        self.dispatcher = dispatcher
+        self.dispatcher = make_dispatcher()
         self.stats.num_ranks = ep_size
     def forward(self, x: torch.Tensor, replay: bool = False
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -203,7 +203,7 @@ class DeepSeekMoEForCausalLM(nn.Module):
         if not layers:
             raise ValueError("apply_ep: the model has no MoELayer (dense model?); do not call it")
         for layer in layers:
-            layer.apply_ep(ep_rank=ep_rank, ep_size=ep_size, dispatcher=make_dispatcher(),
+            layer.apply_ep(ep_rank=ep_rank, ep_size=ep_size, make_dispatcher=make_dispatcher,
                            wrap_experts=wrap_experts)
         self.ep_size = ep_size
 

@@ -23,7 +23,10 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from deepseek_moe.config.parallel import validate_ep_size
+from typing import TypeVar
+
 from deepseek_moe.model.dispatch import LocalDispatcher
+from deepseek_moe.model.moe import MoELayer
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 from deepseek_moe.parallel.deepspeed_experts import DeepSpeedExperts
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher
@@ -31,10 +34,12 @@ from deepseek_moe.parallel.groups import ensure_ep_groups, get_ep_group
 
 __all__ = ["parallelize_moe"]
 
+Module = TypeVar("Module", DeepSeekMoEForCausalLM, MoELayer)
 
-def parallelize_moe(model: DeepSeekMoEForCausalLM, ep_size: int) -> DeepSeekMoEForCausalLM:
-    """Apply expert parallelism of size `ep_size` to `model` (in place; returns it). Collective
-    when torch.distributed is initialised.
+
+def parallelize_moe(model: Module, ep_size: int) -> Module:
+    """Apply expert parallelism of size `ep_size` to `model` (in place; returns it): the whole
+    model, or one `MoELayer` (benchmarks). Collective when torch.distributed is initialised.
 
     Every MoE layer keeps the experts of this rank's index r in its EP group
     ([r*E/P, (r+1)*E/P)), wrapped in `DeepSpeedExperts`, and gets an all-to-all dispatcher
@@ -47,14 +52,15 @@ def parallelize_moe(model: DeepSeekMoEForCausalLM, ep_size: int) -> DeepSeekMoEF
             "(deepspeed.init_distributed()) before it is called"
         )
     world = dist.get_world_size() if dist.is_initialized() else 1
-    validate_ep_size(ep_size, world, model.cfg.moe)
+    moe = model.cfg if isinstance(model, MoELayer) else model.cfg.moe
+    validate_ep_size(ep_size, world, moe)
     if ep_size == 1 and not dist.is_initialized():
         ep_rank, group = 0, None
     else:
         ensure_ep_groups(ep_size)
         group = get_ep_group(ep_size)
         ep_rank = dist.get_rank(group)
-    E = model.cfg.moe.n_routed_experts if model.cfg.moe is not None else 0
+    E = moe.n_routed_experts if moe is not None else 0
     model.apply_ep(
         ep_rank=ep_rank, ep_size=ep_size,
         make_dispatcher=lambda: AllToAllDispatcher(group, E) if ep_size > 1 else LocalDispatcher(),

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from deepseek_moe.atomic import atomic_write_bytes
 
 
 def _clean(value: Any) -> Any:
@@ -57,9 +58,7 @@ class MetricsWriter:
                         keep.append(line if line.endswith("\n") else line + "\n")
                 except json.JSONDecodeError:
                     pass  # a line cut by a crash
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, "".join(keep).encode("utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

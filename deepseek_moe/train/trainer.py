@@ -118,7 +118,7 @@ class Trainer:
 
     def _prepare_data(self):
         """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
-        from deepseek_moe.data import ensure_prepared
+        from data_prep.prepare import ensure_prepared  # datasets/sentencepiece: lazy
 
         def on_main(main: bool):
             return ensure_prepared(self.cfg.data) if self.dist.is_main == main else None

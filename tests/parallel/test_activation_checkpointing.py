@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepseek_moe.parallel.expert_parallel import parallelize_moe
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 from tests.parallel._ep_common import build_full_model, grads_by_state_key, micro_batch, tiny_config
 
 MOE = dict(router_noise_std=0.5, bias_update_rate=1e-3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher, ids_fit_in
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 from tests.host_reads import count_host_reads
 
 D, K, E = 4, 2, 8

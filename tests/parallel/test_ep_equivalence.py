@@ -13,7 +13,7 @@ from deepseek_moe.parallel.deepspeed_moe import consolidated_state_dict
 from deepseek_moe.parallel.expert_parallel import parallelize_moe
 from deepseek_moe.parallel.metrics import ep_metrics
 from deepseek_moe.parallel.groups import get_edp_group, get_ep_group
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 from tests.parallel._ep_common import (build_full_model, hf_grads, micro_batch,
                                        reference_forward_backward, set_bias, tiny_config)
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.parallel.groups import ensure_ep_groups, get_ep_rank
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 
 
 def _idempotent(rank, world):

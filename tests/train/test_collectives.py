@@ -22,7 +22,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 from tests.train.helpers import TINY
 
 

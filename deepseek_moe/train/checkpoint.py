@@ -38,7 +38,6 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
-
 from deepseek_moe.atomic import atomic_torch_save, atomic_write_bytes  # noqa: F401 - re-exported
 
 _TAG = re.compile(r"^step_(\d{8})$")

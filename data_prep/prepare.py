@@ -51,7 +51,6 @@ from deepseek_moe.data.tokenizer import (HF_TOKENIZER_FILE, TEXT_ESCAPE, HFToken
                                          check_round_trip)
 from deepseek_moe.errors import ConfigError, DataError, config_error_from_hydra, report_user_errors
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 OUR_FILES = {META_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE} | {f"{s}.bin" for s in SPLITS}
 # An HF tokenizer must give back every one of this many training documents byte for byte.
 ROUND_TRIP_DOCUMENTS = 256
@@ -310,14 +309,12 @@ class PrepareConfig:
 
 def compose_data_config(overrides: list[str]) -> DataConfig:
     """Compose `conf/prepare.yaml` (the data group only) with CLI overrides into a DataConfig."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="prepare", overrides=overrides)
-    return OmegaConf.to_object(cfg).data
+    from deepseek_moe.config.compose import compose, register
+
+    register("prepare_schema", PrepareConfig)
+    return OmegaConf.to_object(compose("prepare", overrides)).data
 
 
 def run_data_cli(prog: str, doc: str, argv: Optional[list[str]], action) -> None:

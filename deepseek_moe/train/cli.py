@@ -9,9 +9,9 @@ import sys
 import typing
 from typing import Callable
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from deepseek_moe.config.compose import register
 from deepseek_moe.config.train import RunConfig
 from deepseek_moe.errors import (ConfigError, config_error_from_hydra, report_user_errors,
                                  traceback_requested)
@@ -25,7 +25,7 @@ def register_schema() -> None:
 
     Composing YAML onto it gives struct mode (unknown keys fail) and type checks (a string for an
     int fails) at composition time, before anything is built."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+    register(SCHEMA_NAME, RunConfig)
 
 
 def apply_cli_intent(cfg: DictConfig, task_overrides: list[str]) -> None:

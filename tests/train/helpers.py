@@ -26,13 +26,11 @@ TINY = [
 
 def compose_config(overrides: list[str]):
     """conf/config.yaml with `overrides`, as train.py composes it (a DictConfig)."""
-    from hydra import compose, initialize_config_dir
-
+    from deepseek_moe.config.compose import compose
     from deepseek_moe.train.cli import register_schema
 
     register_schema()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose("config", overrides)
 
 
 def tiny_data_overrides(out_dir: Path) -> list[str]:

@@ -152,10 +152,10 @@ class TrainerConfig:
     """"none" or "full": keep only each transformer block's input in the forward and recompute
     the block in backward (about one extra forward of compute for much less activation memory;
     `python -m deepseek_moe.summary` shows the memory either way)."""
-    reuse_host_memory: bool = True
-    """Keep freed host memory in the process for reuse (glibc mallopt: large CPU tensors stop
-    page-faulting every step; +12% tokens/s on CPU); the process then holds up to 1 GB of freed
-    heap. See deepseek_moe/train/host_memory.py."""
+    reuse_host_memory: bool = False
+    """Opt-in, for CPU runs: keep freed host memory in the process for reuse (glibc mallopt:
+    large CPU tensors stop page-faulting every step); the process then holds up to 1 GB of
+    freed heap. See deepseek_moe/train/host_memory.py."""
 
     def __post_init__(self) -> None:
         _check_positive("trainer.max_steps", self.max_steps)

@@ -17,7 +17,7 @@ Compute (`impl`, from `moe.experts_impl`):
   ends `offs` built on the device from counts_L): the number of ops does not grow with L and
   nothing waits for the host. The default on CUDA.
 - "loop": a per-expert loop tuned for CPU (`deepseek_moe/model/kernels/expert_loop.py`).
-- "auto": "grouped_mm" on CUDA, "loop" on CPU (measured faster there, see bench/README.md).
+- "auto": "grouped_mm" on CUDA, "loop" on CPU (faster there, see bench/reports/).
 Both compute the same function; every expert gets a gradient (zeros when it had no tokens).
 """
 

@@ -23,6 +23,7 @@ def test_default_config_composes_to_run_config():
         assert hasattr(cfg.trainer, key)
     assert (cfg.checkpoint.every, cfg.checkpoint.keep) == (100, 2)
     assert (cfg.parallel.ep_size, cfg.parallel.zero_stage) == (1, 1)
+    assert cfg.trainer.reuse_host_memory is False  # process-wide allocator tuning is opt-in
 
 
 def test_appended_misspelt_key_fails():

@@ -10,41 +10,43 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 __all__ = ["atomic_torch_save", "atomic_write_bytes", "replace_dir"]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temp file in the same directory, then os.replace: never half a file."""
+def _write_beside(path: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temp file in `path`'s directory, then os.replace it onto `path`; the
+    temp file is removed if anything fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` beside `path`, fsync, then os.replace: never half a file."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _write_beside(path, write)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` beside `path`, then os.replace: never half a file."""
+    _write_beside(path, lambda tmp: torch.save(obj, tmp))
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deepseek_moe.model.moe import MoELayer
-from deepseek_moe.parallel.deepspeed_experts import DS_EXPERTS_PREFIX as _DS_PREFIX
+from deepseek_moe.parallel.deepspeed_experts import LOCAL_EXPERT_KEY
 from deepseek_moe.parallel.groups import get_ep_group
 
 __all__ = [
@@ -38,7 +38,7 @@ def _moe_layers(model: nn.Module) -> Iterator[tuple[str, MoELayer]]:
 
 # ---- weights at any EP size -------------------------------------------------------------------
 
-_LOCAL_KEY = re.compile(r"^(?P<layer>.*)\.experts\." + re.escape(_DS_PREFIX) + r"(?P<l>\d+)\.(?P<rest>.*)$")
+_LOCAL_KEY = LOCAL_EXPERT_KEY  # the one definition of a wrapped expert's key: deepspeed_experts.py
 _PLAIN_KEY = re.compile(r"^(?P<layer>.*)\.experts\.(?P<l>\d+)\.(?P<rest>.*)$")
 
 

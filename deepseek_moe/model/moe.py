@@ -148,6 +148,7 @@ class MoELayer(nn.Module):
         self.experts = experts if wrap_experts is None else wrap_experts(experts)
         self.dispatcher = make_dispatcher()
         self.stats.num_ranks = ep_size
+
     def forward(self, x: torch.Tensor, replay: bool = False
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x_BSD (or x_TD) -> (y of the same shape, alpha-scaled aux losses).

@@ -13,7 +13,7 @@ Timing: fwd = the forward with autograd recording (as in training), bwd = `y.bac
 Implementations are stepped round-robin (a load change on a shared machine hits all alike);
 median over `--iters` steps after 2 warm-up steps. "vs sdpa" = sdpa fwd+bwd time / this
 impl's fwd+bwd time (> 1 = faster than SDPA); "auto" = what attn_impl "auto" picks on CPU at
-that shape. Table in bench/README.md.
+that shape. Table in bench/reports/benchmarks_cpu-2vcpu-epyc-avx512bf16_2026-11-24.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 def _attention_fn(impl: str, enable_gqa: bool):
     import torch.nn.functional as F
 
-    from deepseek_moe.model.attention import causal_bmm_attention
+    from deepseek_moe.model.kernels.causal_bmm_attention import causal_bmm_attention
 
     if impl == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,

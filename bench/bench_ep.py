@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.distributed import run_distributed  # noqa: E402
+from deepseek_moe.testing.distributed import run_distributed  # noqa: E402
 
 _A2A_SECONDS = [0.0]
 _COMPUTE_SECONDS = [0.0]  # forward + backward of the current step (set by the step itself)
@@ -106,7 +106,7 @@ def _layer_worker(rank, world, tokens, iters, warmup):
 
     from deepseek_moe.config.model import MoEConfig
     from deepseek_moe.model.moe import MoELayer
-    from deepseek_moe.parallel.deepspeed_moe import parallelize_moe
+    from deepseek_moe.parallel.expert_parallel import parallelize_moe
 
     _install_a2a_timers()
     D = 512
@@ -118,7 +118,9 @@ def _layer_worker(rank, world, tokens, iters, warmup):
         model = nn.ModuleDict({"moe": MoELayer(D, cfg, layer_idx=0)})
         for p in model.parameters():
             nn.init.normal_(p, std=0.02)
-        return parallelize_moe(model, ep_size) if ep_size > 1 else model
+        if ep_size > 1:
+            parallelize_moe(model["moe"], ep_size)
+        return model
 
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, D, generator=g)
@@ -156,7 +158,8 @@ def _model_worker(rank, world, iters, warmup):
 
     from deepseek_moe.config.model import ModelConfig
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-    from deepseek_moe.parallel.deepspeed_moe import optimizer_param_groups, parallelize_moe
+    from deepseek_moe.parallel.expert_parallel import parallelize_moe
+    from deepseek_moe.parallel.param_groups import optimizer_param_groups
 
     _install_a2a_timers()
     raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/deepseek_moe_tiny.yaml"))

@@ -25,7 +25,7 @@ Timing: all implementations are built in ONE process and stepped round-robin (so
 on a shared machine hit all alike); median per implementation. Memory: each implementation runs
 2 steps in its own subprocess; we report its peak RSS and the peak above the RSS measured just
 before the layer was built. Printed: ms/step, tokens/s, ours_loop's speedup against it (its
-time / ours), its share of the matmul ceiling (ceiling time / its time). Table in bench/README.md.
+time / ours), its share of the matmul ceiling (ceiling time / its time). Table in bench/reports/benchmarks_cpu-2vcpu-epyc-avx512bf16_2026-11-24.md.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def hf_worker(ep: int, steps: int, warmup: int, precision: str, out: str) -> Non
     import torch
     import transformers
 
-    from deepseek_moe.data import build_train_loader, ensure_prepared
+    from data_prep.prepare import ensure_prepared
+    from deepseek_moe.data import build_train_loader
     from deepseek_moe.train.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()  # the same allocator settings our trainer applies to itself
@@ -207,7 +208,7 @@ def main() -> None:
         hf_worker(args.ep[0], args.steps, args.warmup, args.precision[0], args.out)
         return
 
-    from deepseek_moe.data import ensure_prepared
+    from data_prep.prepare import ensure_prepared
 
     ensure_prepared(data_config())  # once, before any timing
     tokens = GLOBAL * SEQ

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from data_prep.sources import Source, load_documents
 from data_prep.train_tokenizer import sample_lines, train_sentencepiece
+from deepseek_moe.atomic import replace_dir
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.meta import (DTYPES, FORMAT_VERSION, META_FILE, SPLITS, TOKENIZER_FILE,
                                     DataMeta, SplitMeta, dtype_for_vocab, load_meta,
@@ -50,7 +51,6 @@ from deepseek_moe.data.tokenizer import (HF_TOKENIZER_FILE, TEXT_ESCAPE, HFToken
                                          check_round_trip)
 from deepseek_moe.errors import ConfigError, DataError, config_error_from_hydra, report_user_errors
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 OUR_FILES = {META_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE} | {f"{s}.bin" for s in SPLITS}
 # An HF tokenizer must give back every one of this many training documents byte for byte.
 ROUND_TRIP_DOCUMENTS = 256
@@ -227,12 +227,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         if foreign:
             raise DataError(f"refusing to replace {out}: it holds files a preparation does not "
                             f"write ({foreign[:5]}); choose another data.out_dir or remove it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def prepare(cfg: DataConfig) -> Path:
@@ -314,14 +309,12 @@ class PrepareConfig:
 
 def compose_data_config(overrides: list[str]) -> DataConfig:
     """Compose `conf/prepare.yaml` (the data group only) with CLI overrides into a DataConfig."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="prepare", overrides=overrides)
-    return OmegaConf.to_object(cfg).data
+    from deepseek_moe.config.compose import compose, register
+
+    register("prepare_schema", PrepareConfig)
+    return OmegaConf.to_object(compose("prepare", overrides)).data
 
 
 def run_data_cli(prog: str, doc: str, argv: Optional[list[str]], action) -> None:

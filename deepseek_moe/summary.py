@@ -26,31 +26,40 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from deepseek_moe.config.compose import CONF_DIR, compose, register
 from deepseek_moe.config.model import ModelConfig
 from deepseek_moe.errors import ConfigError, report_user_errors
 from deepseek_moe.memory_plan import memory_plan
 
 _PLAN_INT_ARGS = ("ep_size", "world_size", "zero_stage", "micro_batch", "grad_accum_steps")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+MODEL_DIR = CONF_DIR / "model"
 
 
 def load_model_config(name: str, overrides: Sequence[str] = ()) -> ModelConfig:
-    """Compose conf/model/<name>.yaml (or a yaml path) onto ModelConfig, apply dotted overrides
-    ("moe.top_k=2"), validate, and return the dataclass."""
+    """The model group of the training config with `model=<name>` (a preset in conf/model/, or
+    a yaml path) and dotted overrides ("moe.top_k=2"), validated, as the dataclass."""
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONF_DIR / f"{name}.yaml"
+        path = MODEL_DIR / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
         raise ConfigError(f"no model preset {name!r} ({path}); known presets: {known}")
+    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from deepseek_moe.train.cli import register_schema
+
+    register_schema()
+    if path.parent != MODEL_DIR:  # a yaml of the user's: offered to Hydra as one more preset
+        name = f"_file_{path.stem}"
+        register(name, OmegaConf.load(path), group="model")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, ValueError) as err:  # misspelt field, wrong type, a check
-        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
+        composed = compose("config", [f"model={name}", *(f"model.{o}" for o in overrides)])
+        cfg = OmegaConf.to_object(composed.model)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # misspelt field, type, a check
+        cause = err
+        while not isinstance(cause, ValueError) and cause.__cause__ is not None:
+            cause = cause.__cause__
         raise ConfigError(f"{cause}; the fields are those of ModelConfig "
                           "(deepseek_moe/config/model.py)") from None
     assert isinstance(cfg, ModelConfig)

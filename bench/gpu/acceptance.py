@@ -93,7 +93,7 @@ def worker(overrides: list[str], out: Path) -> None:
 def prepare(data_overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    from deepseek_moe.data import ensure_prepared
+    from data_prep.prepare import ensure_prepared
     from deepseek_moe.train.cli import register_schema, to_run_config
 
     register_schema()

@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from deepseek_moe.checkpoint.keys import DS_EXPERT_KEY
 from deepseek_moe.errors import CheckpointError, report_user_errors
+from deepseek_moe.parallel.deepspeed_experts import LOCAL_EXPERT_KEY, global_expert_key
 
 __all__ = ["consolidate_deepspeed_checkpoint"]
 
@@ -55,10 +55,10 @@ def consolidate_deepspeed_checkpoint(tag_dir: str, experts: Optional[Container[t
     for name in expert_files:
         part = torch.load(os.path.join(tag_dir, name), map_location="cpu", weights_only=True)
         for key, tensor in part.items():
-            m = DS_EXPERT_KEY.match(key)
+            m = LOCAL_EXPERT_KEY.match(key)
             if m is None:
                 raise ValueError(f"{name}: unexpected key {key!r} (not a DeepSpeed expert key)")
-            hf_key = f"{m['layer']}.experts.{m['l']}.{m['rest']}"
+            hf_key = global_expert_key(m["layer"], int(m["l"]), m["rest"])  # files hold global ids
             if hf_key in out:
                 raise ValueError(f"{name}: expert tensor {hf_key} appears twice in the checkpoint")
             out[hf_key] = tensor

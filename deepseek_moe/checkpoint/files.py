@@ -34,13 +34,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
+from deepseek_moe.atomic import atomic_torch_save, atomic_write_bytes  # noqa: F401 - re-exported
 
 _TAG = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -51,35 +50,6 @@ _READ_BYTES = 16 << 20  # large reads: the checksum, not the syscalls, sets the 
 
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, bool]]:

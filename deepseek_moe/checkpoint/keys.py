@@ -3,8 +3,9 @@
 Three spellings of the same tensors (layer prefix `P` = `model.layers.{i}.mlp`):
 
 - the model's state dict under EP (`parallelize_moe`): `P.experts.deepspeed_moe.experts.
-  deepspeed_experts.{l}.<proj>.weight` with LOCAL expert id l (`DS_EXPERT_KEY`; DeepSpeed's
-  expert files use the same pattern with the GLOBAL id);
+  deepspeed_experts.{l}.<proj>.weight` with LOCAL expert id l (`LOCAL_EXPERT_KEY`, defined
+  with the wrapper in parallel/deepspeed_experts.py; DeepSpeed's expert files use the same
+  pattern with the GLOBAL id);
 - the model's parameters: the two stacks `P.experts.deepspeed_moe.experts.deepspeed_experts.
   {gate_up_proj,down_proj}` ([L, 2H, D], [L, D, H]; `STACKED_EXPERT_PARAM`), the names in ZeRO's
   optimizer shards;
@@ -20,19 +21,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-DS_EXPERT_KEY = re.compile(r"^(?P<layer>.*)\.experts\." + re.escape(_DS_PREFIX) + r"(?P<l>\d+)\.(?P<rest>.*)$")
-STACKED_EXPERT_PARAM = re.compile(r"^(?P<layer>.*)\.experts\." + re.escape(_DS_PREFIX)
+from deepseek_moe.parallel.deepspeed_experts import DS_EXPERTS_PREFIX, LOCAL_EXPERT_KEY, global_expert_key
+
+STACKED_EXPERT_PARAM = re.compile(r"^(?P<layer>.*)\.experts\." + re.escape(DS_EXPERTS_PREFIX)
                                   + r"(?P<proj>gate_up_proj|down_proj)$")
+"""A stacked expert parameter's name (the names in ZeRO's optimizer shards): groups `layer`, `proj`."""
 _PLAIN_KEY = re.compile(r"^(?P<layer>.*)\.experts\.(?P<l>\d+)\.(?P<rest>.*)$")
 
 
 def _local_to_global_key(key: str, offsets: dict[str, int]) -> str:
     """Model key -> HF key with a global expert id (non-expert keys unchanged)."""
-    for pattern in (DS_EXPERT_KEY, _PLAIN_KEY):
+    for pattern in (LOCAL_EXPERT_KEY, _PLAIN_KEY):
         m = pattern.match(key)
         if m and m["layer"] in offsets:
-            return f"{m['layer']}.experts.{offsets[m['layer']] + int(m['l'])}.{m['rest']}"
+            return global_expert_key(m["layer"], offsets[m["layer"]] + int(m["l"]), m["rest"])
     return key
 
 
@@ -64,17 +66,17 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {} if me != 0 else dict(local)
     # local expert keys in the same order on every rank (same model, same local count)
     state = model.state_dict()
-    local_keys = [k for k in state if DS_EXPERT_KEY.match(k)]
+    local_keys = [k for k in state if LOCAL_EXPERT_KEY.match(k)]
     for key in local_keys:
         # gathered on the parameters' device (NCCL on GPUs), copied to CPU afterwards
         tensor = state[key].detach().contiguous()
         gathered = [torch.empty_like(tensor) for _ in range(ep_size)] if me == 0 else None
         dist.gather(tensor, gathered, dst=dst, group=group)
         if me == 0:
-            m = DS_EXPERT_KEY.match(key)
+            m = LOCAL_EXPERT_KEY.match(key)
             L = model.get_submodule(m["layer"]).num_local_experts
             for r, t in enumerate(gathered):
-                out[f"{m['layer']}.experts.{r * L + int(m['l'])}.{m['rest']}"] = t.cpu()
+                out[global_expert_key(m["layer"], r * L + int(m["l"]), m["rest"])] = t.cpu()
     return out
 
 

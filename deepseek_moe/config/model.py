@@ -15,6 +15,7 @@ from typing import Optional
 
 _SCORING_FUNCS = ("softmax", "sigmoid")
 _ATTN_IMPLS = ("auto", "sdpa", "bmm")
+EXPERTS_IMPLS = ("auto", "grouped_mm", "loop")
 
 
 @dataclass(kw_only=True)
@@ -95,7 +96,7 @@ class MoEConfig:
             raise ValueError(
                 f"moe.scoring_func={self.scoring_func!r} is not one of {_SCORING_FUNCS}."
             )
-        if self.experts_impl not in ("auto", "grouped_mm", "loop"):
+        if self.experts_impl not in EXPERTS_IMPLS:
             raise ValueError(
                 f"moe.experts_impl={self.experts_impl!r} must be 'auto', 'grouped_mm' or 'loop'."
             )

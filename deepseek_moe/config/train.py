@@ -19,6 +19,7 @@ from typing import Optional
 
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.config.parallel import validate_ep_size
 
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -151,10 +152,10 @@ class TrainerConfig:
     """"none" or "full": keep only each transformer block's input in the forward and recompute
     the block in backward (about one extra forward of compute for much less activation memory;
     `python -m deepseek_moe.summary` shows the memory either way)."""
-    reuse_host_memory: bool = True
-    """Keep freed host memory in the process for reuse (glibc mallopt: large CPU tensors stop
-    page-faulting every step; +12% tokens/s on CPU); the process then holds up to 1 GB of freed
-    heap. See deepseek_moe/train/host_memory.py."""
+    reuse_host_memory: bool = False
+    """Opt-in, for CPU runs: keep freed host memory in the process for reuse (glibc mallopt:
+    large CPU tensors stop page-faulting every step); the process then holds up to 1 GB of
+    freed heap. See deepseek_moe/train/host_memory.py."""
 
     def __post_init__(self) -> None:
         _check_positive("trainer.max_steps", self.max_steps)
@@ -280,9 +281,7 @@ class RunConfig:
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes. Raises ValueError naming the fix."""
-        # EP rules live with the EP code (ep | world, ep | experts, routing groups = EP ranks).
-        from deepseek_moe.parallel.groups import validate_ep_size
-
+        # EP rules: ep | world, ep | experts, routing groups = EP ranks (config/parallel.py)
         validate_ep_size(self.parallel.ep_size, world_size, self.model.moe,
                          zero_stage=self.parallel.zero_stage, grad_clip=self.optim.grad_clip)
         self.grad_accum_steps(world_size)

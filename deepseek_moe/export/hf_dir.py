@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from deepseek_moe.atomic import replace_dir
 from deepseek_moe.errors import ExportError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,13 +41,7 @@ def staged_dir(out: Path, *, force: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -96,7 +96,7 @@ def load_init_from(model: nn.Module, cfg: ModelConfig) -> None:
     """Load `cfg.init_from` into `model` (any EP size; not collective). Each rank reads the
     non-expert tensors and only its own routed experts."""
     from deepseek_moe.model.moe import MoELayer
-    from deepseek_moe.parallel import load_consolidated_state_dict
+    from deepseek_moe.checkpoint.keys import load_consolidated_state_dict
 
     own = {m.layer_idx: range(m.local_expert_offset, m.local_expert_offset + m.num_local_experts)
            for m in model.modules() if isinstance(m, MoELayer)}

@@ -78,26 +78,13 @@ def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return order[:n_kept], counts_E1[:num_experts]
 
 
-class _GatherRows(torch.autograd.Function):
-    """x_TD[src_N] whose backward is `index_add_` (parallel on CPU) instead of autograd's
-    `index_put_(accumulate=True)` for advanced indexing (serial; it was ~5% of the layer)."""
-
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, src_N: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(src_N)
-        ctx.num_rows = x_TD.shape[0]
-        return x_TD.index_select(0, src_N)
-
-    @staticmethod
-    def backward(ctx, g_ND: torch.Tensor):
-        (src_N,) = ctx.saved_tensors
-        g_TD = g_ND.new_zeros(ctx.num_rows, g_ND.shape[1]).index_add_(0, src_N, g_ND)
-        return g_TD, None
-
-
 def gather_rows(x_TD: torch.Tensor, src_N: torch.Tensor) -> torch.Tensor:
-    """x_TD[src_N] (rows may repeat); gradients of repeated rows are summed."""
-    return _GatherRows.apply(x_TD, src_N)
+    """x_TD[src_N] (rows may repeat); gradients of repeated rows are summed.
+
+    NOTE: `index_select`, not `x_TD[src_N]`: its backward is `index_add_`, which runs in
+    parallel on CPU, where advanced indexing's backward is a serial
+    `index_put_(accumulate=True)`."""
+    return x_TD.index_select(0, src_N)
 
 
 class LocalDispatcher:

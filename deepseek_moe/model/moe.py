@@ -17,8 +17,11 @@ Interface (stable; the EP helper and the trainer build on it):
   stacked as `experts.gate_up_proj` / `experts.down_proj`, see experts.py),
   `shared_experts.{gate,up,down}_proj.weight` (one fused SwiGLU of width n_shared * H; absent
   when n_shared_experts = 0).
-- `self.dispatcher` (default `LocalDispatcher`) is the parallelism seam; see `dispatch.py`. For
-  ep_size > 1 the EP helper must assign an all-to-all dispatcher before the first forward.
+- `self.dispatcher` (`LocalDispatcher` until `apply_ep`) is the parallelism seam; see
+  `dispatch.py`. Expert parallelism is something the layer does to itself:
+  `layer.apply_ep(ep_rank=r, ep_size=P, make_dispatcher=...)` keeps rank r's L = E/P experts,
+  installs the (all-to-all) dispatcher and makes the statistics count EP ranks; the model's
+  `apply_ep` calls it on every MoE layer (deepseek_moe/parallel/expert_parallel.py is the caller).
 - The router sees all E experts on every rank (gate weight replicated); routing is computed on
   the local tokens only. Device-limited routing groups = `moe_cfg.n_groups` contiguous expert
   blocks; under EP choose n_groups = ep_size so groups are ranks.
@@ -27,17 +30,19 @@ Interface (stable; the EP helper and the trainer build on it):
   before dispatch (the dispatcher skips them; their output is 0). Balance losses and load stats
   use the selections BEFORE dropping (that is what the router chose).
 - Statistics for logging accumulate in `self.stats` (training forwards only):
-  `self.stats.compute_metrics(reset=True)`. The balance-loss statistics of the last forward are
-  kept (detached) for EP reasoning: `self.last_counts_E` (selections per expert, the f_i
-  numerator) and `self.last_probs_mean_E` (P_i), both over this rank's local tokens.
-- `self.gate.pending_load_E` accumulates loads for the V3 bias; `self.gate.update_bias()`
-  applies it (the model's `update_router_bias()` calls it on every MoE layer).
+  `self.stats.compute_metrics(reset=True)`. `self.last_counts_E` keeps the selections per
+  expert of the last forward (detached, this rank's local tokens).
+- The router accumulates loads for the V3 bias and applies them in `self.gate.update_bias()`
+  (the model's `update_router_bias()` calls it on every MoE layer).
+- `self.experts` is a `RoutedExperts` as built; `apply_ep(wrap_experts=...)` may dress it for a
+  training engine (DeepSpeed's MoE marker), keeping its forward contract. `routed_experts` is
+  the `RoutedExperts` either way.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -49,6 +54,17 @@ from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.ffn import SwiGLU
 from deepseek_moe.model.router import Router
 from deepseek_moe.model.router_stats import RouterStats
+
+
+def check_ep_rank(ep_rank: int, ep_size: int, num_experts: int) -> None:
+    """ValueError unless EP rank `ep_rank` of `ep_size` can hold an equal share of the experts."""
+    if ep_size < 1 or num_experts % ep_size != 0:
+        raise ValueError(
+            f"n_routed_experts={num_experts} is not divisible by ep_size={ep_size}: "
+            "choose an expert-parallel size that divides the number of routed experts."
+        )
+    if not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank={ep_rank} must be in [0, ep_size={ep_size}).")
 
 
 def capacity_mask(
@@ -79,32 +95,59 @@ class MoELayer(nn.Module):
         layer_idx: int = 0,
         ep_rank: int = 0,
         ep_size: int = 1,
-        dispatcher: Optional[Dispatcher] = None,
     ) -> None:
         super().__init__()
         E = cfg.n_routed_experts
-        if ep_size < 1 or E % ep_size != 0:
-            raise ValueError(
-                f"n_routed_experts={E} is not divisible by ep_size={ep_size}: "
-                "choose an expert-parallel size that divides the number of routed experts."
-            )
-        if not 0 <= ep_rank < ep_size:
-            raise ValueError(f"ep_rank={ep_rank} must be in [0, ep_size={ep_size}).")
+        check_ep_rank(ep_rank, ep_size, E)
         self.cfg, self.dim, self.layer_idx = cfg, dim, layer_idx
         self.num_experts = E
         self.num_local_experts = E // ep_size
         self.local_expert_offset = ep_rank * self.num_local_experts
         self.gate = Router(dim, cfg)
-        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
-        self.experts = RoutedExperts(self.num_local_experts, dim, cfg.moe_intermediate_size,
-                                     impl=cfg.experts_impl)
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.experts: nn.Module = RoutedExperts(self.num_local_experts, dim,
+                                                cfg.moe_intermediate_size, impl=cfg.experts_impl)
         self.shared_experts = (
             SwiGLU(dim, cfg.n_shared_experts * cfg.moe_intermediate_size)
             if cfg.n_shared_experts > 0 else None
         )
         self.stats = RouterStats(E, cfg.n_groups, ep_size)
         self.last_counts_E: Optional[torch.Tensor] = None
-        self.last_probs_mean_E: Optional[torch.Tensor] = None
+
+    @property
+    def routed_experts(self) -> RoutedExperts:
+        """The routed experts, whether or not `apply_ep` dressed them for an engine."""
+        return getattr(self.experts, "local_experts", self.experts)
+
+    def apply_ep(self, *, ep_rank: int, ep_size: int, make_dispatcher: Callable[[], Dispatcher],
+                 wrap_experts: Optional[Callable[[RoutedExperts], nn.Module]] = None) -> None:
+        """Become EP rank `ep_rank` of `ep_size`: keep the routed experts
+        [ep_rank*L, (ep_rank+1)*L) (L = E/ep_size), send tokens through `make_dispatcher()` (an
+        all-to-all dispatcher when ep_size > 1) and count EP ranks per token in the statistics.
+
+        The layer holds either all E experts (every rank built the full layer from one seed,
+        so EP=P starts from the EP=1 weights) or already exactly this rank's (built with the
+        same ep_rank/ep_size). `wrap_experts` dresses the kept `RoutedExperts` for a training
+        engine; the wrapper keeps its forward and exposes it as `.local_experts`."""
+        E = self.num_experts
+        check_ep_rank(ep_rank, ep_size, E)
+        L = E // ep_size
+        experts = self.experts
+        if not isinstance(experts, RoutedExperts):
+            raise ValueError(f"MoELayer {self.layer_idx} is already parallelized (apply_ep was called)")
+        if len(experts) == E:
+            experts.keep_experts(ep_rank * L, (ep_rank + 1) * L)
+        elif len(experts) != L or self.local_expert_offset != ep_rank * L:
+            raise ValueError(
+                f"MoELayer {self.layer_idx} holds {len(experts)} experts from offset "
+                f"{self.local_expert_offset}; expected all {E}, or the {L} experts of EP rank "
+                f"{ep_rank} (offset {ep_rank * L}). Build it with ep_rank={ep_rank}, ep_size={ep_size}"
+            )
+        self.num_local_experts = L
+        self.local_expert_offset = ep_rank * L
+        self.experts = experts if wrap_experts is None else wrap_experts(experts)
+        self.dispatcher = make_dispatcher()
+        self.stats.num_ranks = ep_size
 
     def forward(self, x: torch.Tensor, replay: bool = False
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -148,7 +191,6 @@ class MoELayer(nn.Module):
             return y_TD.view(shape), aux
         with torch.no_grad():
             self.last_counts_E = losses.expert_counts(r.ids_TK, E)
-            self.last_probs_mean_E = probs_TE.mean(dim=0).detach()
             if self.training:
                 self.stats.update(probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK,
                                   counts_E=self.last_counts_E)

@@ -18,7 +18,7 @@ Rules (DeepSeekMoE arXiv 2401.06066, DeepSeek-V2 arXiv 2405.04434, DeepSeek-V3 a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +97,8 @@ class Router(KeepBufferDtype):
     Buffers:
     - `e_score_correction_bias` [E] fp32 (persistent, HF V3 name): V3 selection bias.
     - `pending_load_E` [E] fp32 (not persistent): token copies per expert selected since the
-      last `update_bias()`, accumulated in training when bias_update_rate > 0. Under DP/EP the
-      trainer all-reduces this buffer (sum) before calling `update_bias()`.
+      last `update_bias()`, accumulated in training when bias_update_rate > 0. Under DP/EP
+      `update_bias(reduce_sum)` first sums it over the ranks with the collective it is given.
     Both stay fp32 when the module is cast to bf16 (see buffers.py).
     """
 
@@ -138,13 +138,18 @@ class Router(KeepBufferDtype):
         return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)
 
     @torch.no_grad()
-    def update_bias(self) -> None:
+    def update_bias(self, reduce_sum: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:
         """V3 aux-free update: b -= rate * sign(load - mean(load)); then clear the loads.
 
-        Call once per optimizer step, outside backward. No-op if off or nothing accumulated.
+        Call once per optimizer step, outside backward, on every rank. `reduce_sum` (in place,
+        e.g. `deepseek_moe.train.distributed.reduce_sum_`) first sums the loads over the
+        data-parallel ranks, so every rank applies the same update to its copy of the bias; the
+        router never calls torch.distributed itself. No-op if off or nothing accumulated.
         """
         rate = self.cfg.bias_update_rate
         load = self.pending_load_E
+        if rate > 0 and reduce_sum is not None:
+            reduce_sum([load])
         if rate > 0 and load.sum() > 0:
             self.e_score_correction_bias -= rate * torch.sign(load - load.mean())
         load.zero_()

@@ -6,12 +6,10 @@ SUM before reading) and logs. `compute_metrics(reset=True)` returns plain floats
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from deepseek_moe.model.buffers import KeepBufferDtype
-from deepseek_moe.model.dispatch import count_ids
+from deepseek_moe.model.losses import groups_reached
 
 
 class RouterStats(KeepBufferDtype):
@@ -32,16 +30,15 @@ class RouterStats(KeepBufferDtype):
 
     @torch.no_grad()
     def update(self, *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor,
-               counts_E: Optional[torch.Tensor] = None) -> None:
+               counts_E: torch.Tensor) -> None:
         """probs_TE: normalised affinities; ids_TK: selected experts; kept_TK: bool not dropped;
-        counts_E: selections per expert if the caller already has them (the layer does)."""
+        counts_E: selections per expert (`losses.expert_counts(ids_TK, E)`)."""
         T, E = probs_TE.shape
-        if counts_E is None:
-            counts_E = count_ids(ids_TK, E)
         self.tokens_per_expert_E += counts_E.double()
         entropy = torch.special.entr(probs_TE.float()).sum()  # -sum p log p, 0 log 0 = 0
-        groups = _distinct_blocks(ids_TK, E // self.n_groups, self.n_groups)
-        ranks = _distinct_blocks(ids_TK, E // self.num_ranks, self.num_ranks)
+        # distinct groups / EP ranks each token reached, summed over tokens
+        groups = groups_reached(ids_TK, E, self.n_groups).sum().float()
+        ranks = groups_reached(ids_TK, E, self.num_ranks).sum().float()
         # No host sync: everything stays a tensor on the buffers' device.
         self.counters += torch.stack([
             # torch.full, not torch.tensor: a blocking host-to-device copy would sync on CUDA
@@ -73,10 +70,3 @@ class RouterStats(KeepBufferDtype):
         self.tokens_per_expert_E.zero_()
         self.counters.zero_()
 
-
-def _distinct_blocks(ids_TK: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
-    """Sum over tokens of the number of distinct blocks (groups/ranks) their experts fall in."""
-    T = ids_TK.shape[0]
-    hit = torch.zeros(T, n_blocks, dtype=torch.bool, device=ids_TK.device)
-    hit.scatter_(1, torch.div(ids_TK, block, rounding_mode="floor"), True)
-    return hit.sum().float()

@@ -5,8 +5,13 @@ Shapes: B batch, S sequence, D model dim, V vocab.
     model = DeepSeekMoEForCausalLM(cfg)                # cfg: ModelConfig
     out = model(input_ids_BS, labels_BS)              # -> CausalLMOutput
     out.loss.backward()                               # loss = lm_loss + aux_loss
-    model.update_router_bias()                        # once per optimizer step (V3 bias)
+    model.update_router_bias(reduce_sum)              # once per optimizer step (V3 bias)
     model.router_metrics(reset=True)                  # {"moe/layer{L}/load_imbalance": ...}
+
+Expert parallelism is applied by the model to itself after construction:
+`model.apply_ep(ep_rank=r, ep_size=P, make_dispatcher=...)` (each MoE layer keeps rank r's
+experts and installs its dispatcher, see `MoELayer.apply_ep`); the model never calls
+torch.distributed, the caller (deepseek_moe/parallel/expert_parallel.py) brings the groups.
 
 Labels are ALREADY SHIFTED next-token targets (labels[b, s] is the token after input_ids[b, s]);
 -100 is ignored. State-dict keys follow HF DeepSeek/Llama: `model.embed_tokens.weight`,
@@ -23,7 +28,7 @@ input during a training forward and recomputes the block in backward (see `_chec
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from deepseek_moe.config.model import ModelConfig
 from deepseek_moe.config.train import ACTIVATION_CHECKPOINTING
 from deepseek_moe.model.attention import Attention
+from deepseek_moe.model.dispatch import Dispatcher
 from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.ffn import SwiGLU
 from deepseek_moe.model.moe import MoELayer
@@ -118,11 +124,14 @@ class DeepSeekMoEModel(nn.Module):
 
 class DeepSeekMoEForCausalLM(nn.Module):
     """`ep_rank`/`ep_size` (keyword-only, default no EP) make each MoE layer hold only its
-    E/ep_size local experts; the EP helper then swaps in an all-to-all dispatcher."""
+    E/ep_size local experts (a build that never materialises other ranks' experts); `apply_ep`
+    then installs the all-to-all dispatchers."""
 
     def __init__(self, cfg: ModelConfig, *, ep_rank: int = 0, ep_size: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
+        self.ep_size = ep_size
+        """Expert-parallel size the MoE layers are split for (set by `apply_ep`)."""
         self.activation_checkpointing = "none"
         """"none" or "full" (recompute every block in backward); set by the trainer."""
         self.model = DeepSeekMoEModel(cfg, ep_rank, ep_size)
@@ -186,11 +195,25 @@ class DeepSeekMoEForCausalLM(nn.Module):
             out.loss = out.lm_loss + aux_loss
         return out
 
+    def apply_ep(self, *, ep_rank: int, ep_size: int, make_dispatcher: Callable[[], Dispatcher],
+                 wrap_experts: Optional[Callable[[nn.Module], nn.Module]] = None) -> None:
+        """Expert parallelism: every MoE layer keeps EP rank `ep_rank`'s share of its experts
+        and routes through its own `make_dispatcher()` (see `MoELayer.apply_ep`)."""
+        layers = list(self.moe_layers())
+        if not layers:
+            raise ValueError("apply_ep: the model has no MoELayer (dense model?); do not call it")
+        for layer in layers:
+            layer.apply_ep(ep_rank=ep_rank, ep_size=ep_size, make_dispatcher=make_dispatcher,
+                           wrap_experts=wrap_experts)
+        self.ep_size = ep_size
+
     @torch.no_grad()
-    def update_router_bias(self) -> None:
-        """Apply the V3 selection-bias update on every MoE layer (no-op when off)."""
+    def update_router_bias(self, reduce_sum: Optional[Callable[[list[torch.Tensor]], None]] = None
+                           ) -> None:
+        """Apply the V3 selection-bias update on every MoE layer (no-op when off); `reduce_sum`
+        sums each router's loads over the data-parallel ranks first (see `Router.update_bias`)."""
         for layer in self.moe_layers():
-            layer.gate.update_bias()
+            layer.gate.update_bias(reduce_sum)
 
     @torch.no_grad()
     def router_metrics(self, reset: bool = True) -> dict[str, float]:

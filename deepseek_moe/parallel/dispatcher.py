@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from deepseek_moe.model.dispatch import count_ids, gather_rows
+from deepseek_moe.model.moe import check_ep_rank
 from deepseek_moe.parallel.all_to_all import all_to_all, exchange_counts
 
 __all__ = ["AllToAllDispatcher", "EPContext", "ids_fit_in"]
@@ -96,11 +97,7 @@ class AllToAllDispatcher:
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if num_experts % self.world != 0:
-            raise ValueError(
-                f"AllToAllDispatcher: {num_experts} routed experts cannot be split over an EP "
-                f"group of {self.world} ranks; choose parallel.ep_size dividing n_routed_experts"
-            )
+        check_ep_rank(self.rank, self.world, num_experts)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.world
         self.reset_stats()

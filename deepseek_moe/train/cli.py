@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from typing import Callable
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from deepseek_moe.config.compose import register
 from deepseek_moe.config.train import RunConfig
 from deepseek_moe.errors import (ConfigError, config_error_from_hydra, report_user_errors,
                                  traceback_requested)
+from deepseek_moe.train.distributed import main_print
 
 SCHEMA_NAME = "run_schema"
 
@@ -23,15 +25,28 @@ def register_schema() -> None:
 
     Composing YAML onto it gives struct mode (unknown keys fail) and type checks (a string for an
     int fails) at composition time, before anything is built."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+    register(SCHEMA_NAME, RunConfig)
 
 
 def apply_cli_intent(cfg: DictConfig, task_overrides: list[str]) -> None:
-    """Command-line choices that the schema cannot see: an explicit `model.vocab_size=N` means
-    "use N", not "follow the tokenizer" (unless vocab_from_tokenizer is also given)."""
+    """Command-line choices that the schema cannot see:
+    - an explicit `model.vocab_size=N` means "use N", not "follow the tokenizer" (unless
+      vocab_from_tokenizer is also given);
+    - a run shorter than the warmup it did not ask for (`python train.py trainer.max_steps=6`,
+      a smoke test, with the default or a preset's optim.warmup_steps) warms up over all but
+      its last step, with one warning. A warmup set on the command line is taken as meant: if
+      it does not fit, RunConfig's check reports it."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in task_overrides}
     if "model.vocab_size" in keys and "vocab_from_tokenizer" not in keys:
         cfg.vocab_from_tokenizer = False
+    optim = cfg.optim
+    decay = optim.decay_steps if optim.decay_steps is not None else cfg.trainer.max_steps
+    if ("optim.warmup_steps" not in keys and optim.schedule != "constant"
+            and isinstance(decay, int) and decay >= 1 and optim.warmup_steps >= decay):
+        main_print(f"Warning: optim.warmup_steps={optim.warmup_steps} does not fit a schedule of "
+                   f"{decay} steps; warming up over {decay - 1} instead (set optim.warmup_steps "
+                   "to choose)", file=sys.stderr)
+        optim.warmup_steps = decay - 1
 
 
 def _dataclass_of(tp) -> type | None:

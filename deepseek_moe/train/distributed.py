@@ -39,7 +39,8 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, the OS chooses)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -84,7 +85,7 @@ def init_distributed() -> DistInfo:
             raise RuntimeError("WORLD_SIZE > 1 but RANK is not set: launch with deepspeed, torchrun or srun")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])

@@ -4,36 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from deepseek_moe.config.train import RunConfig
 from deepseek_moe.errors import ConfigError
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    """"auto" -> bf16 on CUDA, fp32 elsewhere.
-
-    bf16 on CPU is allowed (DeepSpeed's bf16 ZeRO path runs there: bf16 weights, fp32 master
-    weights in the optimizer). It is fast only on CPUs with native bf16 matmuls (AVX512-BF16 or
-    AMX; see `cpu_bf16_is_native`), so "auto" keeps CPU runs in fp32 and the same on every
-    machine. fp16 needs a GPU (DeepSpeed's loss scaler)."""
-    if precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    if precision == "fp16" and device_type != "cuda":
-        raise ValueError(
-            f"trainer.precision={precision} needs a GPU; on {device_type} use trainer.precision=fp32 "
-            "(or bf16)"
-        )
-    return precision
-
-
-def cpu_bf16_is_native() -> bool:
-    """True when oneDNN runs bf16 matmuls in hardware (AVX512-BF16 / AMX); otherwise they are
-    emulated and slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+from deepseek_moe.train.precision import resolve_precision
 
 
 def build_ds_config(cfg: RunConfig, world_size: int, device_type: str) -> dict[str, Any]:
@@ -54,8 +27,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, device_type: str) -> dict[s
         "zero_allow_untested_optimizer": True,
         # NOTE: no overflow check in bf16: bf16 has fp32's exponent range, so "overflow" means a
         # real inf/NaN, not a loss-scale problem. DeepSpeed's check scans every gradient and
-        # all-reduces a flag each step (~8 ms of a 290 ms CPU step) only to skip the step
-        # silently; the trainer instead stops on a non-finite loss or gradient norm.
+        # all-reduces a flag every step only to skip the step silently; the trainer instead
+        # stops on a non-finite loss or gradient norm.
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,  # we print our own progress
@@ -81,19 +54,3 @@ def _bf16_gradient_dtypes(cfg: RunConfig) -> dict[str, Any]:
             "parallel.zero_stage=1 or 2, or trainer.precision=fp32")
     return {"data_types": {"grad_accum_dtype": "fp32"},
             "communication_data_type": cfg.parallel.grad_reduce_dtype}
-
-
-def peak_flops_per_device(device: torch.device, precision: str) -> float | None:
-    """Dense peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    # Dense tensor-core peaks (no sparsity), from the vendor data sheets.
-    table_bf16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
-                  "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-    if precision == "fp32":
-        return None  # TF32 vs strict fp32 depends on settings; do not guess
-    for key, value in table_bf16.items():
-        if key in name:
-            return value
-    return None

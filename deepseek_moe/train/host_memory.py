@@ -1,15 +1,15 @@
-"""Keep freed host memory in the process (glibc malloc settings), so large CPU tensors reuse pages.
+"""Opt-in process-wide tuning: keep freed host memory in the process (glibc malloc settings),
+so large CPU tensors reuse pages (`trainer.reuse_host_memory=true`; off by default).
 
 Why: glibc serves every allocation above `M_MMAP_THRESHOLD` (128 KB to start with) with a fresh
 `mmap` and returns it to the kernel on free. A training step allocates and frees the same large
-temporaries every step (logits, attention scores, expert buffers), so each step page-faults all
-of them in again: a zero-fill of a [2048, 1024] fp32 tensor took 2.7 ms (3 GB/s) in a profile of
-the bench model. Raising the mmap threshold to glibc's maximum (32 MB on 64-bit) and the trim
-threshold to 1 GB keeps those pages in the heap for reuse. Measured on the 2-core dev machine
-(bf16, bench_train.py shape, forward + backward, 1 thread): 223 -> 190 ms for our model; through
-the whole DeepSpeed step +9-12% tokens/s. Cost: the process keeps up to 1 GB of freed heap instead
-of returning it to the OS. The same effect is available to any program through the environment
-(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`); doing it here means every launcher gets it.
+temporaries every step (logits, attention scores, expert buffers), so on CPU each step
+page-faults all of them in again. Raising the mmap threshold to glibc's maximum (32 MB on
+64-bit) and the trim threshold to 1 GB keeps those pages in the heap for reuse (the effect on a
+CPU training step: bench/reports/benchmarks_*_2026-11-24.md, "host allocator"). Cost: the process keeps up to 1 GB of
+freed heap instead of returning it to the OS, which is why it is opt-in: it changes the whole
+process, not just our tensors. The same effect is available to any program through the
+environment (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).
 
 Only glibc has `mallopt`; elsewhere (macOS, musl) this does nothing.
 """

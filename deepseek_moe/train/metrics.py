@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
+
+from deepseek_moe.atomic import atomic_write_bytes
 
 
 def _clean(value: Any) -> Any:
@@ -55,9 +58,7 @@ class MetricsWriter:
                         keep.append(line if line.endswith("\n") else line + "\n")
                 except json.JSONDecodeError:
                     pass  # a line cut by a crash
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, "".join(keep).encode("utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -77,6 +78,22 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_total: Optional[
     if not peak_flops_total:
         return None
     return tokens_per_s * flops_per_token / peak_flops_total
+
+
+def peak_flops_per_device(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of one device for MFU, or None when unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    # Dense tensor-core peaks (no sparsity), from the vendor data sheets.
+    table_bf16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
+                  "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+    if precision == "fp32":
+        return None  # TF32 vs strict fp32 depends on settings; do not guess
+    for key, value in table_bf16.items():
+        if key in name:
+            return value
+    return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

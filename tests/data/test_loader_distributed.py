@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from deepseek_moe.data.loader import build_eval_loader, build_train_loader
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 
 S, G = 8, 8
 

@@ -72,7 +72,7 @@ def _train_and_save(rank, world, run_cfgs, import_dir):
 
     from deepseek_moe.export import export
     from deepseek_moe.export.importer import load_init_from
-    from deepseek_moe.parallel import consolidated_state_dict
+    from deepseek_moe.checkpoint.keys import consolidated_state_dict
 
     if rank == 0:
         export(run_cfgs[0].run_dir, import_dir)
@@ -88,7 +88,7 @@ def _train_and_save(rank, world, run_cfgs, import_dir):
 def tokenizer_data(tmp_path_factory) -> Path:
     """A small prepared python_stdlib corpus with its sentencepiece tokenizer."""
     from deepseek_moe.config.data import DataConfig
-    from deepseek_moe.data import ensure_prepared
+    from data_prep.prepare import ensure_prepared
 
     out = tmp_path_factory.mktemp("export_data") / "stdlib"
     ensure_prepared(DataConfig(out_dir=str(out), max_documents=12, vocab_size=512,
@@ -102,7 +102,7 @@ def ep2_runs(tmp_path_factory, tokenizer_data) -> dict:
     processes, and
     "ep2_import": the fp32 run exported and imported at EP=2 (consolidated weights)."""
     from deepseek_moe.data import load_meta, padded_vocab_size
-    from tests.distributed import run_distributed
+    from deepseek_moe.testing.distributed import run_distributed
 
     root = tmp_path_factory.mktemp("export_runs")
     model = export_model_config(padded_vocab_size(load_meta(tokenizer_data).vocab_size))

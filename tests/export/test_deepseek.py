@@ -11,7 +11,7 @@ from deepseek_moe.export import export
 from deepseek_moe.export.importer import check_init_from, init_weights
 from deepseek_moe.export.source import find_source
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-from deepseek_moe.parallel import load_consolidated_state_dict
+from deepseek_moe.checkpoint.keys import load_consolidated_state_dict
 from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
 
 # The keyword arguments of `DeepseekConfig.__init__` in the release's configuration_deepseek.py

@@ -12,7 +12,7 @@ from deepseek_moe.export.importer import init_weights
 from deepseek_moe.export.qwen2_moe import to_tensors
 from deepseek_moe.export.source import find_source
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-from deepseek_moe.parallel import load_consolidated_state_dict
+from deepseek_moe.checkpoint.keys import load_consolidated_state_dict
 from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
 
 

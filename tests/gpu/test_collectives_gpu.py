@@ -3,7 +3,7 @@ refuses CPU tensors (the failure the CPU tests emulate with `cuda:gloo`)."""
 
 import torch
 
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 
 
 def _one_rank(rank, world, backend):

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from deepseek_moe.train.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 FINISHED_STATES = {
@@ -49,12 +51,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class SlurmCluster:
@@ -147,7 +143,7 @@ class SlurmCluster:
                 f"add '127.0.0.1 {host}' to /etc/hosts"
             ) from None
         return "\n".join(
-            f"NodeName={node} NodeAddr=127.0.0.1 Port={_free_port()} {hw} "
+            f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} {hw} "
             "RealMemory=1000 State=UNKNOWN"
             for node in self.nodes
         )
@@ -161,7 +157,7 @@ class SlurmCluster:
         conf = f"""\
 ClusterName=pytest
 SlurmctldHost={self.nodes[0]}(127.0.0.1)
-SlurmctldPort={_free_port()}
+SlurmctldPort={free_port()}
 SlurmUser={self.user}
 SlurmdUser={self.user}
 AuthType=auth/munge

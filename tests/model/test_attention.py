@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from deepseek_moe.config.model import ModelConfig, MoEConfig
 from deepseek_moe.model import attention as attention_mod
-from deepseek_moe.model.attention import Attention, causal_bmm_attention, choose_attn_impl
+from deepseek_moe.model.attention import Attention, choose_attn_impl
+from deepseek_moe.model.kernels.causal_bmm_attention import causal_bmm_attention
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseek_moe.config.model import MoEConfig
+from deepseek_moe.model.dispatch import LocalDispatcher
 from deepseek_moe.model.moe import MoELayer, capacity_mask
 from deepseek_moe.model.hf_compat import copy_moe_weights_to_hf
 
@@ -162,6 +163,43 @@ def test_ep_layer_requires_a_real_dispatcher():
         layer(torch.randn(3, D))
     with pytest.raises(ValueError, match="ep_size=3"):
         MoELayer(D, cfg, ep_size=3)
+
+
+def test_apply_ep_keeps_this_ranks_experts_and_installs_the_dispatcher():
+    """The layer parallelizes itself: rank 1 of 2 keeps experts 4..7 of the full layer (the same
+    tensors as the full build's slice), its dispatcher, EP ranks in the statistics."""
+    full = _layer(seed=3)
+    layer = _layer(seed=3)
+    made, wrapped = [], []
+
+    class Marker(torch.nn.Module):  # stands in for an engine's wrapper (DeepSpeedExperts)
+        def __init__(self, experts):
+            super().__init__()
+            self.local_experts = experts
+            wrapped.append(experts)
+
+        def forward(self, x_ND, counts_L):
+            return self.local_experts(x_ND, counts_L)
+
+    def make():
+        made.append(LocalDispatcher())
+        return made[-1]
+
+    layer.apply_ep(ep_rank=1, ep_size=2, make_dispatcher=make, wrap_experts=Marker)
+    assert (layer.num_local_experts, layer.local_expert_offset, layer.stats.num_ranks) == (4, 4, 2)
+    assert layer.dispatcher is made[0] and len(made) == 1
+    assert isinstance(layer.experts, Marker) and layer.routed_experts is wrapped[0]
+    for l in range(4):
+        for got, want in zip(layer.routed_experts.expert_weights(l), full.experts.expert_weights(4 + l)):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="already parallelized"):
+        layer.apply_ep(ep_rank=1, ep_size=2, make_dispatcher=make)
+    # an already-local build must be the right rank's
+    local = MoELayer(D, full.cfg, ep_rank=0, ep_size=2)
+    with pytest.raises(ValueError, match="Build it with ep_rank=1, ep_size=2"):
+        local.apply_ep(ep_rank=1, ep_size=2, make_dispatcher=make)
+    local.apply_ep(ep_rank=0, ep_size=2, make_dispatcher=make)
+    assert (local.num_local_experts, local.local_expert_offset) == (4, 0)
 
 
 # ---- HF transformers parity -------------------------------------------------------------------

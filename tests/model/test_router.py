@@ -112,6 +112,31 @@ def test_update_bias_sign_rule_and_accumulation():
     assert router.pending_load_E.sum() == 0  # eval forwards do not count
 
 
+def test_update_bias_reduces_its_own_loads_first():
+    """Under DP/EP the router sums the loads of every rank with the collective it is given
+    (here a stand-in that adds another rank's loads) before the sign rule."""
+    cfg = MoEConfig(n_routed_experts=4, top_k=1, bias_update_rate=0.01)
+    router = Router(3, cfg)
+    router.train()
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4, 3))
+    router(torch.tensor([[5.0, 0, 0], [5.0, 0, 0]]))  # this rank: expert 0 twice
+    calls = []
+
+    def reduce_sum(tensors):  # the other rank picked expert 3 six times
+        calls.append(len(tensors))
+        tensors[0] += torch.tensor([0.0, 0.0, 0.0, 6.0])
+
+    router.update_bias(reduce_sum)
+    # summed loads [2, 0, 0, 6], mean 2: expert 3 over (-), 1 and 2 under (+), 0 at the mean (0)
+    torch.testing.assert_close(router.e_score_correction_bias, torch.tensor([0.0, 0.01, 0.01, -0.01]))
+    assert calls == [1] and router.pending_load_E.sum() == 0
+    # off (rate 0): no collective is issued at all
+    off = Router(3, MoEConfig(n_routed_experts=4, top_k=1))
+    off.update_bias(reduce_sum)
+    assert calls == [1]
+
+
 def test_noise_only_in_training():
     torch.manual_seed(0)
     cfg = MoEConfig(n_routed_experts=8, top_k=2, router_noise_std=1.0)

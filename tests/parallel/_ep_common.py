@@ -62,13 +62,13 @@ def hf_grads(model) -> dict[str, torch.Tensor]:
     """Gradients after the EP run, as the EP=1 model would hold them (HF keys, all experts):
     non-expert grads summed over the world, expert grads summed over the EDP group then gathered
     over the EP group. Collective."""
-    from deepseek_moe.checkpoint.keys import DS_EXPERT_KEY
+    from deepseek_moe.parallel.deepspeed_experts import LOCAL_EXPERT_KEY, global_expert_key
     from deepseek_moe.parallel.groups import get_edp_group, get_ep_group
 
     P = model.ep_size
     out = {}
     for name, g in grads_by_state_key(model).items():
-        m = DS_EXPERT_KEY.match(name)
+        m = LOCAL_EXPERT_KEY.match(name)
         if m is None:
             dist.all_reduce(g)
             out[name] = g
@@ -78,7 +78,7 @@ def hf_grads(model) -> dict[str, torch.Tensor]:
         dist.all_gather(parts, g, group=get_ep_group(P))
         L = model.get_submodule(m["layer"]).num_local_experts
         for r, t in enumerate(parts):
-            out[f"{m['layer']}.experts.{r * L + int(m['l'])}.{m['rest']}"] = t
+            out[global_expert_key(m["layer"], r * L + int(m["l"]), m["rest"])] = t
     return out
 
 

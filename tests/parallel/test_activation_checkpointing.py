@@ -5,8 +5,8 @@ all-to-all splits) and the V3 bias loads / router statistics recorded once."""
 import pytest
 import torch
 
-from deepseek_moe.parallel.deepspeed_moe import parallelize_moe
-from tests.distributed import run_distributed
+from deepseek_moe.parallel.expert_parallel import parallelize_moe
+from deepseek_moe.testing.distributed import run_distributed
 from tests.parallel._ep_common import build_full_model, grads_by_state_key, micro_batch, tiny_config
 
 MOE = dict(router_noise_std=0.5, bias_update_rate=1e-3)

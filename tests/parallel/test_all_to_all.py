@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deepseek_moe.parallel.all_to_all import all_to_all, exchange_counts
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 
 D = 3
 

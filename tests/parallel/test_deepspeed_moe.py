@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
-from deepseek_moe.parallel.deepspeed_moe import (consolidated_state_dict, load_consolidated_state_dict,
-                                                 optimizer_param_groups, parallelize_moe)
-from tests.distributed import run_distributed
+from deepseek_moe.checkpoint.keys import consolidated_state_dict, load_consolidated_state_dict
+from deepseek_moe.parallel.expert_parallel import parallelize_moe
+from deepseek_moe.parallel.param_groups import optimizer_param_groups
+from deepseek_moe.testing.distributed import run_distributed
 from tests.parallel._ep_common import B, SEED, build_full_model, micro_batch, tiny_config
 
 STEPS, LR, WD, CLIP, WORLD, EP = 5, 1e-2, 0.1, 0.05, 2, 2

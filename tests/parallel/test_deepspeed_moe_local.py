@@ -6,9 +6,10 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
 from deepseek_moe.config.model import ModelConfig
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-from deepseek_moe.parallel.deepspeed_moe import (DeepSpeedExperts, consolidated_state_dict,
-                                                 load_consolidated_state_dict,
-                                                 optimizer_param_groups, parallelize_moe)
+from deepseek_moe.parallel.deepspeed_experts import DeepSpeedExperts
+from deepseek_moe.checkpoint.keys import consolidated_state_dict, load_consolidated_state_dict
+from deepseek_moe.parallel.expert_parallel import parallelize_moe
+from deepseek_moe.parallel.param_groups import optimizer_param_groups
 from tests.parallel._ep_common import build_full_model, micro_batch, tiny_config
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher, ids_fit_in
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 from tests.host_reads import count_host_reads
 
 D, K, E = 4, 2, 8
@@ -30,8 +30,10 @@ def _case(world):
             if T[r] else torch.zeros(0, K, dtype=torch.long)
         if T[r] > 1:
             i[1, 0] = -1  # a dropped copy: contributes exactly 0
-        xs.append(x); ids.append(i.long())
-        ws.append(torch.rand(T[r], K, generator=g)); gs.append(torch.randn(T[r], D, generator=g))
+        xs.append(x)
+        ids.append(i.long())
+        ws.append(torch.rand(T[r], K, generator=g))
+        gs.append(torch.randn(T[r], D, generator=g))
     return A, xs, ids, ws, gs
 
 
@@ -55,7 +57,9 @@ def _reference(world):
         loss = loss + (y * gs[r]).sum()
     loss.backward()
     # a rank with no tokens has empty (not missing) gradients
-    grad = lambda t: torch.zeros_like(t) if t.grad is None else t.grad
+    def grad(t):
+        return torch.zeros_like(t) if t.grad is None else t.grad
+
     return A.grad, ys, [grad(x) for x in xs], [grad(w) for w in ws]
 
 

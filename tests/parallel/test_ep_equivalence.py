@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from deepseek_moe.model.router import device_limited_topk
-from deepseek_moe.parallel.deepspeed_moe import consolidated_state_dict, ep_metrics, parallelize_moe
+from deepseek_moe.checkpoint.keys import consolidated_state_dict
+from deepseek_moe.parallel.expert_parallel import parallelize_moe
+from deepseek_moe.parallel.metrics import ep_metrics
 from deepseek_moe.parallel.groups import get_edp_group, get_ep_group
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 from tests.parallel._ep_common import (build_full_model, hf_grads, micro_batch,
                                        reference_forward_backward, set_bias, tiny_config)
 
@@ -42,7 +44,7 @@ def _check_against_reference(world, ep_size, moe_overrides=None, bias=None):
     for r, res in enumerate(results):
         for key in ("logits", "loss", "aux"):
             torch.testing.assert_close(res[key], ref_outs[r][key], rtol=1e-5, atol=1e-5)
-        assert res["grads"].keys() == ref_grads.keys()
+        assert res["grads"].keys() == ref_grads.keys() and ref_grads  # the loop below runs
         for name, g in ref_grads.items():
             torch.testing.assert_close(res["grads"][name], g, rtol=1e-5, atol=1e-5, msg=name)
     return results
@@ -54,7 +56,11 @@ def test_ep_equals_ep1_outputs_losses_grads(world):
                                        moe_overrides=dict(n_groups=world, topk_groups=world // 2))
     # device-limited routing with M=2 groups of 2 experts: a token reaches at most 2 groups;
     # at EP=4 the groups ARE the ranks, so at most 2 ranks per token
+    moe_layers = tiny_config().num_moe_layers
     for res in results:
+        # both statistics of every MoE layer are present, so the checks below cannot be skipped
+        assert len(res["ep"]) == 2 * moe_layers
+        assert sum(k.endswith("a2a_ranks_per_token") for k in res["ep"]) == moe_layers
         for key, value in res["ep"].items():
             if key.endswith("a2a_ranks_per_token") and world == 4:
                 assert 1.0 <= value <= 2.0
@@ -94,6 +100,7 @@ def test_empty_expert_and_empty_rank():
         2, ep_size=2, moe_overrides=dict(bias_update_rate=1e-3, n_groups=1, topk_groups=1,
                                          device_aux_alpha=0.0, comm_aux_alpha=0.0), bias=bias)
     for res in results:
+        assert len(res["counts"]) == tiny_config().num_moe_layers > 0
         for counts_E in res["counts"]:
             assert counts_E[[0, 4, 5, 6, 7]].sum() == 0
         # the empty experts' params still got a (zero) gradient, so ZeRO/DP see every param
@@ -113,7 +120,7 @@ def test_m_equals_groups_is_plain_topk():
 
 def _meta_build(rank, world):
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-    from deepseek_moe.parallel.deepspeed_moe import load_consolidated_state_dict
+    from deepseek_moe.checkpoint.keys import load_consolidated_state_dict
 
     cfg = tiny_config()
     full_sd = build_full_model(cfg).state_dict()  # stands in for a consolidated checkpoint

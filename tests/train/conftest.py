@@ -9,7 +9,7 @@ def tiny_data(tmp_path_factory):
     from omegaconf import OmegaConf
 
     from deepseek_moe.config.data import DataConfig
-    from deepseek_moe.data import ensure_prepared
+    from data_prep.prepare import ensure_prepared
 
     overrides = tiny_data_overrides(tmp_path_factory.mktemp("data") / "stdlib_tiny")
     base = OmegaConf.structured(DataConfig)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deepseek_moe.train.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A tiny DeepSeekMoE (first layer dense, shared + 4 routed experts, top-2, 2 groups, M=1) on 64-token
@@ -24,13 +26,11 @@ TINY = [
 
 def compose_config(overrides: list[str]):
     """conf/config.yaml with `overrides`, as train.py composes it (a DictConfig)."""
-    from hydra import compose, initialize_config_dir
-
+    from deepseek_moe.config.compose import compose
     from deepseek_moe.train.cli import register_schema
 
     register_schema()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose("config", overrides)
 
 
 def tiny_data_overrides(out_dir: Path) -> list[str]:
@@ -52,19 +52,11 @@ def command(nproc: int, launcher: str = "deepspeed") -> list[str]:
         return [sys.executable, "train.py"]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                "--master_port", str(_free_port()), "train.py"]
+                "--master_port", str(free_port()), "train.py"]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_free_port()), "train.py"]
+                "--master_port", str(free_port()), "train.py"]
     raise ValueError(launcher)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_train(overrides: list[str], *, nproc: int = 1, launcher: str = "python",

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from deepseek_moe.config.train import OptimConfig, ParallelConfig, RunConfig, TrainerConfig
 from deepspeed.moe.utils import is_moe_param
 
-from deepseek_moe.parallel.deepspeed_moe import optimizer_param_groups, parallelize_moe
-from tests.distributed import run_distributed
+from deepseek_moe.parallel.expert_parallel import parallelize_moe
+from deepseek_moe.parallel.param_groups import optimizer_param_groups
+from deepseek_moe.testing.distributed import run_distributed
 from tests.parallel._ep_common import B, build_full_model, micro_batch, tiny_config
 
 WORLD, EP, ACCUM, LR, WD = 2, 2, 4, 1e-2, 0.1

@@ -23,8 +23,8 @@ import json
 import pytest
 import torch
 
+from deepseek_moe.testing.distributed import run_distributed
 from deepseek_moe.train.metrics import read_metrics
-from tests.distributed import run_distributed
 from tests.train.helpers import TINY
 
 
@@ -32,7 +32,7 @@ def _fit(rank, world, overrides, backend):
     from omegaconf import OmegaConf
 
     import deepseek_moe.train.distributed as distributed
-    from deepseek_moe.parallel import consolidated_state_dict
+    from deepseek_moe.checkpoint.keys import consolidated_state_dict
     from deepseek_moe.train.trainer import Trainer
     from tests.train.helpers import compose_config
 

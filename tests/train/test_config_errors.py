@@ -5,7 +5,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.train.cli import apply_cli_intent, unknown_keys
+from deepseek_moe.errors import ConfigError
+from deepseek_moe.train.cli import apply_cli_intent, to_run_config, unknown_keys
 from tests.train.helpers import compose_config, run_train
 from tests.train.test_user_errors import check_one_line
 
@@ -22,6 +23,7 @@ def test_default_config_composes_to_run_config():
         assert hasattr(cfg.trainer, key)
     assert (cfg.checkpoint.every, cfg.checkpoint.keep) == (100, 2)
     assert (cfg.parallel.ep_size, cfg.parallel.zero_stage) == (1, 1)
+    assert cfg.trainer.reuse_host_memory is False  # process-wide allocator tuning is opt-in
 
 
 def test_appended_misspelt_key_fails():
@@ -56,6 +58,33 @@ def test_explicit_vocab_size_turns_off_tokenizer_vocab():
     cfg = _compose([])
     apply_cli_intent(cfg, ["trainer.seed=3"])
     assert cfg.vocab_from_tokenizer is True
+
+
+def test_short_run_clips_the_warmup_it_did_not_ask_for(capsys):
+    """`python train.py trainer.max_steps=6`: the default warmup (20) is longer than the run, so
+    it warms up over 5 steps (all but the last), with one warning, instead of refusing."""
+    overrides = ["trainer.max_steps=6"]
+    cfg = _compose(overrides)
+    assert cfg.optim.warmup_steps == 20  # the default this test is about
+    apply_cli_intent(cfg, overrides)
+    run = to_run_config(cfg)
+    assert run.optim.warmup_steps == 5 and run.decay_steps == 6
+    err = capsys.readouterr().err
+    assert err.count("Warning: optim.warmup_steps=20 does not fit a schedule of 6 steps") == 1
+    # the same through optim.decay_steps, and a warmup that fits is left alone
+    overrides = ["optim.decay_steps=3"]
+    cfg = _compose(overrides)
+    apply_cli_intent(cfg, overrides)
+    assert to_run_config(cfg).optim.warmup_steps == 2
+    cfg = _compose(["trainer.max_steps=21"])
+    apply_cli_intent(cfg, ["trainer.max_steps=21"])
+    assert to_run_config(cfg).optim.warmup_steps == 20
+    # a warmup given on the command line is meant: a one-line config error, as before
+    overrides = ["trainer.max_steps=6", "optim.warmup_steps=20"]
+    cfg = _compose(overrides)
+    apply_cli_intent(cfg, overrides)
+    with pytest.raises(ConfigError, match="optim.warmup_steps=20 must be smaller"):
+        to_run_config(cfg)
 
 
 def test_ep_size_must_divide_world_size():

@@ -191,7 +191,7 @@ def _global(results):
 def test_bf16_master_weights_and_moments_survive_resharding_exactly(tiny_data, tmp_path):
     """bf16 at world 2, EP 2, ZeRO 1 (DeepSpeed's BF16 optimizer) stopped after step 3, resumed
     at world 4, EP 4, ZeRO 2 (its ZeRO-2 optimizer): masters and moments are equal bit for bit."""
-    from tests.distributed import run_distributed
+    from deepseek_moe.testing.distributed import run_distributed
 
     run_dir = tmp_path / "run"
     base = ELASTIC + tiny_data + ["trainer.precision=bf16", f"run_dir={run_dir}"]

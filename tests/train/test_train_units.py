@@ -6,7 +6,8 @@ import pytest
 
 from deepseek_moe.config.train import RunConfig, TrainerConfig
 from deepseek_moe.train.distributed import strip_launcher_args
-from deepseek_moe.train.ds_config import build_ds_config, resolve_precision
+from deepseek_moe.train.ds_config import build_ds_config
+from deepseek_moe.train.precision import resolve_precision
 from deepseek_moe.train.metrics import MetricsWriter, mfu, read_metrics
 from deepseek_moe.train.trainer import check_finite
 

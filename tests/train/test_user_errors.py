@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from deepseek_moe.config.data import DataConfig
-from deepseek_moe.data import ensure_prepared
+from data_prep.prepare import ensure_prepared
 from deepseek_moe.errors import TRACEBACK_ENV, ConfigError, DataError, report_user_errors
 from deepseek_moe.train.cli import register_schema, run_entry, to_run_config
 from deepseek_moe.train.distributed import DistInfo
@@ -208,7 +208,7 @@ def _fail_together_case(rank, world_size, ckpt_root):
 
 def test_ranks_agree_on_one_reporter_and_on_the_resume_checkpoint(tmp_path):
     from deepseek_moe.checkpoint import files as ckpt
-    from tests.distributed import run_distributed
+    from deepseek_moe.testing.distributed import run_distributed
 
     for step in (1, 2):
         tag_dir = tmp_path / ckpt.tag_for_step(step)

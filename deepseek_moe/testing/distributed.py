@@ -1,6 +1,6 @@
 """Run a function in several gloo CPU processes, for multi-process tests.
 
-    from tests.distributed import run_distributed
+    from deepseek_moe.testing.distributed import run_distributed
 
     def _check_allreduce(rank, world_size, value):      # module level: it is pickled
         t = torch.tensor([float(rank + value)])
@@ -34,29 +34,19 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "find_free_port"]
+from deepseek_moe.atomic import atomic_torch_save
+from deepseek_moe.train.distributed import free_port
 
-
-def find_free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0 and let the OS choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _save_atomic(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+__all__ = ["run_distributed"]
 
 
 def _worker(
@@ -88,12 +78,10 @@ def _worker(
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         result = fn(rank, world_size, *args)
-        _save_atomic({"ok": True, "result": result}, os.path.join(out_dir, f"rank{rank}.pt"))
+        atomic_torch_save({"ok": True, "result": result}, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:  # noqa: BLE001 - everything, including SystemExit, goes to the parent
-        _save_atomic(
-            {"ok": False, "error": traceback.format_exc()},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        atomic_torch_save({"ok": False, "error": traceback.format_exc()},
+                          Path(out_dir) / f"rank{rank}.pt")
     finally:
         if init_process_group and torch.distributed.is_initialized():
             try:
@@ -153,7 +141,7 @@ def run_distributed(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir:
-        port = find_free_port()
+        port = free_port()
         procs = []
         for rank in range(world_size):
             p = ctx.Process(

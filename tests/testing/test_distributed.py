@@ -1,4 +1,4 @@
-"""Tests for `tests/distributed.py` (the shared multi-process test helper)."""
+"""Tests for `deepseek_moe/testing/distributed.py` (the shared multi-process test helper)."""
 
 import os
 import time
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed import run_distributed
+from deepseek_moe.testing.distributed import run_distributed
 
 
 def _allreduce_and_env(rank, world_size, offset):

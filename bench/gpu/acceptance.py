@@ -14,7 +14,7 @@ exists and its default is not "loop", again with `experts_impl=loop` for compari
 The data is the python_stdlib corpus, prepared once (4096-token vocab). Runs write no checkpoint
 (a 16B-shaped save would be tens of GB of disk for nothing). For each run the table gives the
 median optimizer-step time over the steps after the first `--warmup`, tokens/s from it, the
-trainer's MFU (null where the device's peak is not in deepseek_moe/train/ds_config.py), the peak
+trainer's MFU (null where the device's peak is not in deepseek_moe/train/metrics.py), the peak
 memory (GPU: torch's max allocated; CPU: the process's max RSS) and the LM loss of the first
 and last step. DIR gets acceptance.md (the table with the versions and the command) and
 acceptance.json; run directories go to a temporary folder.

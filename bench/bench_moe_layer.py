@@ -44,7 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing the package
 _SHAPE_ARGS = ("tokens", "hidden", "expert_width", "experts", "top_k", "shared", "dtype", "threads")
-IMPLS = ["ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
+IMPLS = ["ours_auto", "ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
+# implementations that compute exactly the layer (deepspeed drops tokens past its capacity)
+EXACT = ("ours_auto", "ours_loop", "ours_grouped_mm", "hf_grouped_mm")
 
 
 def rss_mb() -> float:
@@ -93,6 +95,7 @@ def _build(args, impl: str):
             y, aux = layer(x)
             torch.autograd.backward([y] + list(aux.values()),
                                     [gy] + [torch.ones_like(v) for v in aux.values()])
+            return y.detach()
         return step, layer
 
     ours = _our_layer(args, "loop")
@@ -114,7 +117,9 @@ def _build(args, impl: str):
         del ours
 
         def step(x, gy):
-            layer(x.unsqueeze(0)).squeeze(0).backward(gy)
+            y = layer(x.unsqueeze(0)).squeeze(0)
+            y.backward(gy)
+            return y.detach()
         return step, layer
 
     if impl == "deepspeed":
@@ -150,6 +155,7 @@ def _build(args, impl: str):
             y, l_aux, _ = moe(x.unsqueeze(0))
             y = y.squeeze(0) + shared(x)
             torch.autograd.backward([y, l_aux], [gy, torch.ones_like(l_aux)])
+            return y.detach()
         return step, torch.nn.ModuleList([moe, shared])
 
     if impl == "matmul":
@@ -198,14 +204,39 @@ def time_all(args, impls: list[str]) -> dict[str, list[float]]:
     built = {impl: _build(args, impl) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for i in range(args.warmup + args.iters):
+        first: dict[str, tuple] = {}
         for impl, (step, module) in built.items():
             t0 = time.perf_counter()
-            step(x, gy)
+            y = step(x, gy)
             dt = time.perf_counter() - t0
+            if i == 0 and impl in EXACT:
+                first[impl] = (y, x.grad.clone())
             _zero_grads(x, module)
             if i >= args.warmup:
                 times[impl].append(dt)
+        if i == 0:
+            check_equal(first, args.dtype)
     return times
+
+
+def check_equal(results: dict[str, tuple], dtype: str) -> None:
+    """Before any timing counts: every exact implementation's output and input gradient equal
+    the reference's (hf_grouped_mm when run) up to the dtype's rounding; exits otherwise."""
+    if len(results) < 2:
+        return
+    bound = 2e-2 if dtype == "bf16" else 1e-5  # relative Frobenius error
+    ref = "hf_grouped_mm" if "hf_grouped_mm" in results else next(iter(results))
+    errs = []
+    for impl, (y, dx) in results.items():
+        if impl == ref:
+            continue
+        e = [((a.float() - b.float()).norm() / b.float().norm()).item()
+             for a, b in zip((y, dx), results[ref])]
+        errs.append(f"{impl}: output {e[0]:.1e}, input grad {e[1]:.1e}")
+        if not all(v <= bound for v in e):  # also catches NaN
+            sys.exit(f"{impl} differs from {ref} (relative error output {e[0]:.2e}, input grad "
+                     f"{e[1]:.2e} > {bound:g}): the timings would not compare the same function")
+    print(f"equal outputs and input grads vs {ref} (relative error <= {bound:g}): " + "; ".join(errs))
 
 
 def tiny_step(args) -> None:
@@ -285,9 +316,10 @@ def main() -> None:
     print(f"MoE layer fwd+bwd, {args.dtype}, T={T} D={args.hidden} H={args.expert_width} "
           f"E={args.experts} K={args.top_k} +{args.shared} shared, {args.threads} threads, "
           f"{args.iters} round-robin steps: median / best (best = least disturbed on a shared machine)")
-    ref = "ours_loop" if "ours_loop" in sec else next(iter(sec))
-    print(f"| impl | ms/step median / best | tokens/s median / best | {ref} speedup median / best "
-          "| share of matmul ceiling median / best | peak RSS MB | RSS over base MB |")
+    # ratio column: the reference's time / this implementation's time (> 1: faster than it)
+    ref = next((r for r in ("hf_grouped_mm", "ours_loop") if r in sec), next(iter(sec)))
+    print(f"| impl | ms/step median / best | tokens/s median / best | {ref} time / its time "
+          "median / best | share of matmul ceiling median / best | peak RSS MB | RSS over base MB |")
     print("|---|---|---|---|---|---|---|")
     for impl in sec:
         m = memory.get(impl)
@@ -296,7 +328,12 @@ def main() -> None:
                 if "matmul" in sec else "-")
         print(f"| {impl} | {sec[impl] * 1e3:.0f} / {best[impl] * 1e3:.0f} "
               f"| {T / sec[impl]:,.0f} / {T / best[impl]:,.0f} "
-              f"| {sec[impl] / sec[ref]:.2f}x / {best[impl] / best[ref]:.2f}x | {ceil} | {mem} |")
+              f"| {sec[ref] / sec[impl]:.2f}x / {best[ref] / best[impl]:.2f}x | {ceil} | {mem} |")
+    if "matmul" in sec:
+        F = 3 * args.expert_width * (args.top_k + args.shared) + args.experts
+        flop = 6 * T * args.hidden * F  # fwd (2) + bwd (4) FLOPs per multiply-add
+        print(f"matmul ceiling: {flop / 1e12:.2f} TFLOP per step at {flop / sec['matmul'] / 1e9:,.0f} "
+              f"GFLOP/s (median)")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,9 @@ one rank) plus this run's gradients and AdamW state, and the ratio measured / pl
 Each mode is measured twice:
 - "live": glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so every tensor
   is its own mapping and RSS follows the live tensor bytes (the plan's quantity; on a GPU the
-  caching allocator's reserve plays the heap's part).
+  caching allocator's reserve plays the heap's part), and oneDNN's primitive cache off
+  (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`: the bf16 matmul kernels it keeps are library
+  workspace, which the plan leaves out like cuBLAS's).
 - "glibc default": glibc raises its mmap threshold up to 32 MiB after the first large free, so
   smaller tensors then come from the heap, whose freed pages stay resident: RSS there is the
   heap's high-water mark, which the plan does not model (it is reported, not compared).
@@ -109,7 +111,7 @@ def main() -> None:
     cfg = _cfg(args)
     impl = resolve_impl(cfg.moe.experts_impl, torch.device("cpu")) if cfg.moe else "grouped_mm"
     measured: dict[tuple[str, str], float] = {}
-    live_env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    live_env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
     for mode in [] if args.no_memory else MODES:
         flags = [f"--{k.replace('_', '-')}={getattr(args, k)}"
                  for k in ("model", "seq_len", "micro_batch", "dtype", "threads")]
@@ -117,7 +119,8 @@ def main() -> None:
         for alloc, extra_env in (("live", live_env), ("glibc", {})):
             env = {**os.environ, "PYTHONPATH": str(ROOT), **extra_env}
             if alloc == "glibc":
-                env.pop("MALLOC_MMAP_THRESHOLD_", None)
+                for key in live_env:
+                    env.pop(key, None)
             res = subprocess.run([sys.executable, __file__, "--worker", mode, *flags], cwd=ROOT,
                                  capture_output=True, text=True, env=env)
             lines = [l for l in res.stdout.splitlines() if l.startswith("{")]

@@ -19,8 +19,9 @@ all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the co
   ops our model runs (SDPA attention, the grouped experts path; see `_block_saved_bytes`), plus
   the logits and their log-softmax; with "full" checkpointing only each block's input is kept.
   Validated against the saved tensors of real runs (tests/test_memory_plan.py).
-- logits_grad: the gradients of the log-softmax (fp32) and of the logits, alive together with
-  all activations when the backward starts (T x vocab each: the peak for large vocabularies).
+- logits_grad: the gradients of the log-softmax and of its input, both fp32, alive together
+  with all activations when the backward starts (T x vocab each: the peak for large
+  vocabularies).
 - recompute ("full" only): what one block's recompute and backward add later in the backward,
   beyond the backward-start peak (see `recompute_bytes`; 0 when the logits' part is larger).
   The sum of the parts is the peak; validated against the allocator's live bytes of small
@@ -30,8 +31,9 @@ all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the co
 - a2a bytes per step: rows leaving the rank (a fraction (P-1)/P of T*K under uniform routing;
   device-limited routing sends less) x D x dtype, dispatch + combine, forward + backward
   (+ the forward again with "full"), over MoE layers and micro-batches.
-Not counted: framework workspace (cuBLAS/NCCL, CUDA context: ~1-3 GB on a GPU), allocator
-fragmentation, DeepSpeed's flat communication buckets.
+Not counted: framework workspace (cuBLAS/NCCL, CUDA context: ~1-3 GB on a GPU; oneDNN's
+primitive cache on CPU), allocator fragmentation and host-heap retention, DeepSpeed's flat
+communication buckets.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def recompute_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precisi
     # In bf16 the gradients of the block's fp32 upcasts (both RMSNorm inputs, the router input)
     # are fp32 [T, D] tensors, larger than the bf16 ones the saved-bytes bound pairs them with.
     upcast_grads = 3 * T * cfg.hidden_size * _F32 if b != _F32 else 0
-    return max(0, largest + upcast_grads - _head_bytes(cfg, T, b) - _logits_grad_bytes(cfg, T, b))
+    return max(0, largest + upcast_grads - _head_bytes(cfg, T, b) - _logits_grad_bytes(cfg, T))
 
 
 def _head_bytes(cfg: ModelConfig, T: int, b: int) -> int:
@@ -113,10 +115,13 @@ def _body_bytes(cfg: ModelConfig, T: int, b: int, activation_checkpointing: str,
     return sum(_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers))
 
 
-def _logits_grad_bytes(cfg: ModelConfig, T: int, b: int) -> int:
-    """The log-softmax's fp32 gradient and the logits' gradient, alive together (with every
-    saved activation) when the backward starts: the peak for large vocabularies."""
-    return T * cfg.vocab_size * (_F32 + b)
+def _logits_grad_bytes(cfg: ModelConfig, T: int) -> int:
+    """The log-softmax's fp32 gradient and the gradient of its fp32 input, alive together (with
+    every saved activation) when the backward starts: the peak for large vocabularies.
+
+    NOTE: both are fp32 in bf16 too (the loss upcasts the logits); the bf16 logits' gradient
+    is made only after the log-softmax's gradient is freed."""
+    return T * cfg.vocab_size * 2 * _F32
 
 
 def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero_stage: int = 1,
@@ -149,7 +154,7 @@ def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero
     acts = activation_bytes(cfg, **act_args)
     recompute = recompute_bytes(cfg, **act_args)
     T = micro_batch * S
-    logits_grad = _logits_grad_bytes(cfg, T, w)
+    logits_grad = _logits_grad_bytes(cfg, T)
     a2a_buffers = 2 * T * m.top_k * cfg.hidden_size * w if (m is not None and ep_size > 1) else 0
     passes = 3 if activation_checkpointing == "full" else 2  # fwd, bwd (+ recompute fwd)
     a2a_step = (0 if m is None else

@@ -33,17 +33,22 @@ def measured_forward_bytes(model, ids) -> int:
     return sum(seen.values()) + out.logits_BSV.untyped_storage().nbytes()
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["none", "full"])
-def test_activation_bytes_match_saved_tensors(impl, precision, mode):
-    cfg = _cfg(impl)
+def _training_model(cfg: ModelConfig, precision: str, mode: str) -> DeepSeekMoEForCausalLM:
     torch.manual_seed(0)
     model = DeepSeekMoEForCausalLM(cfg)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     model.train()
     model.activation_checkpointing = mode
+    return model
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_activation_bytes_match_saved_tensors(impl, precision, mode):
+    cfg = _cfg(impl)
+    model = _training_model(cfg, precision, mode)
     B, S = 4, 128
     ids = torch.randint(0, cfg.vocab_size, (B, S))
     measured = measured_forward_bytes(model, ids)
@@ -76,12 +81,7 @@ def test_planned_peak_matches_live_bytes(precision, mode, vocab):
     backward's start; vocab 16 with "full": a block's recompute is (the recompute term > 0)."""
     cfg = _cfg("loop")
     cfg.vocab_size = vocab
-    torch.manual_seed(0)
-    model = DeepSeekMoEForCausalLM(cfg)
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
-    model.train()
-    model.activation_checkpointing = mode
+    model = _training_model(cfg, precision, mode)
     B, S = 4, 128
     ids = torch.randint(0, vocab, (B, S))
 

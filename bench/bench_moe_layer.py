@@ -3,7 +3,7 @@
     python bench/bench_moe_layer.py                 # hidden 512 shape, all implementations
     python bench/bench_moe_layer.py --tokens 1024 --iters 3 --impls ours_loop,hf_grouped_mm
     python bench/bench_moe_layer.py --shape 16b --dtype bf16 --no-memory \
-        --impls ours_loop,ours_grouped_mm,hf_grouped_mm,matmul   # the 16B layer
+        --impls ours_auto,ours_grouped_mm,hf_grouped_mm,matmul   # the 16B layer
     python bench/bench_moe_layer.py --tiny-step     # training step of the tiny preset
 
 `--shape 16b`: the DeepSeekMoE 16B layer (hidden 2048, 64 routed experts of width 1408, top-6,
@@ -13,7 +13,8 @@ activations; the router stays fp32 inside ours).
 Default shape: hidden 512, expert width 352, 64 routed experts top-6, 1 shared expert,
 4096 tokens, fp32. Implementations, each timed in its OWN subprocess (so peak RSS is per
 implementation) with identical weights copied from our layer:
-- ours_loop / ours_grouped_mm: `MoELayer` (dropless) with either experts path.
+- ours_auto / ours_loop / ours_grouped_mm: `MoELayer` (dropless) with that `experts_impl`
+  (`auto` is the loop kernel on CPU).
 - hf_grouped_mm: transformers `DeepseekV2Moe` with `config._experts_implementation =
   "grouped_mm"` (its fast path; "batched_mm" materialises per-token weights).
 - deepspeed: `deepspeed.moe.layer.MoE(k=6, capacity_factor=1.0)` (drops tokens past capacity,
@@ -24,8 +25,10 @@ implementation) with identical weights copied from our layer:
 Timing: all implementations are built in ONE process and stepped round-robin (so load changes
 on a shared machine hit all alike); median per implementation. Memory: each implementation runs
 2 steps in its own subprocess; we report its peak RSS and the peak above the RSS measured just
-before the layer was built. Printed: ms/step, tokens/s, ours_loop's speedup against it (its
-time / ours), its share of the matmul ceiling (ceiling time / its time). Table in bench/README.md.
+before the layer was built. Before timing counts, the first step checks that every exact
+implementation (ours_*, hf_grouped_mm) gives HF's output and input gradient (stops otherwise).
+Printed: ms/step, tokens/s, HF's time / its time (ours_loop's when HF is not run), its share of
+the matmul ceiling (ceiling time / its time), the ceiling's GFLOP/s. Table in bench/README.md.
 """
 
 from __future__ import annotations

@@ -5,14 +5,25 @@ checkpointing, and the memory plan's prediction of the peak.
     python bench/bench_memory.py --seq-len 512 --iters 3 --dtype bf16
     python bench/bench_memory.py --override num_layers=12   # deeper: blocks outweigh the logits
 
-Memory: each mode ("none", "full") runs in its own subprocess: build the model (fp32 AdamW, no
-DeepSpeed), then 2 training steps; we report peak RSS minus the RSS after the build (the
-step's own memory: gradients, optimizer state, activations and transients) next to the plan's
-gradients + optimizer + activations + logits gradient for the same run (`deepseek_moe.memory_plan`, ZeRO-0, one
-rank), and the ratio measured / planned. Speed: both modes stepped round-robin in ONE process
-(so load changes on a shared machine hit both alike); tokens/s median and "full"'s cost.
-Attention is forced to SDPA (the GPU path the plan accounts for); experts use the default
-path for the device.
+Memory: each mode ("none", "full") runs in its own subprocess: build the model (AdamW in the
+parameters' dtype, no DeepSpeed), then 2 training steps (gradients zeroed, not freed, between
+them, so they stay allocated as the plan counts them); we report peak RSS minus the RSS after
+the build (the step's own memory: gradients, optimizer state, activations and transients) next
+to the plan's activations + logits gradient + recompute (`deepseek_moe.memory_plan`, ZeRO-0,
+one rank) plus this run's gradients and AdamW state, and the ratio measured / planned.
+Each mode is measured twice:
+- "live": glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so every tensor
+  is its own mapping and RSS follows the live tensor bytes (the plan's quantity; on a GPU the
+  caching allocator's reserve plays the heap's part), and oneDNN's primitive cache off
+  (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`: the bf16 matmul kernels it keeps are library
+  workspace, which the plan leaves out like cuBLAS's).
+- "glibc default": glibc raises its mmap threshold up to 32 MiB after the first large free, so
+  smaller tensors then come from the heap, whose freed pages stay resident: RSS there is the
+  heap's high-water mark, which the plan does not model (it is reported, not compared).
+Speed: both modes stepped round-robin in ONE process (so load changes on a shared machine hit
+both alike); tokens/s median and "full"'s cost (`--iters 0` skips it). Attention is forced to
+SDPA (the GPU path the plan accounts for); experts use the default path for the device.
+`--no-memory` skips the memory runs.
 """
 
 from __future__ import annotations
@@ -47,9 +58,7 @@ def _build(args, mode: str):
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
     torch.manual_seed(0)
-    model = DeepSeekMoEForCausalLM(_cfg(args))
-    if args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    model = DeepSeekMoEForCausalLM(_cfg(args)).to(_torch_dtype(args))
     model.activation_checkpointing = mode
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -61,7 +70,7 @@ def _build(args, mode: str):
         out.loss.backward()
         del out
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
     return step
 
 
@@ -88,6 +97,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--override", action="append", default=[],
                    help="model field override, e.g. --override num_layers=12 (repeatable)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory runs (speed only)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -100,45 +110,65 @@ def main() -> None:
 
     cfg = _cfg(args)
     impl = resolve_impl(cfg.moe.experts_impl, torch.device("cpu")) if cfg.moe else "grouped_mm"
-    measured = {}
-    for mode in MODES:
+    measured: dict[tuple[str, str], float] = {}
+    live_env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+    for mode in [] if args.no_memory else MODES:
         flags = [f"--{k.replace('_', '-')}={getattr(args, k)}"
                  for k in ("model", "seq_len", "micro_batch", "dtype", "threads")]
         flags += [f"--override={o}" for o in args.override]
-        res = subprocess.run([sys.executable, __file__, "--worker", mode, *flags], cwd=ROOT,
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
-        if res.returncode or not lines:
-            sys.exit(f"memory run {mode} failed:\n{res.stderr[-2000:]}")
-        measured[mode] = json.loads(lines[-1])["peak_over_build_mb"]
+        for alloc, extra_env in (("live", live_env), ("glibc", {})):
+            env = {**os.environ, "PYTHONPATH": str(ROOT), **extra_env}
+            if alloc == "glibc":
+                for key in live_env:
+                    env.pop(key, None)
+            res = subprocess.run([sys.executable, __file__, "--worker", mode, *flags], cwd=ROOT,
+                                 capture_output=True, text=True, env=env)
+            lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+            if res.returncode or not lines:
+                sys.exit(f"memory run {mode} ({alloc}) failed:\n{res.stderr[-2000:]}")
+            measured[(mode, alloc)] = json.loads(lines[-1])["peak_over_build_mb"]
 
-    torch.set_num_threads(args.threads)
-    steps = {mode: _build(args, mode) for mode in MODES}
-    times = {mode: [] for mode in MODES}
-    for i in range(args.warmup + args.iters):
-        for mode, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= args.warmup:
-                times[mode].append(time.perf_counter() - t0)
-    tokens = args.micro_batch * args.seq_len
-    tps = {mode: tokens / statistics.median(t) for mode, t in times.items()}
+    tps = {mode: float("nan") for mode in MODES}
+    if args.iters:
+        torch.set_num_threads(args.threads)
+        steps = {mode: _build(args, mode) for mode in MODES}
+        times = {mode: [] for mode in MODES}
+        for i in range(args.warmup + args.iters):
+            for mode, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                if i >= args.warmup:
+                    times[mode].append(time.perf_counter() - t0)
+        tokens = args.micro_batch * args.seq_len
+        tps = {mode: tokens / statistics.median(t) for mode, t in times.items()}
 
+    # gradients + AdamW m and v, all in the parameters' dtype: what this plain torch run holds
+    # (the plan's own grads/optimizer assume DeepSpeed's fp32 masters in bf16)
+    n_bytes = cfg.num_params() * (2 if args.dtype == "bf16" else 4)
     print(f"{args.model} {' '.join(args.override)}, micro-batch {args.micro_batch} x seq {args.seq_len}, {args.dtype}, "
           f"{args.threads} threads, experts {impl}, attention sdpa, {args.iters} round-robin steps")
-    print("| activation checkpointing | peak over build MB (measured) | planned MB "
-          "(grads + optimizer + activations + logits grad) | measured / planned | tokens/s median |")
-    print("|---|---|---|---|---|")
+    print("| activation checkpointing | peak over build MB, live | planned MB (grads + AdamW + "
+          "activations + logits grad + recompute) | live / planned | peak over build MB, glibc "
+          "default | tokens/s median |")
+    print("|---|---|---|---|---|---|")
     for mode in MODES:
         b = memory_plan(cfg, micro_batch=args.micro_batch, seq_len=args.seq_len,
                         precision=args.dtype, activation_checkpointing=mode, zero_stage=0,
                         experts_impl=impl)["bytes"]
-        planned = (b["grads"] + b["optimizer"] + b["activations"] + b["logits_grad"]) / 2**20
-        print(f"| {mode} | {measured[mode]:,.0f} | {planned:,.0f} | {measured[mode] / planned:.2f} "
-              f"| {tps[mode]:,.0f} |")
-    print(f"full vs none: peak {measured['full'] / measured['none'] - 1:+.0%}, "
+        planned = (3 * n_bytes + b["activations"] + b["logits_grad"] + b["recompute"]) / 2**20
+        live, glibc = (measured.get((mode, a), float("nan")) for a in ("live", "glibc"))
+        print(f"| {mode} | {live:,.0f} | {planned:,.0f} | {live / planned:.2f} "
+              f"| {glibc:,.0f} | {tps[mode]:,.0f} |")
+    ratio = {a: measured.get(("full", a), float("nan")) / measured.get(("none", a), float("nan"))
+             for a in ("live", "glibc")}
+    print(f"full vs none: peak live {ratio['live'] - 1:+.0%}, glibc default {ratio['glibc'] - 1:+.0%}, "
           f"tokens/s {tps['full'] / tps['none'] - 1:+.0%}")
 
+
+def _torch_dtype(args):
+    import torch
+
+    return torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
 if __name__ == "__main__":
     main()

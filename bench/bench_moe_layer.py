@@ -3,7 +3,7 @@
     python bench/bench_moe_layer.py                 # hidden 512 shape, all implementations
     python bench/bench_moe_layer.py --tokens 1024 --iters 3 --impls ours_loop,hf_grouped_mm
     python bench/bench_moe_layer.py --shape 16b --dtype bf16 --no-memory \
-        --impls ours_loop,ours_grouped_mm,hf_grouped_mm,matmul   # the 16B layer
+        --impls ours_auto,ours_grouped_mm,hf_grouped_mm,matmul   # the 16B layer
     python bench/bench_moe_layer.py --tiny-step     # training step of the tiny preset
 
 `--shape 16b`: the DeepSeekMoE 16B layer (hidden 2048, 64 routed experts of width 1408, top-6,
@@ -13,7 +13,8 @@ activations; the router stays fp32 inside ours).
 Default shape: hidden 512, expert width 352, 64 routed experts top-6, 1 shared expert,
 4096 tokens, fp32. Implementations, each timed in its OWN subprocess (so peak RSS is per
 implementation) with identical weights copied from our layer:
-- ours_loop / ours_grouped_mm: `MoELayer` (dropless) with either experts path.
+- ours_auto / ours_loop / ours_grouped_mm: `MoELayer` (dropless) with that `experts_impl`
+  (`auto` is the loop kernel on CPU).
 - hf_grouped_mm: transformers `DeepseekV2Moe` with `config._experts_implementation =
   "grouped_mm"` (its fast path; "batched_mm" materialises per-token weights).
 - deepspeed: `deepspeed.moe.layer.MoE(k=6, capacity_factor=1.0)` (drops tokens past capacity,
@@ -24,8 +25,10 @@ implementation) with identical weights copied from our layer:
 Timing: all implementations are built in ONE process and stepped round-robin (so load changes
 on a shared machine hit all alike); median per implementation. Memory: each implementation runs
 2 steps in its own subprocess; we report its peak RSS and the peak above the RSS measured just
-before the layer was built. Printed: ms/step, tokens/s, ours_loop's speedup against it (its
-time / ours), its share of the matmul ceiling (ceiling time / its time). Table in bench/reports/benchmarks_cpu-2vcpu-epyc-avx512bf16_2026-11-24.md.
+before the layer was built. Before timing counts, the first step checks that every exact
+implementation (ours_*, hf_grouped_mm) gives HF's output and input gradient (stops otherwise).
+Printed: ms/step, tokens/s, HF's time / its time (ours_loop's when HF is not run), its share of
+the matmul ceiling (ceiling time / its time), the ceiling's GFLOP/s. Tables in bench/reports/.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing the package
 _SHAPE_ARGS = ("tokens", "hidden", "expert_width", "experts", "top_k", "shared", "dtype", "threads")
-IMPLS = ["ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
+IMPLS = ["ours_auto", "ours_loop", "ours_grouped_mm", "hf_grouped_mm", "deepspeed", "matmul"]
+# implementations that compute exactly the layer (deepspeed drops tokens past its capacity)
+EXACT = ("ours_auto", "ours_loop", "ours_grouped_mm", "hf_grouped_mm")
 
 
 def rss_mb() -> float:
@@ -93,6 +98,7 @@ def _build(args, impl: str):
             y, aux = layer(x)
             torch.autograd.backward([y] + list(aux.values()),
                                     [gy] + [torch.ones_like(v) for v in aux.values()])
+            return y.detach()
         return step, layer
 
     ours = _our_layer(args, "loop")
@@ -114,7 +120,9 @@ def _build(args, impl: str):
         del ours
 
         def step(x, gy):
-            layer(x.unsqueeze(0)).squeeze(0).backward(gy)
+            y = layer(x.unsqueeze(0)).squeeze(0)
+            y.backward(gy)
+            return y.detach()
         return step, layer
 
     if impl == "deepspeed":
@@ -150,6 +158,7 @@ def _build(args, impl: str):
             y, l_aux, _ = moe(x.unsqueeze(0))
             y = y.squeeze(0) + shared(x)
             torch.autograd.backward([y, l_aux], [gy, torch.ones_like(l_aux)])
+            return y.detach()
         return step, torch.nn.ModuleList([moe, shared])
 
     if impl == "matmul":
@@ -198,14 +207,39 @@ def time_all(args, impls: list[str]) -> dict[str, list[float]]:
     built = {impl: _build(args, impl) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for i in range(args.warmup + args.iters):
+        first: dict[str, tuple] = {}
         for impl, (step, module) in built.items():
             t0 = time.perf_counter()
-            step(x, gy)
+            y = step(x, gy)
             dt = time.perf_counter() - t0
+            if i == 0 and impl in EXACT:
+                first[impl] = (y, x.grad.clone())
             _zero_grads(x, module)
             if i >= args.warmup:
                 times[impl].append(dt)
+        if i == 0:
+            check_equal(first, args.dtype)
     return times
+
+
+def check_equal(results: dict[str, tuple], dtype: str) -> None:
+    """Before any timing counts: every exact implementation's output and input gradient equal
+    the reference's (hf_grouped_mm when run) up to the dtype's rounding; exits otherwise."""
+    if len(results) < 2:
+        return
+    bound = 2e-2 if dtype == "bf16" else 1e-5  # relative Frobenius error
+    ref = "hf_grouped_mm" if "hf_grouped_mm" in results else next(iter(results))
+    errs = []
+    for impl, (y, dx) in results.items():
+        if impl == ref:
+            continue
+        e = [((a.float() - b.float()).norm() / b.float().norm()).item()
+             for a, b in zip((y, dx), results[ref])]
+        errs.append(f"{impl}: output {e[0]:.1e}, input grad {e[1]:.1e}")
+        if not all(v <= bound for v in e):  # also catches NaN
+            sys.exit(f"{impl} differs from {ref} (relative error output {e[0]:.2e}, input grad "
+                     f"{e[1]:.2e} > {bound:g}): the timings would not compare the same function")
+    print(f"equal outputs and input grads vs {ref} (relative error <= {bound:g}): " + "; ".join(errs))
 
 
 def tiny_step(args) -> None:
@@ -285,9 +319,10 @@ def main() -> None:
     print(f"MoE layer fwd+bwd, {args.dtype}, T={T} D={args.hidden} H={args.expert_width} "
           f"E={args.experts} K={args.top_k} +{args.shared} shared, {args.threads} threads, "
           f"{args.iters} round-robin steps: median / best (best = least disturbed on a shared machine)")
-    ref = "ours_loop" if "ours_loop" in sec else next(iter(sec))
-    print(f"| impl | ms/step median / best | tokens/s median / best | {ref} speedup median / best "
-          "| share of matmul ceiling median / best | peak RSS MB | RSS over base MB |")
+    # ratio column: the reference's time / this implementation's time (> 1: faster than it)
+    ref = next((r for r in ("hf_grouped_mm", "ours_loop") if r in sec), next(iter(sec)))
+    print(f"| impl | ms/step median / best | tokens/s median / best | {ref} time / its time "
+          "median / best | share of matmul ceiling median / best | peak RSS MB | RSS over base MB |")
     print("|---|---|---|---|---|---|---|")
     for impl in sec:
         m = memory.get(impl)
@@ -296,7 +331,12 @@ def main() -> None:
                 if "matmul" in sec else "-")
         print(f"| {impl} | {sec[impl] * 1e3:.0f} / {best[impl] * 1e3:.0f} "
               f"| {T / sec[impl]:,.0f} / {T / best[impl]:,.0f} "
-              f"| {sec[impl] / sec[ref]:.2f}x / {best[impl] / best[ref]:.2f}x | {ceil} | {mem} |")
+              f"| {sec[ref] / sec[impl]:.2f}x / {best[ref] / best[impl]:.2f}x | {ceil} | {mem} |")
+    if "matmul" in sec:
+        F = 3 * args.expert_width * (args.top_k + args.shared) + args.experts
+        flop = 6 * T * args.hidden * F  # fwd (2) + bwd (4) FLOPs per multiply-add
+        print(f"matmul ceiling: {flop / 1e12:.2f} TFLOP per step at {flop / sec['matmul'] / 1e9:,.0f} "
+              f"GFLOP/s (median)")
 
 if __name__ == "__main__":
     main()

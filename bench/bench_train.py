@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                 # both EP sizes, fp32 and bf16, a table + ratios
     python bench/bench_train.py --ep 2 --precision bf16 --steps 10
+    python bench/bench_train.py --compare-with ../old-checkout   # ours here vs ours there (A/B)
 
 The nearest thing a user could pick instead of this framework is HF's `DeepseekV2ForCausalLM`
 trained with DeepSpeed (AutoEP for expert parallelism). Both run here in the same invocation, as
@@ -194,6 +195,44 @@ def run_hf(ep: int, steps: int, warmup: int, precision: str) -> dict:
         return json.loads(Path(out).read_text())
 
 
+# ---- A/B of our trainer between two checkouts ------------------------------------------------
+def run_ours_in(checkout: Path, ep: int, steps: int, warmup: int, precision: str) -> dict:
+    """`run_ours` of `checkout`'s own bench_train.py (its train.py, its package)."""
+    code = ("import json, sys; sys.path.insert(0, '.'); from bench.bench_train import run_ours; "
+            f"print(json.dumps(run_ours({ep}, {steps}, {warmup}, {precision!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True,
+                          env={**_env(), "PYTHONPATH": str(checkout)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{checkout} EP={ep} {precision} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_checkouts(other: Path, args) -> None:
+    """Our tokens/s in this checkout (A) and in `other` (B), alternating A B A B per setting and
+    repetition, so load changes hit both alike. Prints median, range and A/B per setting."""
+    tokens = GLOBAL * SEQ
+    settings = [(p, ep) for p in args.precision for ep in args.ep]
+    tps: dict[tuple, dict[str, list[float]]] = {s: {"A": [], "B": []} for s in settings}
+    print(f"A = {REPO}, B = {other}; {args.reps} repetitions, {args.steps} timed steps after "
+          f"{args.warmup}; order per repetition: " + ", ".join(f"{p} EP{ep} A B" for p, ep in settings))
+    for rep in range(args.reps):
+        for precision, ep in settings:
+            for side, checkout in (("A", REPO), ("B", other)):
+                r = run_ours_in(checkout, ep, args.steps, args.warmup, precision)
+                tps[(precision, ep)][side].append(tokens / r["step_s"])
+                print(f"rep {rep} {precision} EP{ep} {side}: {tokens / r['step_s']:,.0f} tok/s "
+                      f"(loss {r['loss_first']:.3f}->{r['loss_last']:.3f})", flush=True)
+    print("| precision | EP | A tok/s median (min-max) | B tok/s median (min-max) "
+          "| A/B of medians | A/B per repetition |")
+    print("|---|---|---|---|---|---|")
+    for (precision, ep), t in tps.items():
+        a, b = t["A"], t["B"]
+        pairs = ", ".join(f"{x / y:.3f}" for x, y in zip(a, b))
+        print(f"| {precision} | {ep} | {statistics.median(a):,.0f} ({min(a):,.0f}-{max(a):,.0f}) "
+              f"| {statistics.median(b):,.0f} ({min(b):,.0f}-{max(b):,.0f}) "
+              f"| {statistics.median(a) / statistics.median(b):.3f} | {pairs} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ep", type=int, nargs="*", default=[1, 2])
@@ -201,6 +240,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50,
                         help="untimed first steps (routing is still settling: see the docstring)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], nargs="*", default=["fp32", "bf16"])
+    parser.add_argument("--compare-with", type=Path, metavar="CHECKOUT",
+                        help="instead of hf: our trainer here vs in another checkout (A/B, alternating)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions for --compare-with")
     parser.add_argument("--worker", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -211,6 +253,9 @@ def main() -> None:
     from data_prep.prepare import ensure_prepared
 
     ensure_prepared(data_config())  # once, before any timing
+    if args.compare_with:
+        compare_checkouts(args.compare_with.resolve(), args)
+        return
     tokens = GLOBAL * SEQ
     print(f"shape: hidden {HIDDEN}, {LAYERS} layers (first dense), {EXPERTS}+1 experts x {EXPERT_W}, "
           f"top-{TOP_K}, {GROUPS} groups M={M}, vocab {VOCAB}, seq {SEQ}, micro {MICRO}/rank x "

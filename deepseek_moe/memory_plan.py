@@ -17,18 +17,23 @@ all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the co
   over the same groups.
 - activations: the tensors autograd keeps from the forward for the backward, counted from the
   ops our model runs (SDPA attention, the grouped experts path; see `_block_saved_bytes`), plus
-  the logits and their log-softmax; with "full" checkpointing only each block's input is kept
-  and one block at a time is recomputed. Validated against the saved tensors of real runs
-  (tests/test_memory_plan.py) and peak RSS (bench/bench_memory.py).
-- logits_grad: the gradients of the log-softmax (fp32) and of the logits, alive together with
-  all activations when the backward starts (T x vocab each: the peak for large vocabularies).
+  the logits and their log-softmax; with "full" checkpointing only each block's input is kept.
+  Validated against the saved tensors of real runs (tests/test_memory_plan.py).
+- logits_grad: the gradients of the log-softmax and of its input, both fp32, alive together
+  with all activations when the backward starts (T x vocab each: the peak for large
+  vocabularies).
+- recompute ("full" only): what one block's recompute and backward add later in the backward,
+  beyond the backward-start peak (see `recompute_bytes`; 0 when the logits' part is larger).
+  The sum of the parts is the peak; validated against the allocator's live bytes of small
+  CPU runs (tests/test_memory_plan.py, bench/bench_memory.py).
 - all-to-all buffers: the dispatch send + receive buffers of one MoE layer (T*K rows of D), the
   largest transient of the exchange.
 - a2a bytes per step: rows leaving the rank (a fraction (P-1)/P of T*K under uniform routing;
   device-limited routing sends less) x D x dtype, dispatch + combine, forward + backward
   (+ the forward again with "full"), over MoE layers and micro-batches.
-Not counted: framework workspace (cuBLAS/NCCL, CUDA context: ~1-3 GB on a GPU), allocator
-fragmentation, DeepSpeed's flat communication buckets.
+Not counted: framework workspace (cuBLAS/NCCL, CUDA context: ~1-3 GB on a GPU; oneDNN's
+primitive cache on CPU), allocator fragmentation and host-heap retention, DeepSpeed's flat
+communication buckets.
 """
 
 from __future__ import annotations
@@ -68,19 +73,55 @@ def _block_saved_bytes(cfg: ModelConfig, layer: int, T: int, b: int, experts_imp
 
 def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str,
                      activation_checkpointing: str, experts_impl: str = "grouped_mm") -> int:
-    """Bytes kept for backward at the end of one micro-batch's forward, plus the recompute of
-    one block (and its backward's gradients) with "full" checkpointing."""
+    """Bytes kept for backward at the end of one micro-batch's forward (with "full"
+    checkpointing: each block's input only), plus the logits the caller holds."""
     T = micro_batch * seq_len
     b = 2 if precision in ("bf16", "fp16") else _F32
-    blocks = [_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers)]
+    return _head_bytes(cfg, T, b) + _body_bytes(cfg, T, b, activation_checkpointing, experts_impl)
+
+
+def recompute_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str,
+                    activation_checkpointing: str, experts_impl: str = "grouped_mm") -> int:
+    """With "full" checkpointing, what the backward of a recomputed block adds on top of the
+    backward-start peak (activations + logits gradient); 0 without checkpointing or when the
+    logits' part is larger.
+
+    NOTE: the two peaks never coexist. The head's tensors and the logits' gradient are freed
+    before the backward reaches the last block; the block being recomputed then holds its
+    saved tensors, which its backward frees as it creates the gradients of the same
+    intermediates, so one block's saved bytes bound the transient (validated against the
+    allocator's live bytes in tests/test_memory_plan.py)."""
+    if activation_checkpointing != "full":
+        return 0
+    T = micro_batch * seq_len
+    b = 2 if precision in ("bf16", "fp16") else _F32
+    largest = max(_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers))
+    # In bf16 the gradients of the block's fp32 upcasts (both RMSNorm inputs, the router input)
+    # are fp32 [T, D] tensors, larger than the bf16 ones the saved-bytes bound pairs them with.
+    upcast_grads = 3 * T * cfg.hidden_size * _F32 if b != _F32 else 0
+    return max(0, largest + upcast_grads - _head_bytes(cfg, T, b) - _logits_grad_bytes(cfg, T))
+
+
+def _head_bytes(cfg: ModelConfig, T: int, b: int) -> int:
+    """Token ids, final norm, lm_head input, the logits the caller holds, fp32 log-softmax."""
     D, V = cfg.hidden_size, cfg.vocab_size
-    # token ids, final norm, lm_head input, the logits the caller holds, fp32 log-softmax
-    top = T * (_I64 + D * _F32 + _F32 + 2 * D * b + V * b + V * _F32)
+    return T * (_I64 + D * _F32 + _F32 + 2 * D * b + V * b + V * _F32)
+
+
+def _body_bytes(cfg: ModelConfig, T: int, b: int, activation_checkpointing: str,
+                experts_impl: str) -> int:
     if activation_checkpointing == "full":
-        # block inputs, plus the block being recomputed: its saved tensors and, while its
-        # backward runs, the gradients of its intermediates (about as large)
-        return top + cfg.num_layers * T * D * b + 2 * max(blocks)
-    return top + sum(blocks)
+        return cfg.num_layers * T * cfg.hidden_size * b  # block inputs
+    return sum(_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers))
+
+
+def _logits_grad_bytes(cfg: ModelConfig, T: int) -> int:
+    """The log-softmax's fp32 gradient and the gradient of its fp32 input, alive together (with
+    every saved activation) when the backward starts: the peak for large vocabularies.
+
+    NOTE: both are fp32 in bf16 too (the loss upcasts the logits); the bf16 logits' gradient
+    is made only after the log-softmax's gradient is freed."""
+    return T * cfg.vocab_size * 2 * _F32
 
 
 def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero_stage: int = 1,
@@ -108,20 +149,19 @@ def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero
         grads += shard(dense, local_expert, 1) * _F32  # fp32 accumulation copy
     opt_per_param = 2 * _F32 + (_F32 if w != _F32 else 0)  # Adam m, v (+ fp32 master)
     optimizer = shard(dense, local_expert, 1) * opt_per_param
-    acts = activation_bytes(cfg, micro_batch=micro_batch, seq_len=S, precision=precision,
-                            activation_checkpointing=activation_checkpointing,
-                            experts_impl=experts_impl)
+    act_args = {"micro_batch": micro_batch, "seq_len": S, "precision": precision,
+                "activation_checkpointing": activation_checkpointing, "experts_impl": experts_impl}
+    acts = activation_bytes(cfg, **act_args)
+    recompute = recompute_bytes(cfg, **act_args)
     T = micro_batch * S
-    # the backward starts with the log-softmax's fp32 gradient and the logits' gradient alive
-    # next to all saved activations: the peak for large vocabularies
-    logits_grad = T * cfg.vocab_size * (_F32 + w)
+    logits_grad = _logits_grad_bytes(cfg, T)
     a2a_buffers = 2 * T * m.top_k * cfg.hidden_size * w if (m is not None and ep_size > 1) else 0
     passes = 3 if activation_checkpointing == "full" else 2  # fwd, bwd (+ recompute fwd)
     a2a_step = (0 if m is None else
                 int(2 * T * m.top_k * (ep_size - 1) / ep_size * cfg.hidden_size * w
                     * passes * cfg.num_moe_layers * grad_accum_steps))
     parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": acts,
-             "logits_grad": logits_grad, "a2a_buffers": a2a_buffers}
+             "logits_grad": logits_grad, "recompute": recompute, "a2a_buffers": a2a_buffers}
     total = sum(parts.values())
     out: dict[str, Any] = {
         "inputs": {"ep_size": ep_size, "world_size": world_size, "zero_stage": zero_stage,

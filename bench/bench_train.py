@@ -29,9 +29,9 @@ Warm-up: the first ~40 steps are a routing transient. At EP=2 with M=1, measured
 rank does most of the expert work, our EP=2 step was slower than our EP=1 step. A pretraining run spends 10^4+
 steps in the settled regime, so the default times steps 51-80, the same for both.
 
-Same-for-both settings: torch's fused AdamW, and the glibc allocator settings our trainer
-applies to itself (`trainer.reuse_host_memory`, deepseek_moe/train/host_memory.py) are applied to
-the HF worker too. Both read the same prepared python_stdlib windows (vocab 1024) through our
+Same-for-both settings: torch's fused AdamW, and the glibc allocator settings of the opt-in
+`trainer.reuse_host_memory=true` (deepseek_moe/train/host_memory.py): our run turns it on, the HF
+worker applies the same settings to itself. Both read the same prepared python_stdlib windows (vocab 1024) through our
 loader. Timing: mean
 optimizer-step wall time over the steps after `--warmup` (what a run sees, stalls included);
 tokens/s = 16 x 256 / mean.
@@ -104,7 +104,7 @@ def run_ours(ep: int, steps: int, warmup: int, precision: str) -> dict:
         f"trainer.micro_batch_size={MICRO}", f"trainer.max_steps={warmup + steps}",
         "trainer.eval_every=0", "trainer.log_every=1000", "checkpoint.every=0", "logger=none",
         "optim.warmup_steps=1", f"trainer.precision={precision}", f"parallel.ep_size={ep}",
-        "parallel.zero_stage=1", *DATA,
+        "parallel.zero_stage=1", "trainer.reuse_host_memory=true", *DATA,
     ]
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(_torchrun(["train.py", f"run_dir={tmp}/run", *overrides]), cwd=REPO,

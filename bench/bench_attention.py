@@ -36,8 +36,7 @@ def _attention_fn(impl: str, enable_gqa: bool):
     from deepseek_moe.model.kernels.causal_bmm_attention import causal_bmm_attention
 
     if impl == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                              enable_gqa=enable_gqa)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
     if impl == "bmm":
         return causal_bmm_attention
     if impl.startswith("bmm") and impl[3:].isdigit():
@@ -72,8 +71,7 @@ def _time_case(args, dtype_name: str, S: int) -> dict[str, tuple[float, float]]:
                 times[impl][0].append(t1 - t0)
                 times[impl][1].append(t2 - t1)
             del y
-    return {impl: (1e3 * statistics.median(f), 1e3 * statistics.median(b))
-            for impl, (f, b) in times.items()}
+    return {impl: (1e3 * statistics.median(f), 1e3 * statistics.median(b)) for impl, (f, b) in times.items()}
 
 
 def main() -> None:
@@ -96,20 +94,27 @@ def main() -> None:
     from deepseek_moe.model.attention import choose_attn_impl
 
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), B={args.batch} H={args.heads} "
-          f"G={args.kv_heads or args.heads} d={args.head_dim}, median of {args.iters}")
-    print(f"{'impl':<6} {'dtype':<5} {'S':>5} {'fwd ms':>8} {'bwd ms':>8} {'total ms':>9} "
-          f"{'vs sdpa':>8} {'auto':>5}")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), B={args.batch} H={args.heads} "
+        f"G={args.kv_heads or args.heads} d={args.head_dim}, median of {args.iters}"
+    )
+    print(
+        f"{'impl':<6} {'dtype':<5} {'S':>5} {'fwd ms':>8} {'bwd ms':>8} {'total ms':>9} "
+        f"{'vs sdpa':>8} {'auto':>5}"
+    )
     for dtype_name in args.dtypes:
         for S in args.seq:
             res = _time_case(args, dtype_name, S)
-            auto = choose_attn_impl("auto", torch.device("cpu"), getattr(torch, DTYPES[dtype_name]),
-                                    args.batch, args.heads, S)
+            auto = choose_attn_impl(
+                "auto", torch.device("cpu"), getattr(torch, DTYPES[dtype_name]), args.batch, args.heads, S
+            )
             ref = sum(res["sdpa"])
             for impl, (fwd, bwd) in res.items():
-                print(f"{impl:<6} {dtype_name:<5} {S:>5} {fwd:>8.2f} {bwd:>8.2f} {fwd + bwd:>9.2f} "
-                      f"{ref / (fwd + bwd):>7.2f}x {auto if impl == 'sdpa' else '':>5}",
-                      flush=True)
+                print(
+                    f"{impl:<6} {dtype_name:<5} {S:>5} {fwd:>8.2f} {bwd:>8.2f} {fwd + bwd:>9.2f} "
+                    f"{ref / (fwd + bwd):>7.2f}x {auto if impl == 'sdpa' else '':>5}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

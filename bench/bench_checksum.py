@@ -55,9 +55,15 @@ def _hashlib(name: str):
     return run
 
 
-CANDIDATES = {"read only": _read_only, "zlib.crc32": _crc32, "zlib.adler32": _adler32,
-              "blake2b": _hashlib("blake2b"), "sha256": _hashlib("sha256"),
-              "sha1": _hashlib("sha1"), "md5": _hashlib("md5")}
+CANDIDATES = {
+    "read only": _read_only,
+    "zlib.crc32": _crc32,
+    "zlib.adler32": _adler32,
+    "blake2b": _hashlib("blake2b"),
+    "sha256": _hashlib("sha256"),
+    "sha1": _hashlib("sha1"),
+    "md5": _hashlib("md5"),
+}
 
 
 def main() -> None:

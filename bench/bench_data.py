@@ -46,25 +46,33 @@ def bench_tokenize(meta, tmp: Path) -> None:
     peer = [tok.sp.encode(t) + [tok.eos_id] for t in texts]
     t_peer = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = docs.map(_EncodeWithEOS(tok), batched=True, batch_size=64, num_proc=2,
-                    remove_columns=["text"], cache_file_name=str(tmp / "cache" / "tok.arrow"))
+    ours = docs.map(
+        _EncodeWithEOS(tok),
+        batched=True,
+        batch_size=64,
+        num_proc=2,
+        remove_columns=["text"],
+        cache_file_name=str(tmp / "cache" / "tok.arrow"),
+    )
     t_ours = time.perf_counter() - t0
     assert sum(len(x) for x in peer) == sum(len(x) for x in ours["ids"])
-    print(f"tokenize  {len(texts)} docs: ours (datasets.map, 2 procs) {t_ours:.2f}s, "
-          f"peer (spm for-loop, 1 proc) {t_peer:.2f}s, ratio peer/ours = {t_peer / t_ours:.2f}x")
+    print(
+        f"tokenize  {len(texts)} docs: ours (datasets.map, 2 procs) {t_ours:.2f}s, "
+        f"peer (spm for-loop, 1 proc) {t_peer:.2f}s, ratio peer/ours = {t_peer / t_ours:.2f}x"
+    )
 
 
 def bench_loader(meta, seq_len: int, micro: int, iters: int) -> None:
-    loader = build_train_loader(meta, seq_len=seq_len, global_batch_size=micro,
-                                micro_batch_size=micro, seed=0)
+    loader = build_train_loader(
+        meta, seq_len=seq_len, global_batch_size=micro, micro_batch_size=micro, seed=0
+    )
     data = np.memmap(meta.split_path("train"), dtype=np.uint16, mode="r")
     rng = np.random.default_rng(0)
 
     def get_batch():  # nanoGPT train.py
         ix = rng.integers(0, len(data) - seq_len - 1, micro)
-        x = torch.stack([torch.from_numpy(data[i:i + seq_len].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + seq_len].astype(np.int64))
-                         for i in ix])
+        x = torch.stack([torch.from_numpy(data[i : i + seq_len].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + seq_len].astype(np.int64)) for i in ix])
         return x, y
 
     results = {}
@@ -76,9 +84,11 @@ def bench_loader(meta, seq_len: int, micro: int, iters: int) -> None:
             fn()
         results[name] = iters / (time.perf_counter() - t0)
     tok_s = results["ours"] * micro * seq_len
-    print(f"loader    B={micro} S={seq_len}: ours {results['ours']:.0f} batches/s "
-          f"({tok_s / 1e6:.1f}M tokens/s), nanoGPT get_batch {results['nanogpt']:.0f} batches/s, "
-          f"ratio ours/peer = {results['ours'] / results['nanogpt']:.2f}x")
+    print(
+        f"loader    B={micro} S={seq_len}: ours {results['ours']:.0f} batches/s "
+        f"({tok_s / 1e6:.1f}M tokens/s), nanoGPT get_batch {results['nanogpt']:.0f} batches/s, "
+        f"ratio ours/peer = {results['ours'] / results['nanogpt']:.2f}x"
+    )
 
 
 def main() -> None:
@@ -93,9 +103,11 @@ def main() -> None:
         out = prepare(DataConfig(out_dir=str(tmp / "python_stdlib")))
         meta = load_meta(out)
         n = sum(s.num_tokens for s in meta.splits.values())
-        print(f"prepare   python_stdlib: {time.perf_counter() - t0:.1f}s wall, {n:,} tokens "
-              f"({meta.splits['train'].num_tokens:,} train / {meta.splits['val'].num_tokens:,} "
-              f"val), vocab {meta.vocab_size}")
+        print(
+            f"prepare   python_stdlib: {time.perf_counter() - t0:.1f}s wall, {n:,} tokens "
+            f"({meta.splits['train'].num_tokens:,} train / {meta.splits['val'].num_tokens:,} "
+            f"val), vocab {meta.vocab_size}"
+        )
         bench_tokenize(meta, tmp)
         bench_loader(meta, args.seq_len, args.micro_batch, args.iters)
 

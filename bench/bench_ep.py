@@ -55,6 +55,7 @@ def _install_a2a_timers() -> None:
             out = fn(*args, **kwargs)
             _A2A_SECONDS[0] += time.perf_counter() - t0
             return out
+
         return wrapper
 
     a2a_mod._exchange = timed(a2a_mod._exchange)
@@ -112,8 +113,15 @@ def _layer_worker(rank, world, tokens, iters, warmup):
     D = 512
 
     def build(ep_size, topk_groups):
-        cfg = MoEConfig(n_routed_experts=64, n_shared_experts=1, top_k=6, moe_intermediate_size=352,
-                        n_groups=2, topk_groups=topk_groups, aux_loss_alpha=0.01)
+        cfg = MoEConfig(
+            n_routed_experts=64,
+            n_shared_experts=1,
+            top_k=6,
+            moe_intermediate_size=352,
+            n_groups=2,
+            topk_groups=topk_groups,
+            aux_loss_alpha=0.01,
+        )
         torch.manual_seed(0)
         model = nn.ModuleDict({"moe": MoELayer(D, cfg, layer_idx=0)})
         for p in model.parameters():
@@ -142,6 +150,7 @@ def _layer_worker(rank, world, tokens, iters, warmup):
                 stats = layer.dispatcher.pop_stats()
                 return stats["a2a_bytes"], stats["copy_bytes"], stats["ranks_per_token"]
             return 0.0, 0.0, 0.0
+
         return step
 
     steps = {
@@ -170,10 +179,15 @@ def _model_worker(rank, world, iters, warmup):
         torch.manual_seed(0)
         model = parallelize_moe(DeepSeekMoEForCausalLM(cfg), ep_size)
         opt = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=1e-3)
-        ds_cfg = {"train_batch_size": B * world, "train_micro_batch_size_per_gpu": B,
-                  "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-                  "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
-                  "steps_per_print": 2**31 - 1}
+        ds_cfg = {
+            "train_batch_size": B * world,
+            "train_micro_batch_size_per_gpu": B,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 1},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        }
         eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
         return eng
 
@@ -190,9 +204,13 @@ def _model_worker(rank, world, iters, warmup):
             eng.step()
             if ep:
                 stats = [l.dispatcher.pop_stats() for l in eng.module.moe_layers()]
-                return (sum(x["a2a_bytes"] for x in stats), sum(x["copy_bytes"] for x in stats),
-                        statistics.mean(x["ranks_per_token"] for x in stats))
+                return (
+                    sum(x["a2a_bytes"] for x in stats),
+                    sum(x["copy_bytes"] for x in stats),
+                    statistics.mean(x["ranks_per_token"] for x in stats),
+                )
             return 0.0, 0.0, 0.0
+
         return step
 
     steps = {"dp2": make_step(engine(1), ep=False), "ep2": make_step(engine(2), ep=True)}
@@ -203,17 +221,21 @@ def _report(title: str, res: dict, tokens_per_rank: int, compute_label: str) -> 
     base = res["dp2"]["step_s"]
     base_c = res["dp2"]["compute_s"]
     print(f"\n## {title} (2 processes, {tokens_per_rank} tokens per rank, rank 0 medians)")
-    print(f"| config | step s | tokens/s (2 ranks) | vs EP=1 x DP=2 | {compute_label} s | "
-          f"vs EP=1 x DP=2 | all-to-all s (share of step) | a2a MB/fwd | one-row-per-copy MB/fwd "
-          "| ranks/token |")
+    print(
+        f"| config | step s | tokens/s (2 ranks) | vs EP=1 x DP=2 | {compute_label} s | "
+        f"vs EP=1 x DP=2 | all-to-all s (share of step) | a2a MB/fwd | one-row-per-copy MB/fwd "
+        "| ranks/token |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in res.items():
         share = r["a2a_s"] / r["step_s"] if r["step_s"] else 0.0
         sent, per_copy, rpt = r["bytes"]
-        print(f"| {name} | {r['step_s']:.3f} | {2 * tokens_per_rank / r['step_s']:,.0f} | "
-              f"{base / r['step_s']:.3f}x | {r['compute_s']:.3f} | {base_c / r['compute_s']:.3f}x | "
-              f"{r['a2a_s']:.3f} ({share:.0%}) | {sent / 1e6:.2f} | "
-              f"{per_copy / 1e6:.2f} | {rpt:.2f} |")
+        print(
+            f"| {name} | {r['step_s']:.3f} | {2 * tokens_per_rank / r['step_s']:,.0f} | "
+            f"{base / r['step_s']:.3f}x | {r['compute_s']:.3f} | {base_c / r['compute_s']:.3f}x | "
+            f"{r['a2a_s']:.3f} ({share:.0%}) | {sent / 1e6:.2f} | "
+            f"{per_copy / 1e6:.2f} | {rpt:.2f} |"
+        )
 
 
 def main() -> None:
@@ -226,13 +248,21 @@ def main() -> None:
     if args.part in ("layer", "all"):
         iters, warmup = args.iters or 5, 2 if args.warmup is None else args.warmup
         res = run_distributed(_layer_worker, 2, args.tokens, iters, warmup, timeout=3600)
-        _report("MoE layer: hidden 512, 64 experts top-6, width 352, 1 shared, fwd+bwd+grad sync",
-                res[0], args.tokens, "fwd+bwd (no grad sync)")
+        _report(
+            "MoE layer: hidden 512, 64 experts top-6, width 352, 1 shared, fwd+bwd+grad sync",
+            res[0],
+            args.tokens,
+            "fwd+bwd (no grad sync)",
+        )
     if args.part in ("model", "all"):
         iters, warmup = args.iters or 10, 30 if args.warmup is None else args.warmup
         res = run_distributed(_model_worker, 2, iters, warmup, timeout=3600)
-        _report("Tiny preset training step through DeepSpeed (ZeRO-1)", res[0], 8 * 256,
-                "fwd+bwd incl. DeepSpeed grad reduction")
+        _report(
+            "Tiny preset training step through DeepSpeed (ZeRO-1)",
+            res[0],
+            8 * 256,
+            "fwd+bwd incl. DeepSpeed grad reduction",
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,7 @@ MODES = ("none", "full")
 def _cfg(args):
     from deepseek_moe.summary import load_model_config
 
-    return load_model_config(args.model, [f"max_seq_len={args.seq_len}", "attn_impl=sdpa",
-                                          *args.override])
+    return load_model_config(args.model, [f"max_seq_len={args.seq_len}", "attn_impl=sdpa", *args.override])
 
 
 def _build(args, mode: str):
@@ -71,6 +70,7 @@ def _build(args, mode: str):
         del out
         opt.step()
         opt.zero_grad(set_to_none=False)
+
     return step
 
 
@@ -95,8 +95,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--override", action="append", default=[],
-                   help="model field override, e.g. --override num_layers=12 (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="model field override, e.g. --override num_layers=12 (repeatable)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs (speed only)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -113,16 +117,23 @@ def main() -> None:
     measured: dict[tuple[str, str], float] = {}
     live_env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
     for mode in [] if args.no_memory else MODES:
-        flags = [f"--{k.replace('_', '-')}={getattr(args, k)}"
-                 for k in ("model", "seq_len", "micro_batch", "dtype", "threads")]
+        flags = [
+            f"--{k.replace('_', '-')}={getattr(args, k)}"
+            for k in ("model", "seq_len", "micro_batch", "dtype", "threads")
+        ]
         flags += [f"--override={o}" for o in args.override]
         for alloc, extra_env in (("live", live_env), ("glibc", {})):
             env = {**os.environ, "PYTHONPATH": str(ROOT), **extra_env}
             if alloc == "glibc":
                 for key in live_env:
                     env.pop(key, None)
-            res = subprocess.run([sys.executable, __file__, "--worker", mode, *flags], cwd=ROOT,
-                                 capture_output=True, text=True, env=env)
+            res = subprocess.run(
+                [sys.executable, __file__, "--worker", mode, *flags],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
             if res.returncode or not lines:
                 sys.exit(f"memory run {mode} ({alloc}) failed:\n{res.stderr[-2000:]}")
@@ -145,30 +156,47 @@ def main() -> None:
     # gradients + AdamW m and v, all in the parameters' dtype: what this plain torch run holds
     # (the plan's own grads/optimizer assume DeepSpeed's fp32 masters in bf16)
     n_bytes = cfg.num_params() * (2 if args.dtype == "bf16" else 4)
-    print(f"{args.model} {' '.join(args.override)}, micro-batch {args.micro_batch} x seq {args.seq_len}, {args.dtype}, "
-          f"{args.threads} threads, experts {impl}, attention sdpa, {args.iters} round-robin steps")
-    print("| activation checkpointing | peak over build MB, live | planned MB (grads + AdamW + "
-          "activations + logits grad + recompute) | live / planned | peak over build MB, glibc "
-          "default | tokens/s median |")
+    print(
+        f"{args.model} {' '.join(args.override)}, micro-batch {args.micro_batch} x seq {args.seq_len}, {args.dtype}, "
+        f"{args.threads} threads, experts {impl}, attention sdpa, {args.iters} round-robin steps"
+    )
+    print(
+        "| activation checkpointing | peak over build MB, live | planned MB (grads + AdamW + "
+        "activations + logits grad + recompute) | live / planned | peak over build MB, glibc "
+        "default | tokens/s median |"
+    )
     print("|---|---|---|---|---|---|")
     for mode in MODES:
-        b = memory_plan(cfg, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                        precision=args.dtype, activation_checkpointing=mode, zero_stage=0,
-                        experts_impl=impl)["bytes"]
+        b = memory_plan(
+            cfg,
+            micro_batch=args.micro_batch,
+            seq_len=args.seq_len,
+            precision=args.dtype,
+            activation_checkpointing=mode,
+            zero_stage=0,
+            experts_impl=impl,
+        )["bytes"]
         planned = (3 * n_bytes + b["activations"] + b["logits_grad"] + b["recompute"]) / 2**20
         live, glibc = (measured.get((mode, a), float("nan")) for a in ("live", "glibc"))
-        print(f"| {mode} | {live:,.0f} | {planned:,.0f} | {live / planned:.2f} "
-              f"| {glibc:,.0f} | {tps[mode]:,.0f} |")
-    ratio = {a: measured.get(("full", a), float("nan")) / measured.get(("none", a), float("nan"))
-             for a in ("live", "glibc")}
-    print(f"full vs none: peak live {ratio['live'] - 1:+.0%}, glibc default {ratio['glibc'] - 1:+.0%}, "
-          f"tokens/s {tps['full'] / tps['none'] - 1:+.0%}")
+        print(
+            f"| {mode} | {live:,.0f} | {planned:,.0f} | {live / planned:.2f} "
+            f"| {glibc:,.0f} | {tps[mode]:,.0f} |"
+        )
+    ratio = {
+        a: measured.get(("full", a), float("nan")) / measured.get(("none", a), float("nan"))
+        for a in ("live", "glibc")
+    }
+    print(
+        f"full vs none: peak live {ratio['live'] - 1:+.0%}, glibc default {ratio['glibc'] - 1:+.0%}, "
+        f"tokens/s {tps['full'] / tps['none'] - 1:+.0%}"
+    )
 
 
 def _torch_dtype(args):
     import torch
 
     return torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
 
 if __name__ == "__main__":
     main()

@@ -71,9 +71,14 @@ def _our_layer(args, impl: str):
     from deepseek_moe.model.moe import MoELayer
 
     torch.manual_seed(0)
-    cfg = MoEConfig(n_routed_experts=args.experts, n_shared_experts=args.shared, top_k=args.top_k,
-                    moe_intermediate_size=args.expert_width, aux_loss_alpha=0.001,
-                    experts_impl=impl)
+    cfg = MoEConfig(
+        n_routed_experts=args.experts,
+        n_shared_experts=args.shared,
+        top_k=args.top_k,
+        moe_intermediate_size=args.expert_width,
+        aux_loss_alpha=0.001,
+        experts_impl=impl,
+    )
     layer = MoELayer(args.hidden, cfg)
     with torch.no_grad():
         for p in layer.parameters():
@@ -92,13 +97,15 @@ def _build(args, impl: str):
     import torch
 
     if impl.startswith("ours_"):
-        layer = _our_layer(args, impl[len("ours_"):])
+        layer = _our_layer(args, impl[len("ours_") :])
 
         def step(x, gy):
             y, aux = layer(x)
-            torch.autograd.backward([y] + list(aux.values()),
-                                    [gy] + [torch.ones_like(v) for v in aux.values()])
+            torch.autograd.backward(
+                [y] + list(aux.values()), [gy] + [torch.ones_like(v) for v in aux.values()]
+            )
             return y.detach()
+
         return step, layer
 
     ours = _our_layer(args, "loop")
@@ -109,11 +116,19 @@ def _build(args, impl: str):
         from deepseek_moe.model.hf_compat import copy_moe_weights_to_hf
 
         hf_cfg = transformers.DeepseekV2Config(
-            hidden_size=args.hidden, moe_intermediate_size=args.expert_width,
-            n_routed_experts=args.experts, num_experts_per_tok=args.top_k,
+            hidden_size=args.hidden,
+            moe_intermediate_size=args.expert_width,
+            n_routed_experts=args.experts,
+            num_experts_per_tok=args.top_k,
             n_shared_experts=args.shared,
-            n_group=1, topk_group=1, topk_method="greedy", routed_scaling_factor=1.0,
-            hidden_act="silu", num_attention_heads=4, num_key_value_heads=4)
+            n_group=1,
+            topk_group=1,
+            topk_method="greedy",
+            routed_scaling_factor=1.0,
+            hidden_act="silu",
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
         hf_cfg._experts_implementation = "grouped_mm"
         layer = DeepseekV2Moe(hf_cfg).to(_dtype(args))
         copy_moe_weights_to_hf(ours, layer)
@@ -123,30 +138,38 @@ def _build(args, impl: str):
             y = layer(x.unsqueeze(0)).squeeze(0)
             y.backward(gy)
             return y.detach()
+
         return step, layer
 
     if impl == "deepspeed":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
         import deepspeed
         from deepspeed.moe.layer import MoE
 
         from deepseek_moe.model.ffn import SwiGLU
 
         deepspeed.init_distributed(dist_backend="gloo")
-        moe = MoE(args.hidden, SwiGLU(args.hidden, args.expert_width), num_experts=args.experts,
-                  ep_size=1, k=args.top_k, capacity_factor=1.0, eval_capacity_factor=1.0,
-                  drop_tokens=True)
+        moe = MoE(
+            args.hidden,
+            SwiGLU(args.hidden, args.expert_width),
+            num_experts=args.experts,
+            ep_size=1,
+            k=args.top_k,
+            capacity_factor=1.0,
+            eval_capacity_factor=1.0,
+            drop_tokens=True,
+        )
         moe.set_deepspeed_parallelism()
         shared = SwiGLU(args.hidden, args.shared * args.expert_width)
         with torch.no_grad():
             moe.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
             for e, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-                for proj, w in zip(("gate_proj", "up_proj", "down_proj"),
-                                   ours.experts.expert_weights(e)):
+                for proj, w in zip(("gate_proj", "up_proj", "down_proj"), ours.experts.expert_weights(e)):
                     getattr(expert, proj).weight.copy_(w)
             shared.load_state_dict(ours.shared_experts.state_dict())
         del ours
@@ -159,6 +182,7 @@ def _build(args, impl: str):
             y = y.squeeze(0) + shared(x)
             torch.autograd.backward([y, l_aux], [gy, torch.ones_like(l_aux)])
             return y.detach()
+
         return step, torch.nn.ModuleList([moe, shared])
 
     if impl == "matmul":
@@ -168,6 +192,7 @@ def _build(args, impl: str):
 
         def step(x, gy):
             (x @ w).backward(gy_F)
+
         return step, torch.nn.ParameterList([w])
 
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
@@ -233,12 +258,15 @@ def check_equal(results: dict[str, tuple], dtype: str) -> None:
     for impl, (y, dx) in results.items():
         if impl == ref:
             continue
-        e = [((a.float() - b.float()).norm() / b.float().norm()).item()
-             for a, b in zip((y, dx), results[ref])]
+        e = [
+            ((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip((y, dx), results[ref])
+        ]
         errs.append(f"{impl}: output {e[0]:.1e}, input grad {e[1]:.1e}")
         if not all(v <= bound for v in e):  # also catches NaN
-            sys.exit(f"{impl} differs from {ref} (relative error output {e[0]:.2e}, input grad "
-                     f"{e[1]:.2e} > {bound:g}): the timings would not compare the same function")
+            sys.exit(
+                f"{impl} differs from {ref} (relative error output {e[0]:.2e}, input grad "
+                f"{e[1]:.2e} > {bound:g}): the timings would not compare the same function"
+            )
     print(f"equal outputs and input grads vs {ref} (relative error <= {bound:g}): " + "; ".join(errs))
 
 
@@ -266,9 +294,11 @@ def tiny_step(args) -> None:
             times.append(time.perf_counter() - t0)
     s, b = statistics.median(times), min(times)
     tokens = 8 * cfg.max_seq_len
-    print(f"deepseek_moe_tiny fwd+bwd+AdamW, micro-batch 8 x {cfg.max_seq_len}, {args.threads} threads: "
-          f"median {s * 1e3:.0f} ms/step = {tokens / s:,.0f} tokens/s, best {b * 1e3:.0f} ms/step = "
-          f"{tokens / b:,.0f} tokens/s ({args.iters} steps)")
+    print(
+        f"deepseek_moe_tiny fwd+bwd+AdamW, micro-batch 8 x {cfg.max_seq_len}, {args.threads} threads: "
+        f"median {s * 1e3:.0f} ms/step = {tokens / s:,.0f} tokens/s, best {b * 1e3:.0f} ms/step = "
+        f"{tokens / b:,.0f} tokens/s ({args.iters} steps)"
+    )
 
 
 def main() -> None:
@@ -286,8 +316,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--no-memory", action="store_true", help="skip the per-implementation RSS runs")
-    p.add_argument("--tiny-step", action="store_true",
-                   help="instead: time a training step of the deepseek_moe_tiny preset")
+    p.add_argument(
+        "--tiny-step",
+        action="store_true",
+        help="instead: time a training step of the deepseek_moe_tiny preset",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.shape == "16b":
@@ -303,9 +336,11 @@ def main() -> None:
     memory: dict[str, dict] = {}
     for impl in [] if args.no_memory else impls:
         cmd = [sys.executable, __file__, "--worker", impl] + [
-            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _SHAPE_ARGS]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in _SHAPE_ARGS
+        ]
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
         line = [l for l in res.stdout.splitlines() if l.startswith("{")]
         if res.returncode != 0 or not line:
             print(f"{impl}: memory run FAILED\n{res.stderr[-2000:]}", file=sys.stderr)
@@ -316,27 +351,37 @@ def main() -> None:
     sec = {impl: statistics.median(t) for impl, t in times.items()}
     best = {impl: min(t) for impl, t in times.items()}
     T = args.tokens
-    print(f"MoE layer fwd+bwd, {args.dtype}, T={T} D={args.hidden} H={args.expert_width} "
-          f"E={args.experts} K={args.top_k} +{args.shared} shared, {args.threads} threads, "
-          f"{args.iters} round-robin steps: median / best (best = least disturbed on a shared machine)")
+    print(
+        f"MoE layer fwd+bwd, {args.dtype}, T={T} D={args.hidden} H={args.expert_width} "
+        f"E={args.experts} K={args.top_k} +{args.shared} shared, {args.threads} threads, "
+        f"{args.iters} round-robin steps: median / best (best = least disturbed on a shared machine)"
+    )
     # ratio column: the reference's time / this implementation's time (> 1: faster than it)
     ref = next((r for r in ("hf_grouped_mm", "ours_loop") if r in sec), next(iter(sec)))
-    print(f"| impl | ms/step median / best | tokens/s median / best | {ref} time / its time "
-          "median / best | share of matmul ceiling median / best | peak RSS MB | RSS over base MB |")
+    print(
+        f"| impl | ms/step median / best | tokens/s median / best | {ref} time / its time "
+        "median / best | share of matmul ceiling median / best | peak RSS MB | RSS over base MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for impl in sec:
         m = memory.get(impl)
-        mem = (f"{m['peak_rss_mb']:.0f} | {m['peak_rss_mb'] - m['base_rss_mb']:.0f}" if m else "- | -")
-        ceil = (f"{sec['matmul'] / sec[impl]:.0%} / {best['matmul'] / best[impl]:.0%}"
-                if "matmul" in sec else "-")
-        print(f"| {impl} | {sec[impl] * 1e3:.0f} / {best[impl] * 1e3:.0f} "
-              f"| {T / sec[impl]:,.0f} / {T / best[impl]:,.0f} "
-              f"| {sec[ref] / sec[impl]:.2f}x / {best[ref] / best[impl]:.2f}x | {ceil} | {mem} |")
+        mem = f"{m['peak_rss_mb']:.0f} | {m['peak_rss_mb'] - m['base_rss_mb']:.0f}" if m else "- | -"
+        ceil = (
+            f"{sec['matmul'] / sec[impl]:.0%} / {best['matmul'] / best[impl]:.0%}" if "matmul" in sec else "-"
+        )
+        print(
+            f"| {impl} | {sec[impl] * 1e3:.0f} / {best[impl] * 1e3:.0f} "
+            f"| {T / sec[impl]:,.0f} / {T / best[impl]:,.0f} "
+            f"| {sec[ref] / sec[impl]:.2f}x / {best[ref] / best[impl]:.2f}x | {ceil} | {mem} |"
+        )
     if "matmul" in sec:
         F = 3 * args.expert_width * (args.top_k + args.shared) + args.experts
         flop = 6 * T * args.hidden * F  # fwd (2) + bwd (4) FLOPs per multiply-add
-        print(f"matmul ceiling: {flop / 1e12:.2f} TFLOP per step at {flop / sec['matmul'] / 1e9:,.0f} "
-              f"GFLOP/s (median)")
+        print(
+            f"matmul ceiling: {flop / 1e12:.2f} TFLOP per step at {flop / sec['matmul'] / 1e9:,.0f} "
+            f"GFLOP/s (median)"
+        )
+
 
 if __name__ == "__main__":
     main()

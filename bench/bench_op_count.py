@@ -20,8 +20,15 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_grouped_mm",
-              "aten::grouped_mm", "aten::linear")
+MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::_grouped_mm",
+    "aten::grouped_mm",
+    "aten::linear",
+)
 
 
 def _top_level_aten(prof) -> list[str]:
@@ -69,8 +76,13 @@ def main(argv=None) -> None:
     for impl in ("grouped_mm", "loop"):
         for E in counts:
             torch.manual_seed(0)
-            cfg = MoEConfig(n_routed_experts=E, n_shared_experts=args.shared, top_k=args.top_k,
-                            moe_intermediate_size=args.expert_width, experts_impl=impl)
+            cfg = MoEConfig(
+                n_routed_experts=E,
+                n_shared_experts=args.shared,
+                top_k=args.top_k,
+                moe_intermediate_size=args.expert_width,
+                experts_impl=impl,
+            )
             layer = MoELayer(args.hidden, cfg)
             for p in layer.parameters():
                 torch.nn.init.normal_(p, std=0.02)

@@ -43,12 +43,27 @@ from data_prep.sources import Source, load_documents
 from data_prep.train_tokenizer import sample_lines, train_sentencepiece
 from deepseek_moe.atomic import replace_dir
 from deepseek_moe.config.data import DataConfig
-from deepseek_moe.data.meta import (DTYPES, FORMAT_VERSION, META_FILE, SPLITS, TOKENIZER_FILE,
-                                    DataMeta, SplitMeta, dtype_for_vocab, load_meta,
-                                    resolve_out_dir, resolve_path)
+from deepseek_moe.data.meta import (
+    DTYPES,
+    FORMAT_VERSION,
+    META_FILE,
+    SPLITS,
+    TOKENIZER_FILE,
+    DataMeta,
+    SplitMeta,
+    dtype_for_vocab,
+    load_meta,
+    resolve_out_dir,
+    resolve_path,
+)
 from deepseek_moe.data.packed import PackedTokens
-from deepseek_moe.data.tokenizer import (HF_TOKENIZER_FILE, TEXT_ESCAPE, HFTokenizer, Tokenizer,
-                                         check_round_trip)
+from deepseek_moe.data.tokenizer import (
+    HF_TOKENIZER_FILE,
+    TEXT_ESCAPE,
+    HFTokenizer,
+    Tokenizer,
+    check_round_trip,
+)
 from deepseek_moe.errors import ConfigError, DataError, config_error_from_hydra, report_user_errors
 
 OUR_FILES = {META_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE} | {f"{s}.bin" for s in SPLITS}
@@ -77,20 +92,23 @@ def _complete_meta(out: Path, cfg: DataConfig) -> Optional[DataMeta]:
     for split in SPLITS:
         PackedTokens(meta, split)  # raises on missing / truncated files
     want = _prepare_config(cfg)
-    diff = {k: (meta.prepare_config.get(k), v) for k, v in want.items()
-            if meta.prepare_config.get(k) != v}
+    diff = {k: (meta.prepare_config.get(k), v) for k, v in want.items() if meta.prepare_config.get(k) != v}
     if diff:
         changes = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-        raise DataError(f"{out} was prepared with a different data config ({changes}); "
-                        "set data.force=true to rebuild it, or choose another data.out_dir")
+        raise DataError(
+            f"{out} was prepared with a different data config ({changes}); "
+            "set data.force=true to rebuild it, or choose another data.out_dir"
+        )
     return meta
 
 
 def _split_is_val(n: int, cfg: DataConfig) -> np.ndarray:
     """Boolean [n]: which documents go to val (exactly max(1, round(n * val_fraction)))."""
     if n < 2:
-        raise DataError(f"the source has {n} usable document(s); a train/val split needs at "
-                        "least 2. Add documents (check data.path / data.max_documents)")
+        raise DataError(
+            f"the source has {n} usable document(s); a train/val split needs at "
+            "least 2. Add documents (check data.path / data.max_documents)"
+        )
     n_val = min(n - 1, max(1, round(n * cfg.val_fraction)))
     is_val = np.zeros(n, dtype=bool)
     is_val[np.random.default_rng(cfg.split_seed).permutation(n)[:n_val]] = True
@@ -133,12 +151,17 @@ class _SplitWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        return SplitMeta(file=self.path.name, num_tokens=self.num_tokens,
-                         num_documents=self.num_documents, sha256=self.sha.hexdigest())
+        return SplitMeta(
+            file=self.path.name,
+            num_tokens=self.num_tokens,
+            num_documents=self.num_documents,
+            sha256=self.sha.hexdigest(),
+        )
 
 
-def _write_splits(tokenized, is_val, cfg: DataConfig, tmp: Path, dtype: str,
-                  total: Optional[int]) -> tuple[dict[str, SplitMeta], int]:
+def _write_splits(
+    tokenized, is_val, cfg: DataConfig, tmp: Path, dtype: str, total: Optional[int]
+) -> tuple[dict[str, SplitMeta], int]:
     """Stream tokenized documents into train.bin / val.bin in source order.
 
     `is_val`: a boolean array over document indices, or None to use the streaming hash.
@@ -147,14 +170,18 @@ def _write_splits(tokenized, is_val, cfg: DataConfig, tmp: Path, dtype: str,
     writers = {s: _SplitWriter(tmp / f"{s}.bin", dtype) for s in SPLITS}
     empty = index = 0
     arrow = isinstance(tokenized, datasets.Dataset)
-    batches = (tokenized.with_format("arrow").iter(batch_size=2048) if arrow
-               else tokenized.iter(batch_size=256))
+    batches = (
+        tokenized.with_format("arrow").iter(batch_size=2048) if arrow else tokenized.iter(batch_size=256)
+    )
     with tqdm(total=total, desc="write shards", unit="doc", mininterval=2) as bar:
         for batch in batches:
             col = batch.column("ids") if arrow else pa.array(batch["ids"], pa.list_(pa.int64()))
             n = len(col)
-            val = (is_val[index:index + n] if is_val is not None else
-                   np.array([_hash_is_val(i, cfg) for i in range(index, index + n)]))
+            val = (
+                is_val[index : index + n]
+                if is_val is not None
+                else np.array([_hash_is_val(i, cfg) for i in range(index, index + n)])
+            )
             lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
             empty += int((lengths == 0).sum())
             for split, mask in (("train", ~val), ("val", val)):
@@ -166,8 +193,10 @@ def _write_splits(tokenized, is_val, cfg: DataConfig, tmp: Path, dtype: str,
     metas = {s: w.close() for s, w in writers.items()}
     for split, m in metas.items():
         if m.num_documents == 0:
-            raise DataError(f"the {split} split is empty ({index} documents, val_fraction="
-                            f"{cfg.val_fraction}); add documents or change data.val_fraction")
+            raise DataError(
+                f"the {split} split is empty ({index} documents, val_fraction="
+                f"{cfg.val_fraction}); add documents or change data.val_fraction"
+            )
     return metas, empty
 
 
@@ -175,17 +204,24 @@ def _hf_tokenizer(cfg: DataConfig, source: Source) -> HFTokenizer:
     """`data.tokenizer`: a Hugging Face tokenizer directory, checked lossless on the corpus."""
     path = resolve_path(cfg.tokenizer)
     if not (path / HF_TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"data.tokenizer={path} has no {HF_TOKENIZER_FILE}; give a "
-                                "Hugging Face tokenizer directory, or null to train one")
+        raise FileNotFoundError(
+            f"data.tokenizer={path} has no {HF_TOKENIZER_FILE}; give a "
+            "Hugging Face tokenizer directory, or null to train one"
+        )
     try:
         tok = HFTokenizer.from_dir(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file, said in one line
         raise ValueError(f"data.tokenizer={path}: {HF_TOKENIZER_FILE} does not load ({e})") from e
     if tok.eos_id < 0:
-        raise ValueError(f"data.tokenizer={path} names no eos_token in tokenizer_config.json; "
-                         "packing needs EOS between documents: add one")
-    texts = (row["text"] for row in source.dataset.take(ROUND_TRIP_DOCUMENTS)) if cfg.streaming \
+        raise ValueError(
+            f"data.tokenizer={path} names no eos_token in tokenizer_config.json; "
+            "packing needs EOS between documents: add one"
+        )
+    texts = (
+        (row["text"] for row in source.dataset.take(ROUND_TRIP_DOCUMENTS))
+        if cfg.streaming
         else source.dataset.select(range(min(ROUND_TRIP_DOCUMENTS, len(source.dataset))))["text"]
+    )
     check_round_trip(tok, (t for t in texts if t))
     return tok
 
@@ -196,16 +232,22 @@ def _tokenizer(cfg: DataConfig, source: Source, is_val) -> Tokenizer:
     if cfg.tokenizer_model is not None:
         path = resolve_path(cfg.tokenizer_model)
         if not path.is_file():
-            raise DataError(f"data.tokenizer_model={path} does not exist; give the path "
-                            "of a sentencepiece .model file, or null to train one")
+            raise DataError(
+                f"data.tokenizer_model={path} does not exist; give the path "
+                "of a sentencepiece .model file, or null to train one"
+            )
         try:
             tok = Tokenizer(path)
         except (RuntimeError, OSError) as e:
-            raise DataError(f"data.tokenizer_model={path} is not a sentencepiece model ({e}); "
-                            "give a .model file, or null to train one") from e
+            raise DataError(
+                f"data.tokenizer_model={path} is not a sentencepiece model ({e}); "
+                "give a .model file, or null to train one"
+            ) from e
         if tok.eos_id < 0:
-            raise DataError(f"data.tokenizer_model={path} defines no EOS piece, which packing "
-                            "needs between documents; train one with an eos_id")
+            raise DataError(
+                f"data.tokenizer_model={path} defines no EOS piece, which packing "
+                "needs between documents; train one with an eos_id"
+            )
         return tok
     ds = source.dataset
     if is_val is None:  # streaming: the train documents at the head of the stream
@@ -215,8 +257,7 @@ def _tokenizer(cfg: DataConfig, source: Source, is_val) -> Tokenizer:
         order = np.random.default_rng(cfg.split_seed + 1).permutation(train_idx)
         texts = (t for b in ds.select(order).iter(batch_size=256) for t in b["text"])
     lines = sample_lines(texts, cfg.tokenizer_sentences)
-    print(f"[prepare] training sentencepiece BPE (vocab {cfg.vocab_size}) on {len(lines)} lines",
-          flush=True)
+    print(f"[prepare] training sentencepiece BPE (vocab {cfg.vocab_size}) on {len(lines)} lines", flush=True)
     return Tokenizer(train_sentencepiece(lines, cfg))
 
 
@@ -225,8 +266,10 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES)
         if foreign:
-            raise DataError(f"refusing to replace {out}: it holds files a preparation does not "
-                            f"write ({foreign[:5]}); choose another data.out_dir or remove it")
+            raise DataError(
+                f"refusing to replace {out}: it holds files a preparation does not "
+                f"write ({foreign[:5]}); choose another data.out_dir or remove it"
+            )
     replace_dir(tmp, out)
 
 
@@ -257,20 +300,37 @@ def prepare(cfg: DataConfig) -> Path:
             tokenized = source.dataset.map(encode, batched=True, remove_columns=columns)
         else:
             tokenized = source.dataset.map(
-                encode, batched=True, batch_size=64, remove_columns=columns, desc="tokenize",
+                encode,
+                batched=True,
+                batch_size=64,
+                remove_columns=columns,
+                desc="tokenize",
                 num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                 cache_file_name=str(tmp / "cache" / "tokenized.arrow"),
-                new_fingerprint=tok.sha256[:32])  # datasets caps fingerprints at 64 chars
+                new_fingerprint=tok.sha256[:32],
+            )  # datasets caps fingerprints at 64 chars
         splits, empty = _write_splits(tokenized, is_val, cfg, tmp, dtype, n)
         t3 = time.perf_counter()
         skipped = dict(source.skipped)
         skipped["empty"] = skipped.get("empty", 0) + empty
-        meta = DataMeta(format_version=FORMAT_VERSION, name=cfg.name, source=cfg.source,
-                        vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                        pad_id=tok.pad_id, unk_id=tok.unk_id, dtype=dtype, splits=splits,
-                        tokenizer_file=tokenizer_file, tokenizer_sha256=tok.sha256,
-                        source_fingerprint=source.fingerprint, skipped_documents=skipped,
-                        text_escape=TEXT_ESCAPE, prepare_config=_prepare_config(cfg))
+        meta = DataMeta(
+            format_version=FORMAT_VERSION,
+            name=cfg.name,
+            source=cfg.source,
+            vocab_size=tok.vocab_size,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            unk_id=tok.unk_id,
+            dtype=dtype,
+            splits=splits,
+            tokenizer_file=tokenizer_file,
+            tokenizer_sha256=tok.sha256,
+            source_fingerprint=source.fingerprint,
+            skipped_documents=skipped,
+            text_escape=TEXT_ESCAPE,
+            prepare_config=_prepare_config(cfg),
+        )
         meta.fingerprint = meta.compute_fingerprint()
         del source, tokenized  # release datasets' memory-mapped cache files before deleting them
         shutil.rmtree(tmp / "cache", ignore_errors=True)
@@ -280,10 +340,13 @@ def prepare(cfg: DataConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tr, va = splits["train"], splits["val"]
-    print(f"[prepare] {out}: train {tr.num_tokens:,} tokens / {tr.num_documents} docs, val "
-          f"{va.num_tokens:,} tokens / {va.num_documents} docs, vocab {tok.vocab_size}, skipped "
-          f"{skipped}; read {t1 - t0:.1f}s, tokenizer {t2 - t1:.1f}s, tokenize+write "
-          f"{t3 - t2:.1f}s, total {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"[prepare] {out}: train {tr.num_tokens:,} tokens / {tr.num_documents} docs, val "
+        f"{va.num_tokens:,} tokens / {va.num_documents} docs, vocab {tok.vocab_size}, skipped "
+        f"{skipped}; read {t1 - t0:.1f}s, tokenizer {t2 - t1:.1f}s, tokenize+write "
+        f"{t3 - t2:.1f}s, total {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     return out
 
 
@@ -294,8 +357,11 @@ def ensure_prepared(cfg: DataConfig) -> DataMeta:
     complete directory under ranks that may already read it; rebuild with the prepare CLI.
     """
     if cfg.force:
-        print("[prepare] data.force is ignored by training; rebuild with "
-              "`python -m data_prep.prepare ... data.force=true`", flush=True)
+        print(
+            "[prepare] data.force is ignored by training; rebuild with "
+            "`python -m data_prep.prepare ... data.force=true`",
+            flush=True,
+        )
         cfg = dataclasses.replace(cfg, force=False)
     return load_meta(prepare(cfg))
 
@@ -336,8 +402,9 @@ def _compose_and_run(prog: str, argv: list[str], action) -> None:
     try:
         cfg = compose_data_config(argv)
     except (HydraException, OmegaConfBaseException) as e:  # misspelt key, wrong type, preset
-        raise config_error_from_hydra(e, f"`python -m {prog} --help` lists the data presets "
-                                         "and conf/data/*.yaml their keys") from None
+        raise config_error_from_hydra(
+            e, f"`python -m {prog} --help` lists the data presets and conf/data/*.yaml their keys"
+        ) from None
     except ValueError as e:  # a DataConfig check
         raise ConfigError(str(e)) from None
     action(cfg)

@@ -32,8 +32,11 @@ from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.meta import resolve_path
 from deepseek_moe.errors import DataError
 
-TABLE_EXTENSIONS = {"json": (".json", ".jsonl", ".json.gz", ".jsonl.gz"),
-                    "csv": (".csv", ".csv.gz"), "parquet": (".parquet",)}
+TABLE_EXTENSIONS = {
+    "json": (".json", ".jsonl", ".json.gz", ".jsonl.gz"),
+    "csv": (".csv", ".csv.gz"),
+    "parquet": (".parquet",),
+}
 
 
 @dataclass
@@ -70,10 +73,11 @@ def _expand(path: str, pattern: str, exclude_dirs: list[str]) -> tuple[Path, lis
 
 
 def _no_files(cfg: DataConfig, where: str) -> DataError:
-    return DataError(f"data.path={cfg.path!r} ({where}) matches no files for "
-                     f"data.source={cfg.source}; check data.path"
-                     + (f" and data.file_pattern={cfg.file_pattern!r}"
-                        if cfg.source == "local_text" else ""))
+    return DataError(
+        f"data.path={cfg.path!r} ({where}) matches no files for "
+        f"data.source={cfg.source}; check data.path"
+        + (f" and data.file_pattern={cfg.file_pattern!r}" if cfg.source == "local_text" else "")
+    )
 
 
 def _read_utf8(path: str) -> Optional[str]:
@@ -100,7 +104,7 @@ def _file_documents(cfg: DataConfig, cache_dir: Path) -> Source:
     if not files:
         raise _no_files(cfg, str(resolve_path(cfg.path or root)))
     if cfg.max_documents is not None:
-        files = files[:cfg.max_documents]
+        files = files[: cfg.max_documents]
     # Pass 1 (bytes only): decide what to keep, count what is skipped, fingerprint the kept
     # bytes. Pass 2 (the generator) reads the kept files again, one at a time.
     kept: list[str] = []
@@ -119,14 +123,17 @@ def _file_documents(cfg: DataConfig, cache_dir: Path) -> Source:
         h.update(f"{f.relative_to(root).as_posix()}\0{hashlib.sha256(raw).hexdigest()}\0".encode())
         kept.append(str(f))
     if not kept:
-        raise DataError(f"data.source={cfg.source} at {root}: all {len(files)} files are empty "
-                        f"or not UTF-8 ({skipped}); point data.path at real text")
+        raise DataError(
+            f"data.source={cfg.source} at {root}: all {len(files)} files are empty "
+            f"or not UTF-8 ({skipped}); point data.path at real text"
+        )
     # An on-disk arrow copy in the temp dir: bounded memory whatever the corpus size. (With
     # streaming we iterate that copy; IterableDataset.from_generator would write lock files
     # to ~/.cache.)
     features = datasets.Features({"text": datasets.Value("string")})
-    ds = datasets.Dataset.from_generator(_file_rows, features=features,
-                                         gen_kwargs={"paths": kept}, cache_dir=str(cache_dir))
+    ds = datasets.Dataset.from_generator(
+        _file_rows, features=features, gen_kwargs={"paths": kept}, cache_dir=str(cache_dir)
+    )
     return Source(ds.to_iterable_dataset() if cfg.streaming else ds, h.hexdigest()[:16], skipped)
 
 
@@ -138,8 +145,10 @@ def _check_column(ds, cfg: DataConfig, where: str):
             raise DataError(f"{where} holds no rows; check data.path")
         columns = list(first)
     if cfg.text_column not in columns:
-        raise DataError(f"data.text_column={cfg.text_column!r} is not a column of {where} "
-                        f"(columns: {columns}); set data.text_column to one of them")
+        raise DataError(
+            f"data.text_column={cfg.text_column!r} is not a column of {where} "
+            f"(columns: {columns}); set data.text_column to one of them"
+        )
     ds = ds.select_columns([cfg.text_column])
     return ds.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else ds
 
@@ -157,11 +166,18 @@ def _table_documents(cfg: DataConfig, cache_dir: Path) -> Source:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
     try:
-        ds = datasets.load_dataset(cfg.source, data_files=[str(f) for f in files], split="train",
-                                   streaming=cfg.streaming, cache_dir=str(cache_dir))
+        ds = datasets.load_dataset(
+            cfg.source,
+            data_files=[str(f) for f in files],
+            split="train",
+            streaming=cfg.streaming,
+            cache_dir=str(cache_dir),
+        )
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"could not read {[str(f) for f in files[:3]]}... as "
-                        f"{cfg.source}: {e}; check data.path and data.source") from e
+        raise DataError(
+            f"could not read {[str(f) for f in files[:3]]}... as "
+            f"{cfg.source}: {e}; check data.path and data.source"
+        ) from e
     ds = _check_column(ds, cfg, f"{cfg.path}")
     return _finish(ds, cfg, h.hexdigest()[:16])
 
@@ -170,12 +186,15 @@ def _hub_documents(cfg: DataConfig, cache_dir: Path) -> Source:
     # Unlike local files, hub data uses the usual Hugging Face cache (HF_HOME): a re-run or a
     # forced rebuild does not download it again. `cache_dir` is unused on purpose.
     try:
-        ds = datasets.load_dataset(cfg.path, cfg.hf_name, split=cfg.hf_split,
-                                   revision=cfg.hf_revision, streaming=cfg.streaming)
+        ds = datasets.load_dataset(
+            cfg.path, cfg.hf_name, split=cfg.hf_split, revision=cfg.hf_revision, streaming=cfg.streaming
+        )
     except Exception as e:
-        raise DataError(f"could not load hub dataset data.path={cfg.path!r} "
-                        f"(hf_name={cfg.hf_name!r}, split={cfg.hf_split!r}): {e}; check the "
-                        "name and your network, or use a local source") from e
+        raise DataError(
+            f"could not load hub dataset data.path={cfg.path!r} "
+            f"(hf_name={cfg.hf_name!r}, split={cfg.hf_split!r}): {e}; check the "
+            "name and your network, or use a local source"
+        ) from e
     ds = _check_column(ds, cfg, f"hub dataset {cfg.path}")
     key = f"hf_hub\0{cfg.path}\0{cfg.hf_name}\0{cfg.hf_split}\0{cfg.hf_revision}"
     if not cfg.streaming:
@@ -185,17 +204,18 @@ def _hub_documents(cfg: DataConfig, cache_dir: Path) -> Source:
 
 def _finish(ds, cfg: DataConfig, fingerprint: str) -> Source:
     if cfg.max_documents is not None:
-        ds = ds.take(cfg.max_documents) if cfg.streaming else ds.select(
-            range(min(cfg.max_documents, len(ds))))
+        ds = (
+            ds.take(cfg.max_documents) if cfg.streaming else ds.select(range(min(cfg.max_documents, len(ds))))
+        )
     skipped = {}
     if not cfg.streaming:  # streaming: empty rows are dropped (and counted) when written
         before = len(ds)
-        ds = ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True,
-                       desc="drop empty documents")
+        ds = ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True, desc="drop empty documents")
         skipped["empty"] = before - len(ds)
         if len(ds) == 0:
-            raise DataError(f"data.path={cfg.path!r}: every row of {cfg.text_column!r} is empty; "
-                            "check data.text_column")
+            raise DataError(
+                f"data.path={cfg.path!r}: every row of {cfg.text_column!r} is empty; check data.text_column"
+            )
     return Source(ds, fingerprint, skipped)
 
 

@@ -49,29 +49,46 @@ def sample_lines(texts: Iterable[str], limit: int) -> list[str]:
 def train_sentencepiece(lines: list[str], cfg: DataConfig) -> bytes:
     """Train a BPE model on `lines`; returns the serialized model. Errors name the fix."""
     if not lines:
-        raise DataError("the training documents hold no text to train a tokenizer on; check "
-                        "data.path, or pass an existing data.tokenizer_model")
+        raise DataError(
+            "the training documents hold no text to train a tokenizer on; check "
+            "data.path, or pass an existing data.tokenizer_model"
+        )
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
-            vocab_size=cfg.vocab_size, character_coverage=0.9995, byte_fallback=True,
-            split_digits=True, normalization_rule_name="identity", add_dummy_prefix=False,
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-            input_sentence_size=0, shuffle_input_sentence=False,
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=cfg.vocab_size,
+            character_coverage=0.9995,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
             max_sentence_length=cfg.tokenizer_max_sentence_length,
-            num_threads=cfg.tokenizer_threads, minloglevel=2, **SPECIAL_IDS)
+            num_threads=cfg.tokenizer_threads,
+            minloglevel=2,
+            **SPECIAL_IDS,
+        )
     except RuntimeError as e:
         msg = str(e)
         small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         large = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", msg)
         if small:
-            raise DataError(f"data.vocab_size={cfg.vocab_size} is too small for this corpus: "
-                            f"its characters and special pieces need {small.group(2)}; set "
-                            f"data.vocab_size >= {small.group(2)}") from e
+            raise DataError(
+                f"data.vocab_size={cfg.vocab_size} is too small for this corpus: "
+                f"its characters and special pieces need {small.group(2)}; set "
+                f"data.vocab_size >= {small.group(2)}"
+            ) from e
         if large:
-            raise DataError(f"data.vocab_size={cfg.vocab_size} is too large for this corpus "
-                            f"({len(lines)} training lines support at most {large.group(2)} "
-                            f"pieces); set data.vocab_size <= {large.group(2)} or add data") from e
+            raise DataError(
+                f"data.vocab_size={cfg.vocab_size} is too large for this corpus "
+                f"({len(lines)} training lines support at most {large.group(2)} "
+                f"pieces); set data.vocab_size <= {large.group(2)} or add data"
+            ) from e
         raise
     return model.getvalue()

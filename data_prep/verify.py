@@ -28,17 +28,16 @@ CHUNK_TOKENS = 1 << 24
 def verify(data_dir) -> DataMeta:
     """Verify `data_dir`; returns its meta, raises ValueError on the first problem."""
     meta = load_meta(data_dir)
-    fix = (f"rebuild it: python -m data_prep.prepare data=<preset> data.force=true "
-           f"(out_dir {meta.dir})")
+    fix = f"rebuild it: python -m data_prep.prepare data=<preset> data.force=true (out_dir {meta.dir})"
     if hashlib.sha256(meta.tokenizer_path.read_bytes()).hexdigest() != meta.tokenizer_sha256:
-        raise DataError(f"{meta.tokenizer_path} does not match tokenizer_sha256 in meta.json; "
-                        f"{fix}")
+        raise DataError(f"{meta.tokenizer_path} does not match tokenizer_sha256 in meta.json; {fix}")
     for split in SPLITS:
         tokens = PackedTokens(meta, split).tokens  # size check
         sha, eos, top = hashlib.sha256(), 0, 0
-        for start in tqdm(range(0, len(tokens), CHUNK_TOKENS), desc=f"verify {split}",
-                          unit="chunk", mininterval=2):
-            chunk = np.asarray(tokens[start:start + CHUNK_TOKENS])
+        for start in tqdm(
+            range(0, len(tokens), CHUNK_TOKENS), desc=f"verify {split}", unit="chunk", mininterval=2
+        ):
+            chunk = np.asarray(tokens[start : start + CHUNK_TOKENS])
             sha.update(chunk.tobytes())
             eos += int((chunk == meta.eos_id).sum())
             top = max(top, int(chunk.max()))
@@ -48,9 +47,11 @@ def verify(data_dir) -> DataMeta:
         if top >= meta.vocab_size:
             raise DataError(f"{path} holds id {top} >= vocab_size {meta.vocab_size}; {fix}")
         if eos != info.num_documents or int(tokens[-1]) != meta.eos_id:
-            raise DataError(f"{path} has {eos} EOS tokens (last token {int(tokens[-1])}) but "
-                            f"meta.json says {info.num_documents} documents, each ending in "
-                            f"EOS; {fix}")
+            raise DataError(
+                f"{path} has {eos} EOS tokens (last token {int(tokens[-1])}) but "
+                f"meta.json says {info.num_documents} documents, each ending in "
+                f"EOS; {fix}"
+            )
     return meta
 
 

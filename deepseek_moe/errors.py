@@ -85,8 +85,7 @@ def _reported_elsewhere(err: UserError) -> bool:
     if isinstance(err, ReportedByAnotherRank):
         return True
     torch = sys.modules.get("torch")  # not imported: no process group either
-    grouped = (torch is not None and torch.distributed.is_available()
-               and torch.distributed.is_initialized())
+    grouped = torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
     return not grouped and os.environ.get("RANK", "0") != "0"
 
 

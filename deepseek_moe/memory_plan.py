@@ -71,8 +71,15 @@ def _block_saved_bytes(cfg: ModelConfig, layer: int, T: int, b: int, experts_imp
     return T * (2 * norm + attn + D * b + router + dispatch + experts + combine + shared)
 
 
-def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str,
-                     activation_checkpointing: str, experts_impl: str = "grouped_mm") -> int:
+def activation_bytes(
+    cfg: ModelConfig,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    activation_checkpointing: str,
+    experts_impl: str = "grouped_mm",
+) -> int:
     """Bytes kept for backward at the end of one micro-batch's forward (with "full"
     checkpointing: each block's input only), plus the logits the caller holds."""
     T = micro_batch * seq_len
@@ -80,8 +87,15 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precis
     return _head_bytes(cfg, T, b) + _body_bytes(cfg, T, b, activation_checkpointing, experts_impl)
 
 
-def recompute_bytes(cfg: ModelConfig, *, micro_batch: int, seq_len: int, precision: str,
-                    activation_checkpointing: str, experts_impl: str = "grouped_mm") -> int:
+def recompute_bytes(
+    cfg: ModelConfig,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    activation_checkpointing: str,
+    experts_impl: str = "grouped_mm",
+) -> int:
     """With "full" checkpointing, what the backward of a recomputed block adds on top of the
     backward-start peak (activations + logits gradient); 0 without checkpointing or when the
     logits' part is larger.
@@ -108,8 +122,7 @@ def _head_bytes(cfg: ModelConfig, T: int, b: int) -> int:
     return T * (_I64 + D * _F32 + _F32 + 2 * D * b + V * b + V * _F32)
 
 
-def _body_bytes(cfg: ModelConfig, T: int, b: int, activation_checkpointing: str,
-                experts_impl: str) -> int:
+def _body_bytes(cfg: ModelConfig, T: int, b: int, activation_checkpointing: str, experts_impl: str) -> int:
     if activation_checkpointing == "full":
         return cfg.num_layers * T * cfg.hidden_size * b  # block inputs
     return sum(_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers))
@@ -124,17 +137,29 @@ def _logits_grad_bytes(cfg: ModelConfig, T: int) -> int:
     return T * cfg.vocab_size * 2 * _F32
 
 
-def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero_stage: int = 1,
-                micro_batch: int = 1, seq_len: int | None = None, precision: str = "bf16",
-                activation_checkpointing: str = "none", grad_accum_steps: int = 1,
-                experts_impl: str = "grouped_mm") -> dict[str, Any]:
+def memory_plan(
+    cfg: ModelConfig,
+    *,
+    ep_size: int = 1,
+    world_size: int = 1,
+    zero_stage: int = 1,
+    micro_batch: int = 1,
+    seq_len: int | None = None,
+    precision: str = "bf16",
+    activation_checkpointing: str = "none",
+    grad_accum_steps: int = 1,
+    experts_impl: str = "grouped_mm",
+) -> dict[str, Any]:
     """Per-GPU bytes of each kind (and GB), and all-to-all bytes per optimizer step."""
     if world_size % ep_size:
         raise ValueError(f"world_size={world_size} is not a multiple of ep_size={ep_size}")
     S = cfg.max_seq_len if seq_len is None else seq_len
     m = cfg.moe
-    expert = (cfg.num_moe_layers * m.n_routed_experts * 3 * cfg.hidden_size
-              * m.moe_intermediate_size) if m is not None else 0
+    expert = (
+        (cfg.num_moe_layers * m.n_routed_experts * 3 * cfg.hidden_size * m.moe_intermediate_size)
+        if m is not None
+        else 0
+    )
     dense = cfg.num_params() - expert
     local_expert = expert // ep_size
     edp = world_size // ep_size
@@ -149,25 +174,56 @@ def memory_plan(cfg: ModelConfig, *, ep_size: int = 1, world_size: int = 1, zero
         grads += shard(dense, local_expert, 1) * _F32  # fp32 accumulation copy
     opt_per_param = 2 * _F32 + (_F32 if w != _F32 else 0)  # Adam m, v (+ fp32 master)
     optimizer = shard(dense, local_expert, 1) * opt_per_param
-    act_args = {"micro_batch": micro_batch, "seq_len": S, "precision": precision,
-                "activation_checkpointing": activation_checkpointing, "experts_impl": experts_impl}
+    act_args = {
+        "micro_batch": micro_batch,
+        "seq_len": S,
+        "precision": precision,
+        "activation_checkpointing": activation_checkpointing,
+        "experts_impl": experts_impl,
+    }
     acts = activation_bytes(cfg, **act_args)
     recompute = recompute_bytes(cfg, **act_args)
     T = micro_batch * S
     logits_grad = _logits_grad_bytes(cfg, T)
     a2a_buffers = 2 * T * m.top_k * cfg.hidden_size * w if (m is not None and ep_size > 1) else 0
     passes = 3 if activation_checkpointing == "full" else 2  # fwd, bwd (+ recompute fwd)
-    a2a_step = (0 if m is None else
-                int(2 * T * m.top_k * (ep_size - 1) / ep_size * cfg.hidden_size * w
-                    * passes * cfg.num_moe_layers * grad_accum_steps))
-    parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": acts,
-             "logits_grad": logits_grad, "recompute": recompute, "a2a_buffers": a2a_buffers}
+    a2a_step = (
+        0
+        if m is None
+        else int(
+            2
+            * T
+            * m.top_k
+            * (ep_size - 1)
+            / ep_size
+            * cfg.hidden_size
+            * w
+            * passes
+            * cfg.num_moe_layers
+            * grad_accum_steps
+        )
+    )
+    parts = {
+        "params": params,
+        "grads": grads,
+        "optimizer": optimizer,
+        "activations": acts,
+        "logits_grad": logits_grad,
+        "recompute": recompute,
+        "a2a_buffers": a2a_buffers,
+    }
     total = sum(parts.values())
     out: dict[str, Any] = {
-        "inputs": {"ep_size": ep_size, "world_size": world_size, "zero_stage": zero_stage,
-                   "micro_batch": micro_batch, "seq_len": S, "precision": precision,
-                   "activation_checkpointing": activation_checkpointing,
-                   "grad_accum_steps": grad_accum_steps},
+        "inputs": {
+            "ep_size": ep_size,
+            "world_size": world_size,
+            "zero_stage": zero_stage,
+            "micro_batch": micro_batch,
+            "seq_len": S,
+            "precision": precision,
+            "activation_checkpointing": activation_checkpointing,
+            "grad_accum_steps": grad_accum_steps,
+        },
         "bytes": {**{k: int(v) for k, v in parts.items()}, "total": int(total)},
         "gb": {**{k: round(v / GB, 2) for k, v in parts.items()}, "total": round(total / GB, 2)},
         "a2a_bytes_per_step": a2a_step,

@@ -60,14 +60,16 @@ def load_model_config(name: str, overrides: Sequence[str] = ()) -> ModelConfig:
         cause = err
         while not isinstance(cause, ValueError) and cause.__cause__ is not None:
             cause = cause.__cause__
-        raise ConfigError(f"{cause}; the fields are those of ModelConfig "
-                          "(deepseek_moe/config/model.py)") from None
+        raise ConfigError(
+            f"{cause}; the fields are those of ModelConfig (deepseek_moe/config/model.py)"
+        ) from None
     assert isinstance(cfg, ModelConfig)
     return cfg
 
 
-def summarize(cfg: ModelConfig, seq_len: int | None = None,
-              plan: dict[str, Any] | None = None) -> dict[str, Any]:
+def summarize(
+    cfg: ModelConfig, seq_len: int | None = None, plan: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """`plan`: keyword arguments of `memory_plan` (seq_len comes from `seq_len`)."""
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
@@ -75,8 +77,10 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None,
         model = DeepSeekMoEForCausalLM(cfg)
     total = sum(p.numel() for p in model.parameters())
     if total != cfg.num_params():
-        raise AssertionError(f"built model has {total} params, ModelConfig.num_params() says "
-                             f"{cfg.num_params()}: the analytic count is out of date")
+        raise AssertionError(
+            f"built model has {total} params, ModelConfig.num_params() says "
+            f"{cfg.num_params()}: the analytic count is out of date"
+        )
     S = cfg.max_seq_len if seq_len is None else seq_len
     layers = ["moe" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_layers)]
     out: dict[str, Any] = {
@@ -97,9 +101,12 @@ def summarize(cfg: ModelConfig, seq_len: int | None = None,
     if cfg.moe is not None:
         m = cfg.moe
         out["experts"] = {
-            "routed": m.n_routed_experts, "shared": m.n_shared_experts, "top_k": m.top_k,
+            "routed": m.n_routed_experts,
+            "shared": m.n_shared_experts,
+            "top_k": m.top_k,
             "expert_width": m.moe_intermediate_size,
-            "groups": m.n_groups, "topk_groups": m.topk_groups,
+            "groups": m.n_groups,
+            "topk_groups": m.topk_groups,
         }
     return out
 
@@ -117,15 +124,17 @@ def main(argv: Sequence[str]) -> None:
                 raise ConfigError(f"seq_len={value!r} must be a positive integer")
             seq_len = int(value)
         elif key.startswith("model."):
-            overrides.append(f"{key[len('model.'):]}={value}")
+            overrides.append(f"{key[len('model.') :]}={value}")
         elif key in _PLAN_INT_ARGS:
             plan[key] = int(value)
         elif key in ("precision", "activation_checkpointing"):
             plan[key] = value
         else:
-            raise ConfigError(f"unknown argument {key!r}: use model=NAME, model.<field>=V, seq_len=N, "
-                              f"{'=N, '.join(_PLAN_INT_ARGS)}=N, precision=bf16|fp32, "
-                              "activation_checkpointing=none|full")
+            raise ConfigError(
+                f"unknown argument {key!r}: use model=NAME, model.<field>=V, seq_len=N, "
+                f"{'=N, '.join(_PLAN_INT_ARGS)}=N, precision=bf16|fp32, "
+                "activation_checkpointing=none|full"
+            )
     if name is None:
         raise ConfigError("usage: python -m deepseek_moe.summary model=NAME [model.<field>=V] [seq_len=N]")
     print(json.dumps(summarize(load_model_config(name, overrides), seq_len, plan)))

@@ -40,8 +40,11 @@ class _Mode(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in _VALUE_DEPENDENT:
             self.reads.ops.append(name)
-        elif name in ("index", "index_put", "index_put_") and len(args) > 1 and any(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1]):
+        elif (
+            name in ("index", "index_put", "index_put_")
+            and len(args) > 1
+            and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+        ):
             self.reads.ops.append(f"{name}[bool mask]")
         return func(*args, **(kwargs or {}))
 

@@ -34,8 +34,9 @@ __all__ = ["consolidate_deepspeed_checkpoint"]
 _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
-def consolidate_deepspeed_checkpoint(tag_dir: str, experts: Optional[Container[tuple[int, int]]] = None
-                                     ) -> dict[str, torch.Tensor]:
+def consolidate_deepspeed_checkpoint(
+    tag_dir: str, experts: Optional[Container[tuple[int, int]]] = None
+) -> dict[str, torch.Tensor]:
     """HF-layout state dict (all experts, global ids) from a DeepSpeed tag directory.
 
     `experts`: read only these (MoE layer ordinal, global expert id) files (a rank that holds
@@ -49,8 +50,9 @@ def consolidate_deepspeed_checkpoint(tag_dir: str, experts: Optional[Container[t
     state = torch.load(main_path, map_location="cpu", weights_only=False)
     out: dict[str, torch.Tensor] = dict(state["module"])
     expert_files = sorted(
-        f for f in os.listdir(tag_dir) if (m := _EXPERT_FILE.match(f))
-        and (experts is None or (int(m[1]), int(m[2])) in experts)
+        f
+        for f in os.listdir(tag_dir)
+        if (m := _EXPERT_FILE.match(f)) and (experts is None or (int(m[1]), int(m[2])) in experts)
     )
     for name in expert_files:
         part = torch.load(os.path.join(tag_dir, name), map_location="cpu", weights_only=True)

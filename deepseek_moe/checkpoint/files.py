@@ -107,15 +107,20 @@ def file_crc32(path: Path) -> str:
 
 def describe_files(tag_dir: Path, rel_paths: list[str]) -> dict[str, dict[str, Any]]:
     """Manifest entries {relative path: {"size", "crc32"}} of some files of a checkpoint."""
-    return {rel: {"size": (tag_dir / rel).stat().st_size, "crc32": file_crc32(tag_dir / rel)}
-            for rel in rel_paths}
+    return {
+        rel: {"size": (tag_dir / rel).stat().st_size, "crc32": file_crc32(tag_dir / rel)} for rel in rel_paths
+    }
 
 
-def mark_complete(tag_dir: Path, step: int, world_size: int,
-                  files: dict[str, dict[str, Any]]) -> None:
+def mark_complete(tag_dir: Path, step: int, world_size: int, files: dict[str, dict[str, Any]]) -> None:
     """Rank 0, after all ranks wrote and checksummed: the checkpoint becomes eligible for resume."""
-    info = {"step": step, "world_size": world_size, "time": time.time(),
-            "manifest_version": MANIFEST_VERSION, "files": files}
+    info = {
+        "step": step,
+        "world_size": world_size,
+        "time": time.time(),
+        "manifest_version": MANIFEST_VERSION,
+        "files": files,
+    }
     atomic_write_bytes(tag_dir / COMPLETE, json.dumps(info, indent=1, sort_keys=True).encode())
 
 
@@ -141,8 +146,7 @@ def find_damage(tag_dir: Path, expected: dict[str, dict[str, Any]]) -> list[str]
         elif not path.is_file():
             problems.append(f"{path}: missing")
         elif (size := path.stat().st_size) != want["size"]:
-            problems.append(f"{path}: {size} bytes, {want['size']} when saved (truncated or "
-                            "overwritten)")
+            problems.append(f"{path}: {size} bytes, {want['size']} when saved (truncated or overwritten)")
         elif file_crc32(path) != want["crc32"]:
             problems.append(f"{path}: contents changed since it was saved (CRC-32 mismatch)")
     return problems

@@ -23,8 +23,9 @@ from torch import nn
 
 from deepseek_moe.parallel.deepspeed_experts import DS_EXPERTS_PREFIX, LOCAL_EXPERT_KEY, global_expert_key
 
-STACKED_EXPERT_PARAM = re.compile(r"^(?P<layer>.*)\.experts\." + re.escape(DS_EXPERTS_PREFIX)
-                                  + r"(?P<proj>gate_up_proj|down_proj)$")
+STACKED_EXPERT_PARAM = re.compile(
+    r"^(?P<layer>.*)\.experts\." + re.escape(DS_EXPERTS_PREFIX) + r"(?P<proj>gate_up_proj|down_proj)$"
+)
 """A stacked expert parameter's name (the names in ZeRO's optimizer shards): groups `layer`, `proj`."""
 _PLAIN_KEY = re.compile(r"^(?P<layer>.*)\.experts\.(?P<l>\d+)\.(?P<rest>.*)$")
 
@@ -42,8 +43,11 @@ def _layer_offsets(model: nn.Module) -> dict[str, int]:
     """{MoE layer module name: global id of its first local expert}."""
     from deepseek_moe.model.moe import MoELayer
 
-    return {name: module.local_expert_offset for name, module in model.named_modules()
-            if isinstance(module, MoELayer)}
+    return {
+        name: module.local_expert_offset
+        for name, module in model.named_modules()
+        if isinstance(module, MoELayer)
+    }
 
 
 def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,7 +60,9 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from deepseek_moe.parallel.groups import get_ep_group
 
     offsets = _layer_offsets(model)
-    local = {_local_to_global_key(k, offsets): v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    local = {
+        _local_to_global_key(k, offsets): v.detach().cpu().clone() for k, v in model.state_dict().items()
+    }
     ep_size = getattr(model, "ep_size", 1)
     if ep_size == 1:
         return local
@@ -88,7 +94,9 @@ def load_consolidated_state_dict(model: nn.Module, state_dict: dict[str, torch.T
     own = model.state_dict()
     wanted = {_local_to_global_key(k, offsets): k for k in own}
     missing = [g for g in wanted if g not in state_dict]
-    expert_keys_elsewhere = {k for k in state_dict if _PLAIN_KEY.match(k) and _PLAIN_KEY.match(k)["layer"] in offsets}
+    expert_keys_elsewhere = {
+        k for k in state_dict if _PLAIN_KEY.match(k) and _PLAIN_KEY.match(k)["layer"] in offsets
+    }
     unexpected = [k for k in state_dict if k not in wanted and k not in expert_keys_elsewhere]
     if missing or unexpected:
         raise KeyError(

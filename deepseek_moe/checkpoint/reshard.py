@@ -44,21 +44,32 @@ from deepseek_moe.errors import CheckpointError
 _LAYOUT = (("world_size", "world"), ("ep_size", "ep"), ("zero_stage", "zero"))
 
 
-def layout_change(saved: dict[str, Any], *, world_size: int, ep_size: int,
-                  zero_stage: int) -> Optional[str]:
-    """"world 2 -> 4, ep 2 -> 4, zero 1 -> 2" (the values that changed), or None when the
+def layout_change(saved: dict[str, Any], *, world_size: int, ep_size: int, zero_stage: int) -> Optional[str]:
+    """ "world 2 -> 4, ep 2 -> 4, zero 1 -> 2" (the values that changed), or None when the
     checkpoint was written with this layout. States written before a value was recorded count
     as unchanged for it."""
     now = {"world_size": world_size, "ep_size": ep_size, "zero_stage": zero_stage}
-    changed = [f"{label} {saved[key]} -> {now[key]}" for key, label in _LAYOUT
-               if key in saved and saved[key] != now[key]]
+    changed = [
+        f"{label} {saved[key]} -> {now[key]}"
+        for key, label in _LAYOUT
+        if key in saved and saved[key] != now[key]
+    ]
     return ", ".join(changed) or None
 
 
 # The model fields that define the parameters (names and shapes): a checkpoint resumes only into
 # the same ones. The others (loss weights, capacity, kernels) may change between launches.
-_ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "intermediate_size", "first_k_dense", "tie_embeddings")
+_ARCHITECTURE = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "first_k_dense",
+    "tie_embeddings",
+)
 _MOE_ARCHITECTURE = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size")
 
 
@@ -79,16 +90,19 @@ def check_same_model(saved: dict[str, Any], model_cfg, where: Path) -> None:
     if "architecture" not in saved:
         return
     now = architecture(model_cfg)
-    diffs = [f"{key}={saved['architecture'].get(key)} (this launch: {now[key]})"
-             for key in now if saved["architecture"].get(key) != now[key]]
+    diffs = [
+        f"{key}={saved['architecture'].get(key)} (this launch: {now[key]})"
+        for key in now
+        if saved["architecture"].get(key) != now[key]
+    ]
     if diffs:
         raise CheckpointError(
             f"{where} holds another model: {', '.join(diffs)}; a run resumes only into the model "
-            "it was started with. Relaunch with the saved values, or use a new run_dir")
+            "it was started with. Relaunch with the saved values, or use a new run_dir"
+        )
 
 
-def check_reshardable(saved: dict[str, Any], where: Path, *, zero_stage: int,
-                      precision: str) -> None:
+def check_reshardable(saved: dict[str, Any], where: Path, *, zero_stage: int, precision: str) -> None:
     """CheckpointError when a checkpoint with another layout cannot be resharded: ZeRO-0 on
     either side (its optimizer files have no parameter names), another precision, or a state
     written before the layout was recorded."""
@@ -96,18 +110,21 @@ def check_reshardable(saved: dict[str, Any], where: Path, *, zero_stage: int,
         raise CheckpointError(
             f"{where} was saved before checkpoints recorded their EP size and ZeRO stage, so it "
             "cannot be resharded; relaunch with the world size, parallel.ep_size and "
-            "parallel.zero_stage it was saved with")
+            "parallel.zero_stage it was saved with"
+        )
     old_stage = saved["zero_stage"]
     if old_stage == 0 or zero_stage == 0:
         raise CheckpointError(
             f"{where} was saved with parallel.zero_stage={old_stage}; this launch uses "
             f"{zero_stage} and another world/EP layout. Resharding needs ZeRO stage 1 or 2 on both "
             f"sides: relaunch with the saved layout (world size {saved.get('world_size')}, "
-            f"parallel.ep_size={saved['ep_size']}, parallel.zero_stage={old_stage})")
+            f"parallel.ep_size={saved['ep_size']}, parallel.zero_stage={old_stage})"
+        )
     if saved.get("precision", precision) != precision:
         raise CheckpointError(
             f"{where} was saved with trainer.precision={saved['precision']}, this launch uses "
-            f"{precision}; relaunch with trainer.precision={saved['precision']}")
+            f"{precision}; relaunch with trainer.precision={saved['precision']}"
+        )
 
 
 def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: int) -> None:
@@ -118,14 +135,19 @@ def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: in
 
     # 1. weights and buffers; of the experts only this rank's files, by global id
     offsets = _layer_offsets(model)  # MoE layers in module order, as DeepSpeed numbers them
-    mine = {(m, offset + l) for m, (layer, offset) in enumerate(offsets.items())
-            for l in range(model.get_submodule(layer).num_local_experts)}
+    mine = {
+        (m, offset + l)
+        for m, (layer, offset) in enumerate(offsets.items())
+        for l in range(model.get_submodule(layer).num_local_experts)
+    }
     load_consolidated_state_dict(model, consolidate_deepspeed_checkpoint(str(tag_dir), mine))
     # 2. fp32 masters and Adam moments, piece by piece
     shards = ZeroShards.open(tag_dir, ep_size=saved_ep_size)
     if shards is None or shards.step is None or not shards.has("exp_avg"):
-        raise CheckpointError(f"{tag_dir} holds no ZeRO-1/2 optimizer state with parameter names; "
-                              "relaunch with the layout it was saved with")
+        raise CheckpointError(
+            f"{tag_dir} holds no ZeRO-1/2 optimizer state with parameter names; "
+            "relaunch with the layout it was saved with"
+        )
     optimizer = engine.optimizer
     flat_partitions = _flat_partitions(optimizer)
     base = optimizer.optimizer  # the torch AdamW over one flat partition per group
@@ -134,16 +156,21 @@ def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: in
         # where torch.optim.AdamW keeps the step: on the device for fused/capturable, else CPU
         on_device = group.get("fused") or group.get("capturable")
         step = torch.tensor(shards.step, dtype=torch.float32, device=flat.device if on_device else "cpu")
-        base.state[flat] = {"step": step, "exp_avg": torch.zeros_like(flat),
-                            "exp_avg_sq": torch.zeros_like(flat)}
+        base.state[flat] = {
+            "step": step,
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
     # NOTE: DeepSpeed links each parameter piece to its slice of the optimizer state lazily,
     # on the first step; link now so that the pieces below can be written through it.
     optimizer._lazy_init_hp_params_optimizer_state()
     names = set(shards.names())
     for name, param in model.named_parameters():
         if name not in names:
-            raise CheckpointError(f"{tag_dir} has no optimizer state for parameter {name}; the "
-                                  "model differs from the one that wrote it")
+            raise CheckpointError(
+                f"{tag_dir} has no optimizer state for parameter {name}; the "
+                "model differs from the one that wrote it"
+            )
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:  # no piece of this parameter in this rank's partition
             continue
@@ -157,13 +184,16 @@ def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: in
             values = shards.read(name, state, first + where.start, where.numel)
             target.data.copy_(values.view_as(target))
     # 3. schedule and counters
-    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                              weights_only=False, mmap=True)
+    model_states = torch.load(
+        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True
+    )
     scheduler = engine.lr_scheduler
     saved_sched = model_states["lr_scheduler"]
     if len(saved_sched["base_lrs"]) != len(base.param_groups):
-        raise CheckpointError(f"{tag_dir}: the LR schedule has {len(saved_sched['base_lrs'])} "
-                              f"param groups, this model {len(base.param_groups)}")
+        raise CheckpointError(
+            f"{tag_dir}: the LR schedule has {len(saved_sched['base_lrs'])} "
+            f"param groups, this model {len(base.param_groups)}"
+        )
     scheduler.load_state_dict(saved_sched)
     for group, lr in zip(base.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
@@ -177,5 +207,7 @@ def _flat_partitions(optimizer) -> list[torch.Tensor]:
     for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
         if hasattr(optimizer, attr):
             return list(getattr(optimizer, attr))
-    raise CheckpointError(f"resharding needs ZeRO stage 1 or 2 (DeepSpeed optimizer "
-                          f"{type(optimizer).__name__}); use parallel.zero_stage=1 or 2")
+    raise CheckpointError(
+        f"resharding needs ZeRO stage 1 or 2 (DeepSpeed optimizer "
+        f"{type(optimizer).__name__}); use parallel.zero_stage=1 or 2"
+    )

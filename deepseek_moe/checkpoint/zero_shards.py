@@ -52,8 +52,13 @@ class _Piece:
 class ZeroShards:
     """The optimizer shards of one checkpoint, indexed by parameter name (see module doc)."""
 
-    def __init__(self, tag_dir: Path, flats: list[dict[str, list[torch.Tensor]]],
-                 pieces: dict[str, list[_Piece]], step: Optional[float]):
+    def __init__(
+        self,
+        tag_dir: Path,
+        flats: list[dict[str, list[torch.Tensor]]],
+        pieces: dict[str, list[_Piece]],
+        step: Optional[float],
+    ):
         self.tag_dir = tag_dir
         self._flats = flats  # per old rank: {state: [flat slice per group]}
         self._pieces = pieces  # name -> pieces in flattened order (experts: global order)
@@ -63,13 +68,16 @@ class ZeroShards:
     def open(cls, tag_dir: Path, *, ep_size: int) -> Optional["ZeroShards"]:
         """None when the checkpoint has no ZeRO-1/2 or bf16 optimizer shards (ZeRO-0 keeps
         the optimizer state without parameter names)."""
-        files = sorted((int(m[1]), Path(tag_dir) / name) for name in os.listdir(tag_dir)
-                       if (m := OPTIM_FILE.match(name)))
+        files = sorted(
+            (int(m[1]), Path(tag_dir) / name) for name in os.listdir(tag_dir) if (m := OPTIM_FILE.match(name))
+        )
         if not files:
             return None
         if [rank for rank, _ in files] != list(range(len(files))):
-            raise CheckpointError(f"{tag_dir}: optimizer shards of ranks {[r for r, _ in files]}; "
-                                  "expected 0..N-1. Restore the missing files from a copy")
+            raise CheckpointError(
+                f"{tag_dir}: optimizer shards of ranks {[r for r, _ in files]}; "
+                "expected 0..N-1. Restore the missing files from a copy"
+            )
         flats, by_key, steps = [], {}, set()
         for rank, path in files:
             osd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
@@ -90,8 +98,10 @@ class ZeroShards:
                     key = (name, rank % ep_size) if STACKED_EXPERT_PARAM.match(name) else (name, 0)
                     by_key.setdefault(key, []).append(_Piece(rank, group, frag.start, frag.numel))
         if len(steps) > 1:
-            raise CheckpointError(f"{tag_dir}: the optimizer shards disagree on Adam's step count "
-                                  f"({sorted(steps)}); the checkpoint is inconsistent")
+            raise CheckpointError(
+                f"{tag_dir}: the optimizer shards disagree on Adam's step count "
+                f"({sorted(steps)}); the checkpoint is inconsistent"
+            )
         pieces: dict[str, list[_Piece]] = {}
         for name, ep_rank in sorted(by_key):
             pieces.setdefault(name, []).extend(by_key[(name, ep_rank)])
@@ -112,8 +122,10 @@ class ZeroShards:
         """Values [start, start + numel) of the flattened parameter `name` (experts: of the
         global stack), as a new fp32 tensor; only the overlapping pieces are read."""
         if state not in STATES or not self.has(state):
-            raise CheckpointError(f"{self.tag_dir}: the optimizer shards hold no {state!r}; was "
-                                  "the checkpoint saved before the first optimizer step?")
+            raise CheckpointError(
+                f"{self.tag_dir}: the optimizer shards hold no {state!r}; was "
+                "the checkpoint saved before the first optimizer step?"
+            )
         total = self.numel(name)
         numel = total - start if numel is None else numel
         if start < 0 or numel < 0 or start + numel > total:
@@ -124,7 +136,7 @@ class ZeroShards:
             lo, hi = max(start, at), min(start + numel, at + piece.numel)
             if lo < hi:
                 src = self._flats[piece.rank][state][piece.group]
-                out[lo - start:hi - start] = src.narrow(0, piece.start + lo - at, hi - lo)
+                out[lo - start : hi - start] = src.narrow(0, piece.start + lo - at, hi - lo)
             at += piece.numel
         return out
 

@@ -110,30 +110,43 @@ class DataConfig:
         if not self.name or "/" in self.name:
             raise ValueError(f"data.name={self.name!r} must be a non-empty name without '/'")
         if self.source not in SOURCES:
-            raise ValueError(f"data.source={self.source!r} is not one of {list(SOURCES)}; "
-                             "set data.source to one of them")
+            raise ValueError(
+                f"data.source={self.source!r} is not one of {list(SOURCES)}; set data.source to one of them"
+            )
         if self.source == "python_stdlib" and self.path is not None:
-            raise ValueError(f"data.source=python_stdlib reads the interpreter's stdlib, but "
-                             f"data.path={self.path!r} is set; unset data.path or use "
-                             "data.source=local_text")
+            raise ValueError(
+                f"data.source=python_stdlib reads the interpreter's stdlib, but "
+                f"data.path={self.path!r} is set; unset data.path or use "
+                "data.source=local_text"
+            )
         if self.source not in ("python_stdlib",) and not self.path:
-            raise ValueError(f"data.source={self.source} needs data.path (a directory, file or "
-                             "glob; a dataset name for hf_hub); set data.path=...")
+            raise ValueError(
+                f"data.source={self.source} needs data.path (a directory, file or "
+                "glob; a dataset name for hf_hub); set data.path=..."
+            )
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1), "
-                             "e.g. 0.01")
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1), e.g. 0.01")
         if self.tokenizer is not None and self.tokenizer_model is not None:
-            raise ValueError(f"data.tokenizer={self.tokenizer!r} and data.tokenizer_model="
-                             f"{self.tokenizer_model!r} are both set; keep one of them")
-        if self.tokenizer is None and self.tokenizer_model is None and not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
-            raise ValueError(f"data.vocab_size={self.vocab_size} must be in "
-                             f"[{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (4 special ids + 256 byte "
-                             "pieces + merges); e.g. data.vocab_size=8192")
+            raise ValueError(
+                f"data.tokenizer={self.tokenizer!r} and data.tokenizer_model="
+                f"{self.tokenizer_model!r} are both set; keep one of them"
+            )
+        if (
+            self.tokenizer is None
+            and self.tokenizer_model is None
+            and not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE
+        ):
+            raise ValueError(
+                f"data.vocab_size={self.vocab_size} must be in "
+                f"[{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (4 special ids + 256 byte "
+                "pieces + merges); e.g. data.vocab_size=8192"
+            )
         if self.max_documents is not None and self.max_documents < 2:
-            raise ValueError(f"data.max_documents={self.max_documents} must be >= 2 (one train "
-                             "and one val document) or null for all")
-        for key in ("num_proc", "tokenizer_threads", "tokenizer_sentences",
-                    "tokenizer_max_sentence_length"):
+            raise ValueError(
+                f"data.max_documents={self.max_documents} must be >= 2 (one train "
+                "and one val document) or null for all"
+            )
+        for key in ("num_proc", "tokenizer_threads", "tokenizer_sentences", "tokenizer_max_sentence_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")
         if not self.text_column:

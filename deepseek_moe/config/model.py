@@ -84,8 +84,7 @@ class MoEConfig:
             )
         if not 1 <= self.topk_groups <= self.n_groups:
             raise ValueError(
-                f"moe.topk_groups={self.topk_groups} must be in [1, n_groups={self.n_groups}] "
-                "(M <= D)."
+                f"moe.topk_groups={self.topk_groups} must be in [1, n_groups={self.n_groups}] (M <= D)."
             )
         if self.topk_groups * (E // self.n_groups) < K:
             raise ValueError(
@@ -93,21 +92,23 @@ class MoEConfig:
                 f"fewer than top_k={K} experts: raise topk_groups or lower top_k."
             )
         if self.scoring_func not in _SCORING_FUNCS:
-            raise ValueError(
-                f"moe.scoring_func={self.scoring_func!r} is not one of {_SCORING_FUNCS}."
-            )
+            raise ValueError(f"moe.scoring_func={self.scoring_func!r} is not one of {_SCORING_FUNCS}.")
         if self.experts_impl not in EXPERTS_IMPLS:
             raise ValueError(
                 f"moe.experts_impl={self.experts_impl!r} must be 'auto', 'grouped_mm' or 'loop'."
             )
-        for name in ("aux_loss_alpha", "device_aux_alpha", "comm_aux_alpha", "z_loss_coef",
-                     "bias_update_rate", "router_noise_std"):
+        for name in (
+            "aux_loss_alpha",
+            "device_aux_alpha",
+            "comm_aux_alpha",
+            "z_loss_coef",
+            "bias_update_rate",
+            "router_noise_std",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"moe.{name}={getattr(self, name)} must be >= 0 (0 = off).")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(
-                f"moe.capacity_factor={self.capacity_factor} must be > 0, or null for dropless."
-            )
+            raise ValueError(f"moe.capacity_factor={self.capacity_factor} must be > 0, or null for dropless.")
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"moe.routed_scaling_factor={self.routed_scaling_factor} must be > 0.")
 
@@ -162,8 +163,14 @@ class ModelConfig:
     it. None = random init."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_seq_len",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1.")
         if self.head_dim is None:
@@ -189,12 +196,9 @@ class ModelConfig:
         if self.init_std <= 0 or self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("model.init_std, model.rms_norm_eps and model.rope_theta must be > 0.")
         if self.attn_impl not in _ATTN_IMPLS:
-            raise ValueError(
-                f"model.attn_impl={self.attn_impl!r} must be one of {_ATTN_IMPLS}."
-            )
+            raise ValueError(f"model.attn_impl={self.attn_impl!r} must be one of {_ATTN_IMPLS}.")
         if self.init_from is not None and not str(self.init_from).strip():
-            raise ValueError("model.init_from is empty; give a model directory, or null for a "
-                             "random init")
+            raise ValueError("model.init_from is empty; give a model directory, or null for a random init")
         if isinstance(self.moe, dict):  # convenience for ModelConfig(moe={...}) in scripts
             self.moe = MoEConfig(**self.moe)
 
@@ -238,15 +242,13 @@ class ModelConfig:
     def num_params(self) -> int:
         """Total parameters (embedding and LM head included; buffers excluded)."""
         return self._embed_params() + sum(
-            self._block_common_params() + self._ffn_params(i, active=False)
-            for i in range(self.num_layers)
+            self._block_common_params() + self._ffn_params(i, active=False) for i in range(self.num_layers)
         )
 
     def num_active_params(self) -> int:
         """Parameters used per token: everything except the non-selected routed experts."""
         return self._embed_params() + sum(
-            self._block_common_params() + self._ffn_params(i, active=True)
-            for i in range(self.num_layers)
+            self._block_common_params() + self._ffn_params(i, active=True) for i in range(self.num_layers)
         )
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> int:

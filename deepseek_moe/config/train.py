@@ -165,8 +165,9 @@ class TrainerConfig:
         _check_positive("trainer.eval_batches", self.eval_batches)
         _check_positive("trainer.log_every", self.log_every)
         _check_choice("trainer.precision", self.precision, PRECISIONS)
-        _check_choice("trainer.activation_checkpointing", self.activation_checkpointing,
-                      ACTIVATION_CHECKPOINTING)
+        _check_choice(
+            "trainer.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING
+        )
         if self.seq_len is not None:
             _check_positive("trainer.seq_len", self.seq_len)
         if self.max_steps_per_launch is not None:
@@ -282,6 +283,11 @@ class RunConfig:
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes. Raises ValueError naming the fix."""
         # EP rules: ep | world, ep | experts, routing groups = EP ranks (config/parallel.py)
-        validate_ep_size(self.parallel.ep_size, world_size, self.model.moe,
-                         zero_stage=self.parallel.zero_stage, grad_clip=self.optim.grad_clip)
+        validate_ep_size(
+            self.parallel.ep_size,
+            world_size,
+            self.model.moe,
+            zero_stage=self.parallel.zero_stage,
+            grad_clip=self.optim.grad_clip,
+        )
         self.grad_accum_steps(world_size)

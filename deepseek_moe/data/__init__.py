@@ -9,5 +9,13 @@ depends on this package, never the other way round.
 from deepseek_moe.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from deepseek_moe.data.meta import DataMeta, check_model_vocab, load_meta, padded_vocab_size
 
-__all__ = ["DataMeta", "EvalLoader", "TrainLoader", "build_eval_loader", "build_train_loader",
-           "check_model_vocab", "load_meta", "padded_vocab_size"]
+__all__ = [
+    "DataMeta",
+    "EvalLoader",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "check_model_vocab",
+    "load_meta",
+    "padded_vocab_size",
+]

@@ -65,17 +65,30 @@ class TrainLoader:
     them). A position in the middle of an accumulation only resumes with the same layout.
     """
 
-    def __init__(self, meta: DataMeta, *, seq_len: int, global_batch_size: int,
-                 micro_batch_size: int, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
-                 split: str = "train"):
+    def __init__(
+        self,
+        meta: DataMeta,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        seed: int = 0,
+        split: str = "train",
+    ):
         _check_rank(dp_rank, dp_world)
         if seq_len < 1 or micro_batch_size < 1 or global_batch_size < 1:
-            raise ValueError(f"seq_len={seq_len}, micro_batch_size={micro_batch_size} and "
-                             f"global_batch_size={global_batch_size} must all be >= 1")
+            raise ValueError(
+                f"seq_len={seq_len}, micro_batch_size={micro_batch_size} and "
+                f"global_batch_size={global_batch_size} must all be >= 1"
+            )
         if global_batch_size % (micro_batch_size * dp_world):
-            raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of "
-                             f"micro_batch_size * dp_world = {micro_batch_size} * {dp_world}; "
-                             "change one of them")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be a multiple of "
+                f"micro_batch_size * dp_world = {micro_batch_size} * {dp_world}; "
+                "change one of them"
+            )
         self.meta = meta
         self.tokens = PackedTokens(meta, split)
         self.seq_len, self.global_batch_size = seq_len, global_batch_size
@@ -88,7 +101,8 @@ class TrainLoader:
             raise DataError(
                 f"{self.tokens.path} has {len(self.tokens)} tokens = {self.num_windows} windows "
                 f"of seq_len+1={seq_len + 1}, fewer than global_batch_size={global_batch_size}; "
-                "lower the batch size or seq_len, or prepare a larger corpus")
+                "lower the batch size or seq_len, or prepare a larger corpus"
+            )
         self.epoch = self.step_in_epoch = self.micro_step = 0
         self._perm_epoch: Optional[int] = None
         self._perm: Optional[np.ndarray] = None
@@ -108,12 +122,12 @@ class TrainLoader:
     def global_batch_windows(self, epoch: int, step: int) -> np.ndarray:
         """All G window ids of global batch `step` of `epoch` (identical on every rank)."""
         g = self.global_batch_size
-        return self.permutation(epoch)[step * g:(step + 1) * g]
+        return self.permutation(epoch)[step * g : (step + 1) * g]
 
     def _micro_windows(self, epoch: int, step: int, micro: int) -> np.ndarray:
         per_rank = self.global_batch_size // self.dp_world
         start = self.dp_rank * per_rank + micro * self.micro_batch_size
-        return self.global_batch_windows(epoch, step)[start:start + self.micro_batch_size]
+        return self.global_batch_windows(epoch, step)[start : start + self.micro_batch_size]
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -138,32 +152,48 @@ class TrainLoader:
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "micro_step": self.micro_step,
-                "samples_consumed": self.samples_consumed, "seed": self.seed,
-                "fingerprint": self.meta.fingerprint, "seq_len": self.seq_len,
-                "global_batch_size": self.global_batch_size,
-                "micro_batch_size": self.micro_batch_size, "dp_world": self.dp_world}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "micro_step": self.micro_step,
+            "samples_consumed": self.samples_consumed,
+            "seed": self.seed,
+            "fingerprint": self.meta.fingerprint,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "dp_world": self.dp_world,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self.meta.fingerprint:
             raise DataError(
                 f"the checkpoint was trained on data with fingerprint {state.get('fingerprint')!r}"
                 f" but {self.meta.dir} has {self.meta.fingerprint!r} (re-prepared or different "
-                "data); point data.out_dir at the original data, or start a new run (another run_dir)")
+                "data); point data.out_dir at the original data, or start a new run (another run_dir)"
+            )
         for key in ("seed", "seq_len", "global_batch_size"):
             if state[key] != getattr(self, key):
-                raise DataError(f"loader state has {key}={state[key]} but this run uses "
-                                f"{getattr(self, key)}; resuming would change the data order. "
-                                f"Use {key}={state[key]} or start a new run")
+                raise DataError(
+                    f"loader state has {key}={state[key]} but this run uses "
+                    f"{getattr(self, key)}; resuming would change the data order. "
+                    f"Use {key}={state[key]} or start a new run"
+                )
         if state["micro_step"] and (state["micro_batch_size"], state["dp_world"]) != (
-                self.micro_batch_size, self.dp_world):
-            raise DataError("loader state was saved in the middle of a gradient accumulation "
-                            f"with micro_batch_size={state['micro_batch_size']}, dp_world="
-                            f"{state['dp_world']}; resume with that layout")
+            self.micro_batch_size,
+            self.dp_world,
+        ):
+            raise DataError(
+                "loader state was saved in the middle of a gradient accumulation "
+                f"with micro_batch_size={state['micro_batch_size']}, dp_world="
+                f"{state['dp_world']}; resume with that layout"
+            )
         if state["step_in_epoch"] >= self.steps_per_epoch:
-            raise DataError(f"loader state step_in_epoch={state['step_in_epoch']} is past the "
-                            f"epoch length {self.steps_per_epoch}; the data does not match")
+            raise DataError(
+                f"loader state step_in_epoch={state['step_in_epoch']} is past the "
+                f"epoch length {self.steps_per_epoch}; the data does not match"
+            )
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.micro_step = state["micro_step"]
 
@@ -179,9 +209,17 @@ class EvalLoader:
     index wraps around). `shortfall` then says what was asked for and what is used.
     """
 
-    def __init__(self, meta: DataMeta, *, seq_len: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_world: int = 1, num_batches: Optional[int] = None,
-                 split: str = "val"):
+    def __init__(
+        self,
+        meta: DataMeta,
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        num_batches: Optional[int] = None,
+        split: str = "val",
+    ):
         _check_rank(dp_rank, dp_world)
         self.tokens = PackedTokens(meta, split)
         self.seq_len, self.dp_rank, self.dp_world = seq_len, dp_rank, dp_world
@@ -190,7 +228,8 @@ class EvalLoader:
             raise DataError(
                 f"{self.tokens.path} has {len(self.tokens)} tokens, fewer than one eval sequence "
                 f"of seq_len+1={seq_len + 1}; prepare with a larger data.val_fraction (or more "
-                "documents), or lower trainer.seq_len")
+                "documents), or lower trainer.seq_len"
+            )
         self.micro_batch_size = max(1, min(micro_batch_size, self.num_windows // dp_world))
         available = max(1, self.num_windows // (self.micro_batch_size * dp_world))
         self.num_batches = available if num_batches is None else min(num_batches, available)
@@ -202,7 +241,8 @@ class EvalLoader:
                 f"{seq_len + 1} tokens for {dp_world} rank(s): evaluating {self.num_batches} "
                 f"batch(es) of {self.micro_batch_size} per rank instead of "
                 f"{wanted // micro_batch_size} of {micro_batch_size}; prepare with a larger "
-                "data.val_fraction for a steadier val_loss")
+                "data.val_fraction for a steadier val_loss"
+            )
 
     def __len__(self) -> int:
         return self.num_batches
@@ -215,16 +255,43 @@ class EvalLoader:
             yield _to_batch(self.tokens.windows(idx, self.seq_len))
 
 
-def build_train_loader(data, *, seq_len: int, global_batch_size: int, micro_batch_size: int,
-                       dp_rank: int = 0, dp_world: int = 1, seed: int = 0) -> TrainLoader:
+def build_train_loader(
+    data,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_world: int = 1,
+    seed: int = 0,
+) -> TrainLoader:
     """Training micro-batches of this rank. `data`: DataMeta, prepared dir or DataConfig."""
-    return TrainLoader(_as_meta(data), seq_len=seq_len, global_batch_size=global_batch_size,
-                       micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_world=dp_world,
-                       seed=seed)
+    return TrainLoader(
+        _as_meta(data),
+        seq_len=seq_len,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        dp_rank=dp_rank,
+        dp_world=dp_world,
+        seed=seed,
+    )
 
 
-def build_eval_loader(data, *, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                      dp_world: int = 1, num_batches: Optional[int] = None) -> EvalLoader:
+def build_eval_loader(
+    data,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_world: int = 1,
+    num_batches: Optional[int] = None,
+) -> EvalLoader:
     """Validation micro-batches of this rank (the same ones every call)."""
-    return EvalLoader(_as_meta(data), seq_len=seq_len, micro_batch_size=micro_batch_size,
-                      dp_rank=dp_rank, dp_world=dp_world, num_batches=num_batches)
+    return EvalLoader(
+        _as_meta(data),
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        dp_rank=dp_rank,
+        dp_world=dp_world,
+        num_batches=num_batches,
+    )

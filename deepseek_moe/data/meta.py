@@ -79,10 +79,12 @@ class DataMeta:
     """Directory this meta was loaded from (not serialised)."""
 
     def compute_fingerprint(self) -> str:
-        payload = {"tokenizer": self.tokenizer_sha256, "source": self.source_fingerprint,
-                   "dtype": self.dtype,
-                   "splits": {k: [s.num_tokens, s.num_documents, s.sha256]
-                              for k, s in sorted(self.splits.items())}}
+        payload = {
+            "tokenizer": self.tokenizer_sha256,
+            "source": self.source_fingerprint,
+            "dtype": self.dtype,
+            "splits": {k: [s.num_tokens, s.num_documents, s.sha256] for k, s in sorted(self.splits.items())},
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
@@ -92,8 +94,7 @@ class DataMeta:
 
     def split_path(self, split: str) -> Path:
         if split not in self.splits:
-            raise DataError(f"split {split!r} is not in {self.dir / META_FILE} "
-                            f"(has {sorted(self.splits)})")
+            raise DataError(f"split {split!r} is not in {self.dir / META_FILE} (has {sorted(self.splits)})")
         return self.dir / self.splits[split].file
 
     @property
@@ -133,11 +134,12 @@ def load_meta(data_dir: str | os.PathLike) -> DataMeta:
     """Read and check `<data_dir>/meta.json`; errors name the file and say how to fix it."""
     data_dir = Path(data_dir)
     meta_path = data_dir / META_FILE
-    fix = ("run `python -m data_prep.prepare data=<preset>` (add data.force=true to rebuild) "
-           "or point data.out_dir at a prepared directory")
+    fix = (
+        "run `python -m data_prep.prepare data=<preset>` (add data.force=true to rebuild) "
+        "or point data.out_dir at a prepared directory"
+    )
     if not meta_path.is_file():
-        raise DataError(f"{meta_path} is missing: {data_dir} is not a prepared data "
-                        f"directory; {fix}")
+        raise DataError(f"{meta_path} is missing: {data_dir} is not a prepared data directory; {fix}")
     try:
         raw = json.loads(meta_path.read_text())
         raw["splits"] = {k: SplitMeta(**v) for k, v in raw["splits"].items()}
@@ -145,16 +147,18 @@ def load_meta(data_dir: str | os.PathLike) -> DataMeta:
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{meta_path} is corrupt or from another version ({e!r}); {fix}") from e
     if meta.format_version != FORMAT_VERSION:
-        raise DataError(f"{meta_path} has format_version={meta.format_version}, this code "
-                        f"reads {FORMAT_VERSION}; {fix}")
+        raise DataError(
+            f"{meta_path} has format_version={meta.format_version}, this code reads {FORMAT_VERSION}; {fix}"
+        )
     if meta.dtype not in DTYPES:
         raise DataError(f"{meta_path}: dtype={meta.dtype!r} is not one of {list(DTYPES)}; {fix}")
     for split in SPLITS:
         if split not in meta.splits:
             raise DataError(f"{meta_path} has no {split!r} split; {fix}")
     if meta.fingerprint != meta.compute_fingerprint():
-        raise DataError(f"{meta_path} was edited or is corrupt (its fingerprint does not match "
-                        f"its contents); {fix}")
+        raise DataError(
+            f"{meta_path} was edited or is corrupt (its fingerprint does not match its contents); {fix}"
+        )
     if not meta.tokenizer_path.is_file():
         raise DataError(f"{meta.tokenizer_path} is missing next to {meta_path}; {fix}")
     return meta
@@ -172,4 +176,5 @@ def check_model_vocab(meta: DataMeta, model_vocab_size: int) -> None:
             f"model.vocab_size={model_vocab_size} is smaller than the tokenizer vocab "
             f"{meta.vocab_size} of {meta.tokenizer_path}; set model.vocab_size >= "
             f"{padded_vocab_size(meta.vocab_size)} (or leave it to the trainer to take it from "
-            f"{META_FILE}), or prepare the data with a smaller data.vocab_size")
+            f"{META_FILE}), or prepare the data with a smaller data.vocab_size"
+        )

@@ -29,17 +29,21 @@ class PackedTokens:
         self.split = split
         self.path: Path = meta.split_path(split)
         info = meta.splits[split]
-        fix = ("re-run `python -m data_prep.prepare data=<preset> data.force=true` to rebuild "
-               f"{self.path.parent}")
+        fix = (
+            "re-run `python -m data_prep.prepare data=<preset> data.force=true` to rebuild "
+            f"{self.path.parent}"
+        )
         if not self.path.is_file():
             raise DataError(f"{self.path} is missing although meta.json lists it; {fix}")
         dtype = np.dtype(DTYPES[meta.dtype])
         expected = info.num_tokens * dtype.itemsize
         actual = self.path.stat().st_size
         if actual != expected:
-            raise DataError(f"{self.path} is truncated or corrupt: {actual} bytes, meta.json "
-                            f"says {info.num_tokens} {meta.dtype} tokens = {expected} bytes; "
-                            f"{fix}")
+            raise DataError(
+                f"{self.path} is truncated or corrupt: {actual} bytes, meta.json "
+                f"says {info.num_tokens} {meta.dtype} tokens = {expected} bytes; "
+                f"{fix}"
+            )
         if info.num_tokens == 0:
             raise DataError(f"{self.path} holds no tokens; {fix}")
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
@@ -56,5 +60,5 @@ class PackedTokens:
         out = np.empty((len(idx), seq_len + 1), dtype=np.int64)
         for row, i in enumerate(idx):
             start = int(i) * seq_len
-            out[row] = self.tokens[start:start + seq_len + 1]
+            out[row] = self.tokens[start : start + seq_len + 1]
         return out

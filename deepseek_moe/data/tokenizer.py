@@ -135,9 +135,11 @@ def check_round_trip(tokenizer, texts) -> None:
         back = tokenizer.decode(tokenizer.encode(text))
         if back != text:
             at = next((j for j, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
-            raise ValueError(f"the tokenizer is not lossless on document {i}: at character {at} "
-                             f"{text[at:at + 20]!r} came back as {back[at:at + 20]!r}; use a "
-                             "lossless (byte-level or byte-fallback) tokenizer")
+            raise ValueError(
+                f"the tokenizer is not lossless on document {i}: at character {at} "
+                f"{text[at : at + 20]!r} came back as {back[at : at + 20]!r}; use a "
+                "lossless (byte-level or byte-fallback) tokenizer"
+            )
 
 
 def load_tokenizer(path: Union[str, os.PathLike], special_ids: Optional[dict[str, int]] = None):

@@ -74,20 +74,26 @@ def to_tensors(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
 def model_config_fields(config: dict[str, Any]) -> dict[str, Any]:
     """A release config.json -> our ModelConfig field values (nested `moe` as a dict)."""
+
     def need(key):
         if key not in config:
             raise ExportError(f"config.json has no {key!r}; is this a DeepSeekMoE directory?")
         return config[key]
 
     if config.get("scoring_func", "softmax") != "softmax":
-        raise ExportError(f"config.json scoring_func={config['scoring_func']!r}: only softmax is "
-                          "in the DeepSeekMoE release")
+        raise ExportError(
+            f"config.json scoring_func={config['scoring_func']!r}: only softmax is in the DeepSeekMoE release"
+        )
     if config.get("moe_layer_freq", 1) != 1:
-        raise ExportError(f"config.json moe_layer_freq={config['moe_layer_freq']}: only every "
-                          "layer after first_k_dense_replace being MoE (1) is supported")
+        raise ExportError(
+            f"config.json moe_layer_freq={config['moe_layer_freq']}: only every "
+            "layer after first_k_dense_replace being MoE (1) is supported"
+        )
     fields: dict[str, Any] = {
-        "vocab_size": need("vocab_size"), "hidden_size": need("hidden_size"),
-        "num_layers": need("num_hidden_layers"), "num_heads": need("num_attention_heads"),
+        "vocab_size": need("vocab_size"),
+        "hidden_size": need("hidden_size"),
+        "num_layers": need("num_hidden_layers"),
+        "num_heads": need("num_attention_heads"),
         "num_kv_heads": config.get("num_key_value_heads") or need("num_attention_heads"),
         "head_dim": need("hidden_size") // need("num_attention_heads"),
         "intermediate_size": need("intermediate_size"),
@@ -123,4 +129,3 @@ def from_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
         if cfg.is_moe_layer(i):
             out[f"model.layers.{i}{_BIAS_SUFFIX}"] = torch.zeros(cfg.moe.n_routed_experts)
     return out
-

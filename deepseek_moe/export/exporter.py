@@ -23,9 +23,15 @@ from deepseek_moe.export.tokenizer import special_ids, write_tokenizer
 FORMATS: dict[str, ModuleType] = {"deepseek": deepseek, "qwen2_moe": qwen2_moe}
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "deepseek", *,
-           accept: Optional[Accept] = None, data_dir: Optional[str | os.PathLike] = None,
-           force: bool = False) -> dict:
+def export(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "deepseek",
+    *,
+    accept: Optional[Accept] = None,
+    data_dir: Optional[str | os.PathLike] = None,
+    force: bool = False,
+) -> dict:
     """Export `source` (run dir or checkpoint) to `out`; returns a summary dict.
 
     `data_dir`: the prepared data directory whose tokenizer to write (default: the run's
@@ -40,8 +46,10 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "deepse
     try:
         meta = load_meta(data)
     except (FileNotFoundError, ValueError) as err:
-        raise ExportError(f"the run's tokenizer was not found ({err}); pass --data-dir with the "
-                          "prepared data directory the run trained on") from err
+        raise ExportError(
+            f"the run's tokenizer was not found ({err}); pass --data-dir with the "
+            "prepared data directory the run trained on"
+        ) from err
     ids = special_ids(meta)
     out = Path(out).absolute()
     with hf_dir.staged_dir(out, force=force) as tmp:  # checks --out before the weights are read
@@ -49,10 +57,18 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "deepse
         tensors = layout.to_tensors(weights, cfg)
         shards = hf_dir.write_safetensors(tmp, tensors)
         hf_dir.write_json(tmp / "config.json", layout.config_json(cfg, dtype=dtype, special_ids=ids))
-        generation = {"do_sample": False, **{f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")
-                                             if k in ids}}
+        generation = {
+            "do_sample": False,
+            **{f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad") if k in ids},
+        }
         hf_dir.write_json(tmp / "generation_config.json", generation)
         write_tokenizer(meta, tmp)
-    return {"out": str(out), "format": fmt, "checkpoint": str(src.tag_dir),
-            "dtype": str(dtype).removeprefix("torch."), "tensors": len(tensors),
-            "shards": len(shards), "accepted_changes": accepted}
+    return {
+        "out": str(out),
+        "format": fmt,
+        "checkpoint": str(src.tag_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+        "tensors": len(tensors),
+        "shards": len(shards),
+        "accepted_changes": accepted,
+    }

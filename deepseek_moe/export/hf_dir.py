@@ -1,9 +1,9 @@
 """A Hugging Face model directory on disk: sharded safetensors with an index, JSON configs.
 
-    with staged_dir(out, force=False) as tmp:     # written into a temp dir next to `out`,
-        write_safetensors(tmp, tensors)            # renamed to `out` only if all succeeded
-        write_json(tmp / "config.json", {...})
-    tensors = read_safetensors(out)                # every tensor, from the index or one file
+with staged_dir(out, force=False) as tmp:     # written into a temp dir next to `out`,
+    write_safetensors(tmp, tensors)            # renamed to `out` only if all succeeded
+    write_json(tmp / "config.json", {...})
+tensors = read_safetensors(out)                # every tensor, from the index or one file
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def staged_dir(out: Path, *, force: bool) -> Iterator[Path]:
     directory renamed in, and the old one deleted, so `out` is never half written."""
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"--out {out} exists and is not empty; choose another directory or "
-                          "pass --force to replace it")
+        raise ExportError(
+            f"--out {out} exists and is not empty; choose another directory or pass --force to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -57,8 +58,9 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_safetensors(out: Path, tensors: dict[str, torch.Tensor],
-                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+def write_safetensors(
+    out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES
+) -> list[str]:
     """`model-0000i-of-0000n.safetensors` shards (in key order) and their index; returns the
     shard names. Tied or sliced tensors are written as independent contiguous copies."""
     from safetensors.torch import save_file
@@ -85,8 +87,9 @@ def write_safetensors(out: Path, tensors: dict[str, torch.Tensor],
     return names
 
 
-def read_safetensors(model_dir: Path, keep: Optional[Callable[[str], bool]] = None
-                     ) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    model_dir: Path, keep: Optional[Callable[[str], bool]] = None
+) -> dict[str, torch.Tensor]:
     """The tensors of a model directory (sharded with an index, or one model.safetensors) whose
     names pass `keep` (default all); the others are never read from disk."""
     from safetensors import safe_open
@@ -97,9 +100,11 @@ def read_safetensors(model_dir: Path, keep: Optional[Callable[[str], bool]] = No
     elif (model_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise ExportError(f"{model_dir} has neither {INDEX_FILE} nor model.safetensors; point "
-                          "model.init_from at a Hugging Face model directory with safetensors "
-                          "weights")
+        raise ExportError(
+            f"{model_dir} has neither {INDEX_FILE} nor model.safetensors; point "
+            "model.init_from at a Hugging Face model directory with safetensors "
+            "weights"
+        )
     out: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(model_dir / name), framework="pt") as f:
@@ -112,6 +117,8 @@ def read_safetensors(model_dir: Path, keep: Optional[Callable[[str], bool]] = No
 def read_config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ExportError(f"{path} not found: model.init_from must be a Hugging Face model "
-                          "directory (config.json + safetensors)")
+        raise ExportError(
+            f"{path} not found: model.init_from must be a Hugging Face model "
+            "directory (config.json + safetensors)"
+        )
     return json.loads(path.read_text())

@@ -25,10 +25,28 @@ from deepseek_moe.errors import ConfigError, ExportError
 from deepseek_moe.export import deepseek, hf_dir, qwen2_moe
 
 _LAYOUTS = {deepseek.MODEL_TYPE: deepseek, qwen2_moe.MODEL_TYPE: qwen2_moe}
-_COMPARED = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-             "intermediate_size", "first_k_dense", "rope_theta", "rms_norm_eps", "tie_embeddings")
-_COMPARED_MOE = ("n_routed_experts", "n_shared_experts", "top_k", "moe_intermediate_size",
-                 "norm_topk_prob", "routed_scaling_factor", "scoring_func")
+_COMPARED = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "first_k_dense",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_embeddings",
+)
+_COMPARED_MOE = (
+    "n_routed_experts",
+    "n_shared_experts",
+    "top_k",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "scoring_func",
+)
 
 
 def read_model_config(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -39,8 +57,10 @@ def read_model_config(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
         raise ConfigError(str(err)) from err
     kind = config.get("model_type")
     if kind not in _LAYOUTS:
-        raise ConfigError(f"model.init_from={model_dir}: config.json model_type={kind!r} is not "
-                          f"one of {sorted(_LAYOUTS)}; export it with python -m deepseek_moe.export")
+        raise ConfigError(
+            f"model.init_from={model_dir}: config.json model_type={kind!r} is not "
+            f"one of {sorted(_LAYOUTS)}; export it with python -m deepseek_moe.export"
+        )
     try:
         return _LAYOUTS[kind], _LAYOUTS[kind].model_config_fields(config)
     except ExportError as err:
@@ -49,16 +69,24 @@ def read_model_config(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
 
 def config_differences(cfg: ModelConfig, fields: dict[str, Any]) -> list[str]:
     """`model.<field>=<ours> (checkpoint: <theirs>)` for every field that differs."""
-    diffs = [f"model.{k}={getattr(cfg, k)!r} (checkpoint: {fields[k]!r})"
-             for k in _COMPARED if getattr(cfg, k) != fields[k]
-             and not (k == "first_k_dense" and cfg.moe is None and fields["moe"] is None)]
+    diffs = [
+        f"model.{k}={getattr(cfg, k)!r} (checkpoint: {fields[k]!r})"
+        for k in _COMPARED
+        if getattr(cfg, k) != fields[k]
+        and not (k == "first_k_dense" and cfg.moe is None and fields["moe"] is None)
+    ]
     theirs = fields["moe"]
     if (cfg.moe is None) != (theirs is None):
-        diffs.append(f"model.moe={'null' if cfg.moe is None else 'set'} (checkpoint: "
-                     f"{'dense' if theirs is None else 'MoE'})")
+        diffs.append(
+            f"model.moe={'null' if cfg.moe is None else 'set'} (checkpoint: "
+            f"{'dense' if theirs is None else 'MoE'})"
+        )
     elif theirs is not None:
-        diffs += [f"model.moe.{k}={getattr(cfg.moe, k)!r} (checkpoint: {theirs[k]!r})"
-                  for k in _COMPARED_MOE if k in theirs and getattr(cfg.moe, k) != theirs[k]]
+        diffs += [
+            f"model.moe.{k}={getattr(cfg.moe, k)!r} (checkpoint: {theirs[k]!r})"
+            for k in _COMPARED_MOE
+            if k in theirs and getattr(cfg.moe, k) != theirs[k]
+        ]
     return diffs
 
 
@@ -71,18 +99,23 @@ def check_init_from(run_cfg) -> None:
         cfg.vocab_size = fields["vocab_size"]
     diffs = config_differences(cfg, fields)
     if diffs:
-        raise ConfigError(f"model.init_from={cfg.init_from} does not match this model config: "
-                          + "; ".join(diffs) + ". Set these model.* values to the checkpoint's")
+        raise ConfigError(
+            f"model.init_from={cfg.init_from} does not match this model config: "
+            + "; ".join(diffs)
+            + ". Set these model.* values to the checkpoint's"
+        )
 
 
 _ROUTED_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
-def init_weights(model_dir: str | Path, cfg: ModelConfig,
-                 experts: Optional[dict[int, range]] = None) -> dict[str, torch.Tensor]:
+def init_weights(
+    model_dir: str | Path, cfg: ModelConfig, experts: Optional[dict[int, range]] = None
+) -> dict[str, torch.Tensor]:
     """Our HF-layout weights (global expert ids) from a model directory. `experts`: layer ->
     the global expert ids to read (default all); routed experts of both layouts are named
     `model.layers.{L}.mlp.experts.{e}.*`, so the others are skipped unread."""
+
     def keep(key: str) -> bool:
         m = _ROUTED_EXPERT.match(key)
         return experts is None or m is None or int(m[2]) in experts.get(int(m[1]), ())
@@ -98,12 +131,16 @@ def load_init_from(model: nn.Module, cfg: ModelConfig) -> None:
     from deepseek_moe.model.moe import MoELayer
     from deepseek_moe.checkpoint.keys import load_consolidated_state_dict
 
-    own = {m.layer_idx: range(m.local_expert_offset, m.local_expert_offset + m.num_local_experts)
-           for m in model.modules() if isinstance(m, MoELayer)}
+    own = {
+        m.layer_idx: range(m.local_expert_offset, m.local_expert_offset + m.num_local_experts)
+        for m in model.modules()
+        if isinstance(m, MoELayer)
+    }
     try:
         load_consolidated_state_dict(model, init_weights(cfg.init_from, cfg, own))
     except ExportError as err:
         raise ConfigError(f"model.init_from={cfg.init_from}: {err}") from err
     except (KeyError, RuntimeError) as err:
-        raise ConfigError(f"model.init_from={cfg.init_from}: its tensors do not fit this model "
-                          f"({err})") from err
+        raise ConfigError(
+            f"model.init_from={cfg.init_from}: its tensors do not fit this model ({err})"
+        ) from err

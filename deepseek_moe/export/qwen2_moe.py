@@ -35,8 +35,7 @@ SHARED_SCALE = 2.0
 
 def config_json(cfg: ModelConfig, *, dtype: torch.dtype, special_ids: dict[str, int]) -> dict[str, Any]:
     moe = cfg.moe
-    shared = (moe.n_shared_experts * moe.moe_intermediate_size if moe and moe.n_shared_experts
-              else 1)
+    shared = moe.n_shared_experts * moe.moe_intermediate_size if moe and moe.n_shared_experts else 1
     out = {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
@@ -111,16 +110,22 @@ def model_config_fields(config: dict[str, Any]) -> dict[str, Any]:
         L, D, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
         dense = sorted(config.get("mlp_only_layers") or [])
         if config.get("decoder_sparse_step", 1) != 1 or dense != list(range(len(dense))):
-            raise ExportError(f"config.json: decoder_sparse_step={config.get('decoder_sparse_step')}"
-                              f", mlp_only_layers={dense}: only leading dense layers are supported")
+            raise ExportError(
+                f"config.json: decoder_sparse_step={config.get('decoder_sparse_step')}"
+                f", mlp_only_layers={dense}: only leading dense layers are supported"
+            )
         fields: dict[str, Any] = {
-            "vocab_size": config["vocab_size"], "hidden_size": D, "num_layers": L,
-            "num_heads": heads, "num_kv_heads": config.get("num_key_value_heads") or heads,
+            "vocab_size": config["vocab_size"],
+            "hidden_size": D,
+            "num_layers": L,
+            "num_heads": heads,
+            "num_kv_heads": config.get("num_key_value_heads") or heads,
             "head_dim": config.get("head_dim") or D // heads,
             "intermediate_size": config["intermediate_size"],
             "max_seq_len": config["max_position_embeddings"],
-            "rope_theta": float((config.get("rope_parameters") or {}).get(
-                "rope_theta", config.get("rope_theta", 10000.0))),
+            "rope_theta": float(
+                (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+            ),
             "rms_norm_eps": float(config.get("rms_norm_eps", 1e-6)),
             "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
         }
@@ -132,12 +137,16 @@ def model_config_fields(config: dict[str, Any]) -> dict[str, Any]:
             elif shared == 1:  # what `config_json` writes for a model without shared experts
                 n_shared = 0
             else:
-                raise ExportError(f"config.json: shared_expert_intermediate_size={shared} is not "
-                                  f"a multiple of moe_intermediate_size={H}: not a DeepSeekMoE")
+                raise ExportError(
+                    f"config.json: shared_expert_intermediate_size={shared} is not "
+                    f"a multiple of moe_intermediate_size={H}: not a DeepSeekMoE"
+                )
             fields["first_k_dense"] = len(dense)
             fields["moe"] = {
-                "n_routed_experts": config["num_experts"], "top_k": config["num_experts_per_tok"],
-                "moe_intermediate_size": H, "n_shared_experts": n_shared,
+                "n_routed_experts": config["num_experts"],
+                "top_k": config["num_experts_per_tok"],
+                "moe_intermediate_size": H,
+                "n_shared_experts": n_shared,
                 "norm_topk_prob": bool(config.get("norm_topk_prob", False)),
             }
         else:
@@ -155,8 +164,10 @@ def from_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     for key, value in tensors.items():
         if key.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_expert_gate.weight")):
             if torch.count_nonzero(value):
-                raise ExportError(f"{key} is not zero: this Qwen2-MoE model is not a DeepSeekMoE "
-                                  "(only directories written by --format qwen2_moe import exactly)")
+                raise ExportError(
+                    f"{key} is not zero: this Qwen2-MoE model is not a DeepSeekMoE "
+                    "(only directories written by --format qwen2_moe import exactly)"
+                )
             continue
         if ".mlp.shared_expert." in key:
             if no_shared:  # the width-1 placeholder must add exactly 0

@@ -33,32 +33,41 @@ class Accept:
     """Leave out the V3 selection bias."""
 
 
-def check_representable(cfg: ModelConfig, fmt: str, accept: Accept, *,
-                        head_dim_free: bool) -> list[str]:
+def check_representable(cfg: ModelConfig, fmt: str, accept: Accept, *, head_dim_free: bool) -> list[str]:
     """Raise ExportError naming every difference `fmt` cannot represent; return the accepted
     changes (for the export's report). `head_dim_free`: the target has a head_dim field."""
     refused, accepted = [], []
     moe = cfg.moe
     if moe is not None:
         if moe.topk_groups < moe.n_groups:
-            change = (f"device-limited routing (moe.topk_groups={moe.topk_groups} < "
-                      f"moe.n_groups={moe.n_groups}) becomes plain top-{moe.top_k}")
+            change = (
+                f"device-limited routing (moe.topk_groups={moe.topk_groups} < "
+                f"moe.n_groups={moe.n_groups}) becomes plain top-{moe.top_k}"
+            )
             (accepted if accept.drop_group_limit else refused).append(
-                change if accept.drop_group_limit else change + " [--drop-group-limit accepts]")
+                change if accept.drop_group_limit else change + " [--drop-group-limit accepts]"
+            )
         if moe.bias_update_rate > 0:
             change = f"the V3 selection bias (moe.bias_update_rate={moe.bias_update_rate}) is dropped"
             (accepted if accept.drop_router_bias else refused).append(
-                change if accept.drop_router_bias else change + " [--drop-router-bias accepts]")
+                change if accept.drop_router_bias else change + " [--drop-router-bias accepts]"
+            )
         if moe.scoring_func != "softmax":
             refused.append(f"moe.scoring_func={moe.scoring_func!r} (the format scores with softmax)")
         if moe.routed_scaling_factor != 1.0:
-            refused.append(f"moe.routed_scaling_factor={moe.routed_scaling_factor} (the format "
-                           "has no gate scaling)")
+            refused.append(
+                f"moe.routed_scaling_factor={moe.routed_scaling_factor} (the format has no gate scaling)"
+            )
     if not head_dim_free and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
-        refused.append(f"model.head_dim={cfg.head_dim} != hidden_size/num_heads="
-                       f"{cfg.hidden_size // cfg.num_heads} (the format derives head_dim)")
+        refused.append(
+            f"model.head_dim={cfg.head_dim} != hidden_size/num_heads="
+            f"{cfg.hidden_size // cfg.num_heads} (the format derives head_dim)"
+        )
     if refused:
-        raise ExportError(f"--format {fmt} cannot represent this model: " + "; ".join(refused)
-                          + ". Use the other --format if it can, or accept the change with the "
-                          "named flag")
+        raise ExportError(
+            f"--format {fmt} cannot represent this model: "
+            + "; ".join(refused)
+            + ". Use the other --format if it can, or accept the change with the "
+            "named flag"
+        )
     return accepted

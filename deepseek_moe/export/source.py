@@ -52,15 +52,18 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
     path = run_dir / _RUN_CONFIG
     if not path.is_file():
-        raise ExportError(f"{path} not found: export needs the run directory the trainer wrote "
-                          "(it holds config.yaml next to checkpoints/); pass that directory or "
-                          "a checkpoint inside it")
+        raise ExportError(
+            f"{path} not found: export needs the run directory the trainer wrote "
+            "(it holds config.yaml next to checkpoints/); pass that directory or "
+            "a checkpoint inside it"
+        )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as err:
-        raise ExportError(f"{path} is not a valid run config ({err}); was it written by another "
-                          "version of this framework?") from err
+        raise ExportError(
+            f"{path} is not a valid run config ({err}); was it written by another version of this framework?"
+        ) from err
 
 
 def find_source(path: str | os.PathLike) -> Source:
@@ -69,25 +72,32 @@ def find_source(path: str | os.PathLike) -> Source:
     if (path / "mp_rank_00_model_states.pt").is_file():
         tag_dir, run_dir = path, path.parent.parent
         if not (tag_dir / ckpt.COMPLETE).is_file():
-            raise ExportError(f"{tag_dir} has no {ckpt.COMPLETE} marker: the save did not finish. "
-                              "Export an older checkpoint, or the run directory (newest complete)")
+            raise ExportError(
+                f"{tag_dir} has no {ckpt.COMPLETE} marker: the save did not finish. "
+                "Export an older checkpoint, or the run directory (newest complete)"
+            )
     elif (path / "checkpoints").is_dir() or (path / _RUN_CONFIG).is_file():
         found = ckpt.latest_complete(path / "checkpoints")
         if found is None:
-            raise ExportError(f"{path} holds no complete checkpoint under checkpoints/; train "
-                              "until one is saved, or pass a checkpoint directory")
+            raise ExportError(
+                f"{path} holds no complete checkpoint under checkpoints/; train "
+                "until one is saved, or pass a checkpoint directory"
+            )
         tag_dir, run_dir = found[1], path
     else:
-        raise ExportError(f"{path} is neither a run directory (config.yaml, checkpoints/) nor a "
-                          "checkpoint (mp_rank_00_model_states.pt); pass one of those")
+        raise ExportError(
+            f"{path} is neither a run directory (config.yaml, checkpoints/) nor a "
+            "checkpoint (mp_rank_00_model_states.pt); pass one of those"
+        )
     return Source(tag_dir=tag_dir, run_dir=run_dir, run_cfg=load_run_config(run_dir))
 
 
 # ---- fp32 master weights ----------------------------------------------------------------------
 
 
-def fp32_master_weights(tag_dir: Path, *, ep_size: int, num_experts: int,
-                        shapes: dict[str, torch.Size]) -> Optional[dict[str, torch.Tensor]]:
+def fp32_master_weights(
+    tag_dir: Path, *, ep_size: int, num_experts: int, shapes: dict[str, torch.Size]
+) -> Optional[dict[str, torch.Tensor]]:
     """HF-keyed fp32 masters of every trainable parameter, or None when the checkpoint has none.
 
     `shapes`: HF key -> shape (from the model states). The shards are read by
@@ -112,9 +122,12 @@ def fp32_master_weights(tag_dir: Path, *, ep_size: int, num_experts: int,
             # NOTE: the names are the model's parameter names; if the expert parameter layout
             # changes, `STACKED_EXPERT_PARAM` must follow it. Until then the bf16 weights are
             # exported.
-            log.warning("export: the fp32 master copies in %s name parameters that are not model "
-                        "weights (e.g. %s); writing the model states' own dtype instead",
-                        tag_dir, name)
+            log.warning(
+                "export: the fp32 master copies in %s name parameters that are not model "
+                "weights (e.g. %s); writing the model states' own dtype instead",
+                tag_dir,
+                name,
+            )
             return None
         out[name] = _shaped(tag_dir, name, shards.read(name, "fp32"), shapes[name])
     for layer, flat in stacks.items():
@@ -128,8 +141,10 @@ def fp32_master_weights(tag_dir: Path, *, ep_size: int, num_experts: int,
 
 def _shaped(tag_dir: Path, name: str, flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if flat.numel() != shape.numel():
-        raise ExportError(f"{tag_dir}: the fp32 slices of {name} hold {flat.numel()} values, "
-                          f"its shape {tuple(shape)} needs {shape.numel()}")
+        raise ExportError(
+            f"{tag_dir}: the fp32 slices of {name} hold {flat.numel()} values, "
+            f"its shape {tuple(shape)} needs {shape.numel()}"
+        )
     return flat.view(shape)
 
 
@@ -144,13 +159,18 @@ def read_weights(src: Source) -> tuple[dict[str, torch.Tensor], torch.dtype]:
     if low:
         moe = src.run_cfg.model.moe
         masters = fp32_master_weights(
-            src.tag_dir, ep_size=src.run_cfg.parallel.ep_size,
+            src.tag_dir,
+            ep_size=src.run_cfg.parallel.ep_size,
             num_experts=moe.n_routed_experts if moe is not None else 1,
-            shapes={k: v.shape for k, v in weights.items()})
+            shapes={k: v.shape for k, v in weights.items()},
+        )
         if masters is not None:
             weights.update(masters)
     # the parameters' dtype (the fp32 selection-bias buffer is not exported)
-    dtypes = {v.dtype for k, v in weights.items()
-              if v.is_floating_point() and not k.endswith("e_score_correction_bias")}
+    dtypes = {
+        v.dtype
+        for k, v in weights.items()
+        if v.is_floating_point() and not k.endswith("e_score_correction_bias")
+    }
     dtype = max(dtypes, key=lambda d: torch.finfo(d).bits)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, dtype

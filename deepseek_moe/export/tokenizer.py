@@ -34,11 +34,19 @@ def sentencepiece_to_tokenizers(model_bytes: bytes):
 
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=sp.id_to_piece(sp.unk_id()),
-                               byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=generate_merges(vocab),
+            unk_token=sp.id_to_piece(sp.unk_id()),
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
     tok.normalizer = normalizers.Replace(" ", _SPM_SPACE)
-    tok.decoder = decoders.Sequence([decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     return tok
 
 
@@ -61,8 +69,9 @@ def write_tokenizer(meta: DataMeta, out: Path) -> None:
     else:
         raise ExportError(f"{path}: unknown tokenizer file type (expected .model or .json)")
     names = {f"{k}_token": tok.id_to_token(v) for k, v in special_ids(meta).items()}
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False,
-                                 model_max_length=int(1e30), **names)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, clean_up_tokenization_spaces=False, model_max_length=int(1e30), **names
+    )
     hf.save_pretrained(str(out))
     # transformers 5 writes its own class name; the generic fast class loads in every version
     # (and in inference servers that bring their own transformers).

@@ -34,8 +34,7 @@ scores per layer for backward (at this bound 256 MB per layer in fp32, 128 MB in
 SDPA keeps none."""
 
 
-def choose_attn_impl(attn_impl: str, device: torch.device, dtype: torch.dtype, B: int, H: int,
-                     S: int) -> str:
+def choose_attn_impl(attn_impl: str, device: torch.device, dtype: torch.dtype, B: int, H: int, S: int) -> str:
     """Resolve "auto" to "sdpa" or "bmm"; "sdpa" and "bmm" are returned unchanged.
 
     "auto": SDPA on CUDA (flash kernels: fast, and no [S, S] tensor in memory). On CPU "bmm"
@@ -76,6 +75,5 @@ class Attention(nn.Module):
         if choose_attn_impl(self.attn_impl, x_BSD.device, q_BHSd.dtype, B, H, S) == "bmm":
             y_BHSd = causal_bmm_attention(q_BHSd, k_BGSd, v_BGSd)
         else:
-            y_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=True,
-                                                    enable_gqa=G != H)
+            y_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BGSd, v_BGSd, is_causal=True, enable_gqa=G != H)
         return self.o_proj(y_BHSd.transpose(1, 2).reshape(B, S, H * d))

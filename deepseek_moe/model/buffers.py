@@ -15,8 +15,11 @@ class KeepBufferDtype(nn.Module):
     _keep_dtype_buffers: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
-        old = {name: self._buffers[name] for name in self._keep_dtype_buffers
-               if self._buffers.get(name) is not None}
+        old = {
+            name: self._buffers[name]
+            for name in self._keep_dtype_buffers
+            if self._buffers.get(name) is not None
+        }
         super()._apply(fn, recurse)
         for name, before in old.items():
             after = self._buffers[name]

@@ -60,7 +60,8 @@ def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
     reads max (and min) of `ids` on the host to size its output; here the size is known."""
     ids = ids.reshape(-1)
     return torch.zeros(size, dtype=torch.int64, device=ids.device).scatter_add_(
-        0, ids, torch.ones_like(ids, dtype=torch.int64))
+        0, ids, torch.ones_like(ids, dtype=torch.int64)
+    )
 
 
 def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

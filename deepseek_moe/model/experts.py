@@ -46,8 +46,9 @@ def resolve_impl(impl: str, device: torch.device, aligned: bool = True) -> str:
     return impl
 
 
-def per_expert_tensors(gate_up_L2HD: torch.Tensor, down_LDH: torch.Tensor,
-                       first: int = 0) -> dict[str, torch.Tensor]:
+def per_expert_tensors(
+    gate_up_L2HD: torch.Tensor, down_LDH: torch.Tensor, first: int = 0
+) -> dict[str, torch.Tensor]:
     """Stacked tensors (weights or their gradients) -> `{e}.{gate,up,down}_proj.weight` views,
     e = first + l. The single definition of the per-expert key format."""
     H = down_LDH.shape[-1]
@@ -97,12 +98,14 @@ class RoutedExperts(nn.Module):
             )
         if resolve_impl(self.impl, x_ND.device, self.dim % 8 == 0 and self.hidden % 8 == 0) == "loop":
             from deepseek_moe.model.kernels.expert_loop import expert_loop
+
             return expert_loop(x_ND, counts_L, self.gate_up_proj, self.down_proj)
         return grouped_swiglu(x_ND, counts_L, self.gate_up_proj, self.down_proj)
 
 
-def grouped_swiglu(x_ND: torch.Tensor, counts_L: torch.Tensor, gate_up_L2HD: torch.Tensor,
-                   down_LDH: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(
+    x_ND: torch.Tensor, counts_L: torch.Tensor, gate_up_L2HD: torch.Tensor, down_LDH: torch.Tensor
+) -> torch.Tensor:
     """SwiGLU of each row with its expert's weights: two grouped GEMMs, no host sync.
 
     grouped_mm multiplies rows [offs[l-1], offs[l]) of x by mat2[l], mat2 as (groups, in, out):
@@ -133,6 +136,7 @@ class _GradContiguous(torch.autograd.Function):
 
 # ---- the per-expert public layout -------------------------------------------------------------
 
+
 def _split_state_dict(module: RoutedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
     """state_dict post-hook: replace the two stacks by per-expert views (no copy)."""
     gate_up = state_dict.pop(prefix + "gate_up_proj")
@@ -141,8 +145,16 @@ def _split_state_dict(module: RoutedExperts, state_dict: dict, prefix: str, loca
         state_dict[prefix + key] = tensor
 
 
-def _stack_state_dict(module: RoutedExperts, state_dict: dict, prefix: str, local_metadata,
-                      strict, missing_keys, unexpected_keys, error_msgs) -> None:
+def _stack_state_dict(
+    module: RoutedExperts,
+    state_dict: dict,
+    prefix: str,
+    local_metadata,
+    strict,
+    missing_keys,
+    unexpected_keys,
+    error_msgs,
+) -> None:
     """load_state_dict pre-hook: stack per-expert tensors into `gate_up_proj` / `down_proj`.
 
     If any expert key is absent the stacks are not built, so the load reports the stacked key
@@ -158,8 +170,9 @@ def _stack_state_dict(module: RoutedExperts, state_dict: dict, prefix: str, loca
     state_dict[prefix + "down_proj"] = torch.stack([d for _, _, d in rows])
 
 
-def stacked_to_per_expert(state_dict: dict[str, torch.Tensor], first: Optional[dict[str, int]] = None
-                          ) -> dict[str, torch.Tensor]:
+def stacked_to_per_expert(
+    state_dict: dict[str, torch.Tensor], first: Optional[dict[str, int]] = None
+) -> dict[str, torch.Tensor]:
     """Any dict keyed like `named_parameters()` (e.g. gradients) with `<m>.gate_up_proj` /
     `<m>.down_proj` stacks -> the per-expert keys `<m>.{e}.<proj>.weight`, e = first[m] + l."""
     out = dict(state_dict)

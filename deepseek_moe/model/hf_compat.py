@@ -24,5 +24,4 @@ def copy_moe_weights_to_hf(ours: nn.Module, hf_moe: nn.Module) -> None:
     hf_moe.experts.down_proj.copy_(ours.experts.down_proj)
     if ours.shared_experts is not None:
         for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(hf_moe.shared_experts, name).weight.copy_(
-                getattr(ours.shared_experts, name).weight)
+            getattr(hf_moe.shared_experts, name).weight.copy_(getattr(ours.shared_experts, name).weight)

@@ -36,15 +36,14 @@ def expert_balance_loss(*, probs_TE: torch.Tensor, ids_TK: torch.Tensor, alpha: 
     return alpha * (f_E * P_E).sum()
 
 
-def seq_expert_balance_loss(
-    *, probs_BSE: torch.Tensor, ids_BSK: torch.Tensor, alpha: float
-) -> torch.Tensor:
+def seq_expert_balance_loss(*, probs_BSE: torch.Tensor, ids_BSK: torch.Tensor, alpha: float) -> torch.Tensor:
     """The expert-level loss computed per sequence and averaged over the B sequences."""
     B, S, E = probs_BSE.shape
     K = ids_BSK.shape[-1]
     counts_BE = torch.zeros(B, E, dtype=torch.float32, device=probs_BSE.device)
-    counts_BE.scatter_add_(1, ids_BSK.reshape(B, S * K),
-                           torch.ones(B, S * K, dtype=torch.float32, device=probs_BSE.device))
+    counts_BE.scatter_add_(
+        1, ids_BSK.reshape(B, S * K), torch.ones(B, S * K, dtype=torch.float32, device=probs_BSE.device)
+    )
     f_BE = counts_BE * (E / (K * S))
     P_BE = probs_BSE.mean(dim=1)
     return alpha * (f_BE * P_BE).sum(dim=1).mean()

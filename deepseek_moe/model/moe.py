@@ -105,11 +105,13 @@ class MoELayer(nn.Module):
         self.local_expert_offset = ep_rank * self.num_local_experts
         self.gate = Router(dim, cfg)
         self.dispatcher: Dispatcher = LocalDispatcher()
-        self.experts: nn.Module = RoutedExperts(self.num_local_experts, dim,
-                                                cfg.moe_intermediate_size, impl=cfg.experts_impl)
+        self.experts: nn.Module = RoutedExperts(
+            self.num_local_experts, dim, cfg.moe_intermediate_size, impl=cfg.experts_impl
+        )
         self.shared_experts = (
             SwiGLU(dim, cfg.n_shared_experts * cfg.moe_intermediate_size)
-            if cfg.n_shared_experts > 0 else None
+            if cfg.n_shared_experts > 0
+            else None
         )
         self.stats = RouterStats(E, cfg.n_groups, ep_size)
         self.last_counts_E: Optional[torch.Tensor] = None
@@ -119,8 +121,14 @@ class MoELayer(nn.Module):
         """The routed experts, whether or not `apply_ep` dressed them for an engine."""
         return getattr(self.experts, "local_experts", self.experts)
 
-    def apply_ep(self, *, ep_rank: int, ep_size: int, make_dispatcher: Callable[[], Dispatcher],
-                 wrap_experts: Optional[Callable[[RoutedExperts], nn.Module]] = None) -> None:
+    def apply_ep(
+        self,
+        *,
+        ep_rank: int,
+        ep_size: int,
+        make_dispatcher: Callable[[], Dispatcher],
+        wrap_experts: Optional[Callable[[RoutedExperts], nn.Module]] = None,
+    ) -> None:
         """Become EP rank `ep_rank` of `ep_size`: keep the routed experts
         [ep_rank*L, (ep_rank+1)*L) (L = E/ep_size), send tokens through `make_dispatcher()` (an
         all-to-all dispatcher when ep_size > 1) and count EP ranks per token in the statistics.
@@ -149,8 +157,7 @@ class MoELayer(nn.Module):
         self.dispatcher = make_dispatcher()
         self.stats.num_ranks = ep_size
 
-    def forward(self, x: torch.Tensor, replay: bool = False
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, replay: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x_BSD (or x_TD) -> (y of the same shape, alpha-scaled aux losses).
 
         `replay=True` (the backward recompute under activation checkpointing) computes the same
@@ -173,8 +180,9 @@ class MoELayer(nn.Module):
         if cfg.capacity_factor is not None and self.training:
             capacity = math.ceil(cfg.capacity_factor * T * cfg.top_k / E)
             with torch.no_grad():
-                kept_TK = capacity_mask(ids_TK, r.scores_TE.gather(1, ids_TK),
-                                        num_experts=E, capacity=capacity)
+                kept_TK = capacity_mask(
+                    ids_TK, r.scores_TE.gather(1, ids_TK), num_experts=E, capacity=capacity
+                )
             ids_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, -1))
 
         x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK, E)
@@ -192,8 +200,9 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             self.last_counts_E = losses.expert_counts(r.ids_TK, E)
             if self.training:
-                self.stats.update(probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK,
-                                  counts_E=self.last_counts_E)
+                self.stats.update(
+                    probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK, counts_E=self.last_counts_E
+                )
         return y_TD.view(shape), aux
 
     def _aux_losses(self, logits_TE, probs_TE, ids_TK, B: int, S: int) -> dict[str, torch.Tensor]:
@@ -202,18 +211,24 @@ class MoELayer(nn.Module):
         if cfg.aux_loss_alpha > 0:
             if cfg.seq_aux:
                 aux["expert_balance"] = losses.seq_expert_balance_loss(
-                    probs_BSE=probs_TE.view(B, S, E), ids_BSK=ids_TK.view(B, S, -1),
-                    alpha=cfg.aux_loss_alpha)
+                    probs_BSE=probs_TE.view(B, S, E), ids_BSK=ids_TK.view(B, S, -1), alpha=cfg.aux_loss_alpha
+                )
             else:
                 aux["expert_balance"] = losses.expert_balance_loss(
-                    probs_TE=probs_TE, ids_TK=ids_TK, alpha=cfg.aux_loss_alpha)
+                    probs_TE=probs_TE, ids_TK=ids_TK, alpha=cfg.aux_loss_alpha
+                )
         if cfg.device_aux_alpha > 0 and cfg.n_groups > 1:
             aux["device_balance"] = losses.device_balance_loss(
-                probs_TE=probs_TE, ids_TK=ids_TK, n_groups=cfg.n_groups, alpha=cfg.device_aux_alpha)
+                probs_TE=probs_TE, ids_TK=ids_TK, n_groups=cfg.n_groups, alpha=cfg.device_aux_alpha
+            )
         if cfg.comm_aux_alpha > 0 and cfg.n_groups > 1:
             aux["comm_balance"] = losses.comm_balance_loss(
-                probs_TE=probs_TE, ids_TK=ids_TK, n_groups=cfg.n_groups,
-                topk_groups=cfg.topk_groups, alpha=cfg.comm_aux_alpha)
+                probs_TE=probs_TE,
+                ids_TK=ids_TK,
+                n_groups=cfg.n_groups,
+                topk_groups=cfg.topk_groups,
+                alpha=cfg.comm_aux_alpha,
+            )
         if cfg.z_loss_coef > 0:
             aux["z_loss"] = losses.router_z_loss(logits_TE=logits_TE, coef=cfg.z_loss_coef)
         return aux

@@ -19,8 +19,10 @@ class RotaryEmbedding(KeepBufferDtype):
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
-                                                      dtype=torch.float32) / self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta
+            ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        )
         t = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -80,9 +80,7 @@ def route(
     with torch.no_grad():
         # NOTE: the bias only changes which experts are selected, never the gate values.
         select_TE = scores_TE if bias_E is None else scores_TE + bias_E
-        ids_TK = device_limited_topk(
-            select_TE, top_k=top_k, n_groups=n_groups, topk_groups=topk_groups
-        )
+        ids_TK = device_limited_topk(select_TE, top_k=top_k, n_groups=n_groups, topk_groups=topk_groups)
     weights_TK = scores_TE.gather(1, ids_TK)
     if norm_topk_prob:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)

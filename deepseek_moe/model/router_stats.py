@@ -24,13 +24,15 @@ class RouterStats(KeepBufferDtype):
     def __init__(self, num_experts: int, n_groups: int, num_ranks: int) -> None:
         super().__init__()
         self.num_experts, self.n_groups, self.num_ranks = num_experts, n_groups, num_ranks
-        self.register_buffer("tokens_per_expert_E", torch.zeros(num_experts, dtype=torch.float64),
-                             persistent=False)
+        self.register_buffer(
+            "tokens_per_expert_E", torch.zeros(num_experts, dtype=torch.float64), persistent=False
+        )
         self.register_buffer("counters", torch.zeros(6, dtype=torch.float64), persistent=False)
 
     @torch.no_grad()
-    def update(self, *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor,
-               counts_E: torch.Tensor) -> None:
+    def update(
+        self, *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, kept_TK: torch.Tensor, counts_E: torch.Tensor
+    ) -> None:
         """probs_TE: normalised affinities; ids_TK: selected experts; kept_TK: bool not dropped;
         counts_E: selections per expert (`losses.expert_counts(ids_TK, E)`)."""
         T, E = probs_TE.shape
@@ -40,12 +42,17 @@ class RouterStats(KeepBufferDtype):
         groups = groups_reached(ids_TK, E, self.n_groups).sum().float()
         ranks = groups_reached(ids_TK, E, self.num_ranks).sum().float()
         # No host sync: everything stays a tensor on the buffers' device.
-        self.counters += torch.stack([
-            # torch.full, not torch.tensor: a blocking host-to-device copy would sync on CUDA
-            torch.full((), float(T), device=entropy.device), entropy,
-            (~kept_TK).sum().float(), torch.full((), float(ids_TK.numel()), device=entropy.device),
-            groups, ranks,
-        ]).to(self.counters)
+        self.counters += torch.stack(
+            [
+                # torch.full, not torch.tensor: a blocking host-to-device copy would sync on CUDA
+                torch.full((), float(T), device=entropy.device),
+                entropy,
+                (~kept_TK).sum().float(),
+                torch.full((), float(ids_TK.numel()), device=entropy.device),
+                groups,
+                ranks,
+            ]
+        ).to(self.counters)
 
     @torch.no_grad()
     def compute_metrics(self, reset: bool = True) -> dict[str, float]:
@@ -69,4 +76,3 @@ class RouterStats(KeepBufferDtype):
     def reset(self) -> None:
         self.tokens_per_expert_E.zero_()
         self.counters.zero_()
-

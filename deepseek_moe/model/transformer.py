@@ -67,12 +67,22 @@ class CausalLMOutput(dict):
 
     _FIELDS = ("logits_BSV", "loss", "lm_loss", "aux_loss", "aux_losses")
 
-    def __init__(self, *, logits_BSV: torch.Tensor, loss: Optional[torch.Tensor] = None,
-                 lm_loss: Optional[torch.Tensor] = None, aux_loss: Optional[torch.Tensor] = None,
-                 aux_losses: Optional[dict[str, torch.Tensor]] = None) -> None:
-        super().__init__(logits_BSV=logits_BSV, loss=loss, lm_loss=lm_loss,
-                         aux_loss=torch.zeros(()) if aux_loss is None else aux_loss,
-                         aux_losses={} if aux_losses is None else aux_losses)
+    def __init__(
+        self,
+        *,
+        logits_BSV: torch.Tensor,
+        loss: Optional[torch.Tensor] = None,
+        lm_loss: Optional[torch.Tensor] = None,
+        aux_loss: Optional[torch.Tensor] = None,
+        aux_losses: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        super().__init__(
+            logits_BSV=logits_BSV,
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=torch.zeros(()) if aux_loss is None else aux_loss,
+            aux_losses={} if aux_losses is None else aux_losses,
+        )
 
     def __getattr__(self, name: str):
         try:
@@ -97,13 +107,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(layer_idx):
             assert cfg.moe is not None
-            self.mlp: nn.Module = MoELayer(cfg.hidden_size, cfg.moe, layer_idx=layer_idx,
-                                           ep_rank=ep_rank, ep_size=ep_size)
+            self.mlp: nn.Module = MoELayer(
+                cfg.hidden_size, cfg.moe, layer_idx=layer_idx, ep_rank=ep_rank, ep_size=ep_size
+            )
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x_BSD: torch.Tensor, replay: bool = False
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x_BSD: torch.Tensor, replay: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`replay`: this is the backward recompute of a checkpointed block (see `_checkpointed`)."""
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD))
         h_BSD = self.post_attention_layernorm(x_BSD)
@@ -168,22 +180,25 @@ class DeepSeekMoEForCausalLM(nn.Module):
             if isinstance(block.mlp, MoELayer):
                 yield block.mlp
 
-    def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None
-                ) -> CausalLMOutput:
+    def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None) -> CausalLMOutput:
         x_BSD = self.model.embed_tokens(input_ids_BS)
         aux_losses: dict[str, torch.Tensor] = {}
         if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r} must be "
-                             f"one of {ACTIVATION_CHECKPOINTING}")
-        recompute = (self.activation_checkpointing == "full" and self.training
-                     and torch.is_grad_enabled())
+            raise ValueError(
+                f"activation_checkpointing={self.activation_checkpointing!r} must be "
+                f"one of {ACTIVATION_CHECKPOINTING}"
+            )
+        recompute = self.activation_checkpointing == "full" and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             x_BSD, aux = _checkpointed(block, x_BSD) if recompute else block(x_BSD)
             for name, value in aux.items():
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
         logits_BSV = self.lm_head(self.model.norm(x_BSD))
-        aux_loss = (torch.stack(list(aux_losses.values())).sum() if aux_losses
-                    else torch.zeros((), device=logits_BSV.device))
+        aux_loss = (
+            torch.stack(list(aux_losses.values())).sum()
+            if aux_losses
+            else torch.zeros((), device=logits_BSV.device)
+        )
         out = CausalLMOutput(logits_BSV=logits_BSV, aux_loss=aux_loss, aux_losses=aux_losses)
         if labels_BS is not None:
             if labels_BS.shape != input_ids_BS.shape:
@@ -195,21 +210,27 @@ class DeepSeekMoEForCausalLM(nn.Module):
             out.loss = out.lm_loss + aux_loss
         return out
 
-    def apply_ep(self, *, ep_rank: int, ep_size: int, make_dispatcher: Callable[[], Dispatcher],
-                 wrap_experts: Optional[Callable[[nn.Module], nn.Module]] = None) -> None:
+    def apply_ep(
+        self,
+        *,
+        ep_rank: int,
+        ep_size: int,
+        make_dispatcher: Callable[[], Dispatcher],
+        wrap_experts: Optional[Callable[[nn.Module], nn.Module]] = None,
+    ) -> None:
         """Expert parallelism: every MoE layer keeps EP rank `ep_rank`'s share of its experts
         and routes through its own `make_dispatcher()` (see `MoELayer.apply_ep`)."""
         layers = list(self.moe_layers())
         if not layers:
             raise ValueError("apply_ep: the model has no MoELayer (dense model?); do not call it")
         for layer in layers:
-            layer.apply_ep(ep_rank=ep_rank, ep_size=ep_size, make_dispatcher=make_dispatcher,
-                           wrap_experts=wrap_experts)
+            layer.apply_ep(
+                ep_rank=ep_rank, ep_size=ep_size, make_dispatcher=make_dispatcher, wrap_experts=wrap_experts
+            )
         self.ep_size = ep_size
 
     @torch.no_grad()
-    def update_router_bias(self, reduce_sum: Optional[Callable[[list[torch.Tensor]], None]] = None
-                           ) -> None:
+    def update_router_bias(self, reduce_sum: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:
         """Apply the V3 selection-bias update on every MoE layer (no-op when off); `reduce_sum`
         sums each router's loads over the data-parallel ranks first (see `Router.update_bias`)."""
         for layer in self.moe_layers():
@@ -249,7 +270,8 @@ def _checkpointed(block: Block, x_BSD: torch.Tensor) -> tuple[torch.Tensor, dict
 def lm_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (fp32) over labels != -100; 0 (not NaN) if every label is ignored."""
     V = logits_BSV.shape[-1]
-    total = F.cross_entropy(logits_BSV.float().reshape(-1, V), labels_BS.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        logits_BSV.float().reshape(-1, V), labels_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     count = (labels_BS != IGNORE_INDEX).sum().clamp_min(1)
     return total / count

@@ -34,7 +34,8 @@ DS_EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 """Where the wrapper holds the routed experts (DeepSpeed's checkpoint code matches it)."""
 
 LOCAL_EXPERT_KEY = re.compile(
-    r"^(?P<layer>.*)\.experts\." + re.escape(DS_EXPERTS_PREFIX) + r"(?P<l>\d+)\.(?P<rest>.*)$")
+    r"^(?P<layer>.*)\.experts\." + re.escape(DS_EXPERTS_PREFIX) + r"(?P<l>\d+)\.(?P<rest>.*)$"
+)
 """A wrapped expert's state-dict key: groups `layer` (the MoE layer), `l` (local id), `rest`."""
 
 

@@ -130,16 +130,16 @@ class AllToAllDispatcher:
     ) -> tuple[torch.Tensor, torch.Tensor, EPContext]:
         if num_experts != self.num_experts:
             raise ValueError(
-                f"AllToAllDispatcher was built for {self.num_experts} experts, called with "
-                f"{num_experts}"
+                f"AllToAllDispatcher was built for {self.num_experts} experts, called with {num_experts}"
             )
         T, K = ids_TK.shape
         D = x_TD.shape[-1]
         W, L = self.world, self.num_local_experts
         # 1. which ranks each token goes to
         kept_TK = ids_TK >= 0
-        dest_TK = torch.where(kept_TK, torch.div(ids_TK, L, rounding_mode="floor"),
-                              torch.full_like(ids_TK, W))  # W = "nowhere" for dropped copies
+        dest_TK = torch.where(
+            kept_TK, torch.div(ids_TK, L, rounding_mode="floor"), torch.full_like(ids_TK, W)
+        )  # W = "nowhere" for dropped copies
         hit_TW = torch.zeros(T, W + 1, dtype=torch.bool, device=ids_TK.device)
         hit_TW.scatter_(1, dest_TK, True)
         hit_TW = hit_TW[:, :W]
@@ -149,13 +149,14 @@ class AllToAllDispatcher:
         # nonzero elsewhere: on GPUs each of those would be another sync.)
         send_W = hit_TW.sum(0)
         key_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, W * L))
-        copies_WL = count_ids(key_TK, W * L + 1)[:W * L].view(W, L)
-        recv_W1L = exchange_counts(torch.cat([send_W.unsqueeze(1), copies_WL], dim=1).reshape(-1),
-                                   self.group).view(W, 1 + L)
+        copies_WL = count_ids(key_TK, W * L + 1)[: W * L].view(W, L)
+        recv_W1L = exchange_counts(
+            torch.cat([send_W.unsqueeze(1), copies_WL], dim=1).reshape(-1), self.group
+        ).view(W, 1 + L)
         counts_L = recv_W1L[:, 1:].sum(0)
         counts = torch.cat([send_W, copies_WL.sum(1), recv_W1L[:, 0], recv_W1L[:, 1:].sum(1)]).tolist()
-        send_splits, copies_sent = counts[:W], counts[W:2 * W]
-        recv_splits, copies_recv = counts[2 * W:3 * W], counts[3 * W:]
+        send_splits, copies_sent = counts[:W], counts[W : 2 * W]
+        recv_splits, copies_recv = counts[2 * W : 3 * W], counts[3 * W :]
         # (destination rank, token) pairs sorted by rank then token: the first P positions of a
         # stable sort that puts the hits first
         flat_hit = hit_TW.t().reshape(-1)
@@ -163,10 +164,14 @@ class AllToAllDispatcher:
         pair_w_P = torch.div(pair_idx_P, T, rounding_mode="floor")
         pair_t_P = pair_idx_P - pair_w_P * T
         mask_PK = dest_TK[pair_t_P] == pair_w_P.unsqueeze(1)
-        local_PK = torch.where(mask_PK, ids_TK[pair_t_P] - pair_w_P.unsqueeze(1) * L,
-                               torch.full_like(mask_PK, -1, dtype=ids_TK.dtype))
-        w_PK = torch.where(mask_PK, weights_TK.index_select(0, pair_t_P),
-                           torch.zeros((), dtype=weights_TK.dtype))
+        local_PK = torch.where(
+            mask_PK,
+            ids_TK[pair_t_P] - pair_w_P.unsqueeze(1) * L,
+            torch.full_like(mask_PK, -1, dtype=ids_TK.dtype),
+        )
+        w_PK = torch.where(
+            mask_PK, weights_TK.index_select(0, pair_t_P), torch.zeros((), dtype=weights_TK.dtype)
+        )
         # 3. one exchange for the rows, their gates and (when exact in x's dtype) their local ids
         parts = [gather_rows(x_TD, pair_t_P), w_PK.to(x_TD.dtype)]
         packed_ids = ids_fit_in(x_TD.dtype, L)
@@ -175,9 +180,9 @@ class AllToAllDispatcher:
         else:
             local_RK = all_to_all(local_PK, recv_splits, send_splits, self.group)
         packed_R = all_to_all(torch.cat(parts, dim=1), recv_splits, send_splits, self.group)
-        x_RD, w_RK = packed_R[:, :D], packed_R[:, D:D + K]
+        x_RD, w_RK = packed_R[:, :D], packed_R[:, D : D + K]
         if packed_ids:
-            local_RK = packed_R[:, D + K:].detach().round().long()
+            local_RK = packed_R[:, D + K :].detach().round().long()
         # 4. expand received rows into copies, grouped by local expert (stable)
         local_N = local_RK.reshape(-1)
         key_N = torch.where(local_N >= 0, local_N, torch.full_like(local_N, L))
@@ -207,7 +212,8 @@ class AllToAllDispatcher:
         # 5. weighted sum of each received row's copies
         row_N = torch.div(ctx.copy_slot_N, ctx.top_k, rounding_mode="floor")
         y_RD = y_ND.new_zeros(sum(ctx.recv_splits), y_ND.shape[-1]).index_add(
-            0, row_N, y_ND * ctx.w_N.unsqueeze(1))
+            0, row_N, y_ND * ctx.w_N.unsqueeze(1)
+        )
         # 6. one row back per pair; sum the pairs of each token
         y_PD = all_to_all(y_RD, ctx.send_splits, ctx.recv_splits, self.group)
         return y_PD.new_zeros(ctx.num_tokens, y_PD.shape[-1]).index_add(0, ctx.pair_t_P, y_PD)

@@ -62,7 +62,9 @@ def parallelize_moe(model: Module, ep_size: int) -> Module:
         ep_rank = dist.get_rank(group)
     E = moe.n_routed_experts if moe is not None else 0
     model.apply_ep(
-        ep_rank=ep_rank, ep_size=ep_size,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
         make_dispatcher=lambda: AllToAllDispatcher(group, E) if ep_size > 1 else LocalDispatcher(),
-        wrap_experts=DeepSpeedExperts.wrapper(num_experts=E, ep_size=ep_size))
+        wrap_experts=DeepSpeedExperts.wrapper(num_experts=E, ep_size=ep_size),
+    )
     return model

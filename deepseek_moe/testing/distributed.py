@@ -80,8 +80,7 @@ def _worker(
         result = fn(rank, world_size, *args)
         atomic_torch_save({"ok": True, "result": result}, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:  # noqa: BLE001 - everything, including SystemExit, goes to the parent
-        atomic_torch_save({"ok": False, "error": traceback.format_exc()},
-                          Path(out_dir) / f"rank{rank}.pt")
+        atomic_torch_save({"ok": False, "error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         if init_process_group and torch.distributed.is_initialized():
             try:

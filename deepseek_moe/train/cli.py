@@ -13,8 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepseek_moe.config.compose import register
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.errors import (ConfigError, config_error_from_hydra, report_user_errors,
-                                 traceback_requested)
+from deepseek_moe.errors import ConfigError, config_error_from_hydra, report_user_errors, traceback_requested
 from deepseek_moe.train.distributed import main_print
 
 SCHEMA_NAME = "run_schema"
@@ -41,11 +40,19 @@ def apply_cli_intent(cfg: DictConfig, task_overrides: list[str]) -> None:
         cfg.vocab_from_tokenizer = False
     optim = cfg.optim
     decay = optim.decay_steps if optim.decay_steps is not None else cfg.trainer.max_steps
-    if ("optim.warmup_steps" not in keys and optim.schedule != "constant"
-            and isinstance(decay, int) and decay >= 1 and optim.warmup_steps >= decay):
-        main_print(f"Warning: optim.warmup_steps={optim.warmup_steps} does not fit a schedule of "
-                   f"{decay} steps; warming up over {decay - 1} instead (set optim.warmup_steps "
-                   "to choose)", file=sys.stderr)
+    if (
+        "optim.warmup_steps" not in keys
+        and optim.schedule != "constant"
+        and isinstance(decay, int)
+        and decay >= 1
+        and optim.warmup_steps >= decay
+    ):
+        main_print(
+            f"Warning: optim.warmup_steps={optim.warmup_steps} does not fit a schedule of "
+            f"{decay} steps; warming up over {decay - 1} instead (set optim.warmup_steps "
+            "to choose)",
+            file=sys.stderr,
+        )
         optim.warmup_steps = decay - 1
 
 
@@ -81,8 +88,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     """Validate into our dataclasses; a bad value raises ConfigError with the check's message."""
     bad = unknown_keys(cfg, RunConfig)
     if bad:
-        raise ConfigError(f"unknown key(s) {bad}; check the spelling against "
-                          "`python train.py --cfg job` (the schema is deepseek_moe/config/*.py)")
+        raise ConfigError(
+            f"unknown key(s) {bad}; check the spelling against "
+            "`python train.py --cfg job` (the schema is deepseek_moe/config/*.py)"
+        )
     try:
         run_cfg = OmegaConf.to_object(cfg)
     except Exception as err:  # noqa: BLE001 - OmegaConf wraps __post_init__ errors
@@ -115,6 +124,7 @@ def run_entry(main: Callable[[], None]) -> None:
             if traceback_requested():
                 raise
             raise config_error_from_hydra(
-                err, "`python train.py --cfg job` prints every key with its value") from None
+                err, "`python train.py --cfg job` prints every key with its value"
+            ) from None
 
     report_user_errors(composed)

@@ -100,7 +100,9 @@ def init_distributed() -> DistInfo:
     import deepspeed  # slow import: keep it out of module import time
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=process_group_backend(device.type), auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=process_group_backend(device.type), auto_mpi_discovery=False, verbose=False
+        )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -132,8 +134,7 @@ def lowest_rank_with(flag: bool, device: torch.device) -> Optional[int]:
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return 0 if flag else None
     world = torch.distributed.get_world_size()
-    t = torch.tensor([torch.distributed.get_rank() if flag else world], dtype=torch.int64,
-                     device=device)
+    t = torch.tensor([torch.distributed.get_rank() if flag else world], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     lowest = int(t.item())
     return None if lowest == world else lowest
@@ -157,8 +158,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_dict(values: dict[str, float | torch.Tensor], device: torch.device,
-                    op: str = "mean") -> dict[str, float]:
+def all_reduce_dict(
+    values: dict[str, float | torch.Tensor], device: torch.device, op: str = "mean"
+) -> dict[str, float]:
     """Mean (op="mean") or sum (op="sum") of each value over ranks, as Python floats.
 
     Values may be floats or 0-d tensors (device tensors stay on the device until the one read
@@ -169,9 +171,14 @@ def all_reduce_dict(values: dict[str, float | torch.Tensor], device: torch.devic
         return {}
     keys = sorted(values)
     # torch.full for Python floats: torch.tensor(..., device="cuda") is a blocking copy (a sync)
-    t = torch.stack([values[k].to(device, torch.float64).reshape(()) if torch.is_tensor(values[k])
-                     else torch.full((), float(values[k]), dtype=torch.float64, device=device)
-                     for k in keys])
+    t = torch.stack(
+        [
+            values[k].to(device, torch.float64).reshape(())
+            if torch.is_tensor(values[k])
+            else torch.full((), float(values[k]), dtype=torch.float64, device=device)
+            for k in keys
+        ]
+    )
     world = _world_size()
     if world > 1:
         torch.distributed.all_reduce(t)

@@ -51,6 +51,9 @@ def _bf16_gradient_dtypes(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError(
             "trainer.precision=bf16 with parallel.zero_stage=0: DeepSpeed then accumulates "
             "gradients in bf16 (precision loss that grows with accumulation); use "
-            "parallel.zero_stage=1 or 2, or trainer.precision=fp32")
-    return {"data_types": {"grad_accum_dtype": "fp32"},
-            "communication_data_type": cfg.parallel.grad_reduce_dtype}
+            "parallel.zero_stage=1 or 2, or trainer.precision=fp32"
+        )
+    return {
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": cfg.parallel.grad_reduce_dtype,
+    }

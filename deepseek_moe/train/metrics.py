@@ -86,8 +86,17 @@ def peak_flops_per_device(device: torch.device, precision: str) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     # Dense tensor-core peaks (no sparsity), from the vendor data sheets.
-    table_bf16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12,
-                  "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+    table_bf16 = {
+        "H100 SXM": 989e12,
+        "H100 PCIe": 756e12,
+        "H100": 989e12,
+        "H200": 989e12,
+        "A100": 312e12,
+        "A800": 312e12,
+        "L40S": 362e12,
+        "L4": 121e12,
+        "A10": 125e12,
+    }
     if precision == "fp32":
         return None  # TF32 vs strict fp32 depends on settings; do not guess
     for key, value in table_bf16.items():

@@ -6,7 +6,7 @@ import torch
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
-    """"auto" -> bf16 on CUDA, fp32 elsewhere.
+    """ "auto" -> bf16 on CUDA, fp32 elsewhere.
 
     bf16 on CPU is allowed (DeepSpeed's bf16 ZeRO path runs there: bf16 weights, fp32 master
     weights in the optimizer). It is fast only on CPUs with native bf16 matmuls (AVX512-BF16 or

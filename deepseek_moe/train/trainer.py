@@ -41,8 +41,17 @@ from deepseek_moe.checkpoint import reshard
 from deepseek_moe.config.train import RunConfig
 from deepseek_moe.errors import CheckpointError, ConfigError, ReportedByAnotherRank
 from deepseek_moe.train.distributed import (
-    all_gather_objects, all_reduce_max_flag, all_reduce_mean_dict, barrier, broadcast_object,
-    init_distributed, lowest_rank_with, main_print, reduce_sum_, to_device)
+    all_gather_objects,
+    all_reduce_max_flag,
+    all_reduce_mean_dict,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    lowest_rank_with,
+    main_print,
+    reduce_sum_,
+    to_device,
+)
 from deepseek_moe.train.ds_config import build_ds_config
 from deepseek_moe.train.host_memory import keep_freed_host_memory
 from deepseek_moe.train.metrics import MetricsWriter, mfu, peak_flops_per_device
@@ -65,7 +74,8 @@ def check_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
     if grad_norm is not None and not math.isfinite(grad_norm):
         raise FloatingPointError(
             f"gradient norm is {grad_norm} at step {step}; the update made the weights unusable. "
-            "Relaunch to resume from the last checkpoint, with a lower optim.lr")
+            "Relaunch to resume from the last checkpoint, with a lower optim.lr"
+        )
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -87,8 +97,9 @@ class Trainer:
     # ---- setup ------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
         level = logging.INFO if self.dist.is_main else logging.WARNING
-        logging.basicConfig(level=level, format="[%(asctime)s rank%(rank)s] %(message)s",
-                            datefmt="%H:%M:%S", force=True)
+        logging.basicConfig(
+            level=level, format="[%(asctime)s rank%(rank)s] %(message)s", datefmt="%H:%M:%S", force=True
+        )
         rank = self.dist.rank
         old_factory = logging.getLogRecordFactory()
 
@@ -117,8 +128,9 @@ class Trainer:
         return meta if self.dist.is_main else other
 
     # ---- errors -----------------------------------------------------------------------------
-    def _fail_together(self, error: Optional[BaseException],
-                       cleanup: Optional[Callable[[], None]] = None) -> None:
+    def _fail_together(
+        self, error: Optional[BaseException], cleanup: Optional[Callable[[], None]] = None
+    ) -> None:
         """Call on every rank at the same point. If any rank holds an error, all stop: rank 0
         runs `cleanup`, the lowest failing rank raises its error (a user error is reported as
         one line), the others raise ReportedByAnotherRank (exit status 1, nothing printed)."""
@@ -175,14 +187,23 @@ class Trainer:
             group["lr"] = cfg.optim.lr
         # NOTE: fused=True runs the whole AdamW update as one vectorised kernel per tensor (CPU
         # and CUDA) instead of a Python loop over parameters.
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-                                      fused=self.dist.device.type in ("cpu", "cuda"))
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            fused=self.dist.device.type in ("cpu", "cuda"),
+        )
         scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.decay_steps)
         self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device.type)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
         # The build seed was the same on every rank (same weights); from here on each rank draws
         # its own random numbers (router noise), else every rank would add the same noise.
         seed_everything(rank_seed(cfg.trainer.seed, self.dist.rank))
@@ -192,22 +213,39 @@ class Trainer:
 
         cfg, dist = self.cfg, self.dist
         self.train_loader = build_train_loader(
-            meta, seq_len=cfg.seq_len, global_batch_size=cfg.trainer.global_batch_size,
-            micro_batch_size=cfg.trainer.micro_batch_size, dp_rank=dist.rank,
-            dp_world=dist.world_size, seed=cfg.trainer.seed)
+            meta,
+            seq_len=cfg.seq_len,
+            global_batch_size=cfg.trainer.global_batch_size,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=dist.rank,
+            dp_world=dist.world_size,
+            seed=cfg.trainer.seed,
+        )
         self.val_loader = build_eval_loader(
-            meta, seq_len=cfg.seq_len, micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=dist.rank, dp_world=dist.world_size, num_batches=cfg.trainer.eval_batches)
+            meta,
+            seq_len=cfg.seq_len,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=dist.rank,
+            dp_world=dist.world_size,
+            num_batches=cfg.trainer.eval_batches,
+        )
         if self.val_loader.shortfall and cfg.trainer.eval_every and dist.is_main:
             log.warning("small validation split: %s", self.val_loader.shortfall)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": get_rng_state(),
-                "loader": self.train_loader.state_dict(), "wandb_run_id": self.wandb_run_id,
-                "world_size": self.dist.world_size, "ep_size": self.cfg.parallel.ep_size,
-                "zero_stage": self.cfg.parallel.zero_stage, "precision": self.precision,
-                "architecture": reshard.architecture(self.cfg.model)}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "rng": get_rng_state(),
+            "loader": self.train_loader.state_dict(),
+            "wandb_run_id": self.wandb_run_id,
+            "world_size": self.dist.world_size,
+            "ep_size": self.cfg.parallel.ep_size,
+            "zero_stage": self.cfg.parallel.zero_stage,
+            "precision": self.precision,
+            "architecture": reshard.architecture(self.cfg.model),
+        }
 
     def save_checkpoint(self) -> Path:
         """Every rank writes its files, checksums its share (`ckpt.share`), rank 0 writes the
@@ -234,15 +272,17 @@ class Trainer:
             barrier()
         if error is None:
             try:
-                ckpt.atomic_torch_save(self._rank_state(),
-                                       ckpt.rank_state_path(tag_dir, self.dist.rank))
+                ckpt.atomic_torch_save(self._rank_state(), ckpt.rank_state_path(tag_dir, self.dist.rank))
             except (OSError, RuntimeError) as err:
                 error = self._save_error(tag_dir, err)
         self._fail_together(error, cleanup=discard)  # also the barrier: every rank's files exist
         sizes = broadcast_object(ckpt.checkpoint_files(tag_dir) if self.dist.is_main else None)
         mine = ckpt.share(sizes, self.dist.rank, self.dist.world_size)
-        files = dict(itertools.chain.from_iterable(
-            part.items() for part in all_gather_objects(ckpt.describe_files(tag_dir, mine))))
+        files = dict(
+            itertools.chain.from_iterable(
+                part.items() for part in all_gather_objects(ckpt.describe_files(tag_dir, mine))
+            )
+        )
         if self.dist.is_main:
             try:
                 ckpt.mark_complete(tag_dir, self.step, self.dist.world_size, files)
@@ -269,7 +309,8 @@ class Trainer:
         return CheckpointError(
             f"saving checkpoint {tag_dir} failed on rank {self.dist.rank}: {what}; the partial "
             f"checkpoint is deleted. Free space (or fix permissions) under {self.ckpt_dir} and "
-            f"relaunch: the run resumes from {resume}")
+            f"relaunch: the run resumes from {resume}"
+        )
 
     def _verify(self, tag_dir: Path) -> list[str]:
         """Problems of a complete checkpoint against its manifest (empty: intact). Every rank
@@ -277,8 +318,9 @@ class Trainer:
         manifest = ckpt.read_manifest(tag_dir)
         if manifest is None:  # marker from before manifests: nothing to check against
             return []
-        mine = ckpt.share({rel: e["size"] for rel, e in manifest.items()}, self.dist.rank,
-                          self.dist.world_size)
+        mine = ckpt.share(
+            {rel: e["size"] for rel, e in manifest.items()}, self.dist.rank, self.dist.world_size
+        )
         problems = ckpt.find_damage(tag_dir, {rel: manifest[rel] for rel in mine})
         return sorted(itertools.chain.from_iterable(all_gather_objects(problems)))
 
@@ -298,17 +340,26 @@ class Trainer:
             damaged.append((tag_dir, problems))
         if found is None and damaged:
             first = damaged[0][1][0]
-            self._fail_together(CheckpointError(
-                f"no intact checkpoint in {self.ckpt_dir}: all {len(damaged)} complete ones are "
-                f"damaged ({first}); restore the files from a copy, or start over with another "
-                "run_dir or checkpoint.resume=false"))
+            self._fail_together(
+                CheckpointError(
+                    f"no intact checkpoint in {self.ckpt_dir}: all {len(damaged)} complete ones are "
+                    f"damaged ({first}); restore the files from a copy, or start over with another "
+                    "run_dir or checkpoint.resume=false"
+                )
+            )
         if self.dist.is_main:
             for tag_dir, problems in damaged:
                 aside = ckpt.set_aside(tag_dir)
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                log.warning("checkpoint %s is damaged: %s%s. Set aside as %s with its files "
-                            "untouched; resuming from %s", tag_dir.name, problems[0], more,
-                            aside.name, found[1].name)
+                log.warning(
+                    "checkpoint %s is damaged: %s%s. Set aside as %s with its files "
+                    "untouched; resuming from %s",
+                    tag_dir.name,
+                    problems[0],
+                    more,
+                    aside.name,
+                    found[1].name,
+                )
         barrier()
         return found
 
@@ -325,33 +376,42 @@ class Trainer:
         state, change = self._on_all_ranks(self._read_rank_state, tag_dir)
         self._on_all_ranks(self._check_resumable, state, tag_dir, change)
         if change is None:
-            load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
-                                                       load_optimizer_states=True,
-                                                       load_lr_scheduler_states=True)
+            load_path, _ = self.engine.load_checkpoint(
+                str(self.ckpt_dir),
+                tag=tag_dir.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
         else:
             log.info("resuming %s with another layout: %s", tag_dir.name, change)
-            self._on_all_ranks(lambda: reshard.load_resharded(
-                self.engine, self.model, tag_dir, saved_ep_size=state["ep_size"]))
+            self._on_all_ranks(
+                lambda: reshard.load_resharded(
+                    self.engine, self.model, tag_dir, saved_ep_size=state["ep_size"]
+                )
+            )
         self._load_rank_state(state, same_layout=change is None)
         log.info("resumed from %s (step %d)", tag_dir, self.step)
 
     def _read_rank_state(self, tag_dir: Path) -> tuple[dict[str, Any], Optional[str]]:
         """(trainer state, layout change): this rank's own state when the layout is the saved
         one, else rank 0's (every rank reads rank 0's first, so all agree on the change)."""
+
         def read(rank: int) -> dict[str, Any]:
             path = ckpt.rank_state_path(tag_dir, rank)
             if not path.exists():
                 raise CheckpointError(
                     f"{tag_dir} has no trainer state for rank {rank} ({path}): the save did not "
-                    "finish on every rank; restore the file from a copy, or use a new run_dir")
+                    "finish on every rank; restore the file from a copy, or use a new run_dir"
+                )
             return torch.load(path, weights_only=False)
 
         state = read(0)
         parallel = self.cfg.parallel
-        change = reshard.layout_change(state, world_size=self.dist.world_size,
-                                       ep_size=parallel.ep_size, zero_stage=parallel.zero_stage)
+        change = reshard.layout_change(
+            state, world_size=self.dist.world_size, ep_size=parallel.ep_size, zero_stage=parallel.zero_stage
+        )
         if change is None and self.dist.rank != 0:
             state = read(self.dist.rank)
         return state, change
@@ -363,8 +423,9 @@ class Trainer:
         reshard.check_same_model(state, self.cfg.model, tag_dir)
         self.train_loader.load_state_dict(state["loader"])
         if change is not None:
-            reshard.check_reshardable(state, tag_dir, zero_stage=self.cfg.parallel.zero_stage,
-                                      precision=self.precision)
+            reshard.check_reshardable(
+                state, tag_dir, zero_stage=self.cfg.parallel.zero_stage, precision=self.precision
+            )
 
     def _load_rank_state(self, state: dict[str, Any], *, same_layout: bool) -> None:
         self.step = state["step"]
@@ -430,8 +491,13 @@ class Trainer:
 
         # Router statistics of the GLOBAL batch: sum every rank's counts, then take the ratios
         # (a mean of per-rank ratios would hide an expert that is hot on every rank at once).
-        reduce_sum_([t for layer in self.model.moe_layers()
-                     for t in (layer.stats.tokens_per_expert_E, layer.stats.counters)])
+        reduce_sum_(
+            [
+                t
+                for layer in self.model.moe_layers()
+                for t in (layer.stats.tokens_per_expert_E, layer.stats.counters)
+            ]
+        )
         values = self.model.router_metrics(reset=True)
         # all-to-all traffic (empty at EP=1): bytes total over ranks, ranks/token mean over ranks
         traffic = all_reduce_mean_dict(ep_metrics(self.model, reset=True), self.dist.device)
@@ -472,11 +538,13 @@ class Trainer:
         if dist.is_main:  # only now: a config, data or resume error leaves the run dir as it was
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # the resolved config (vocab included), for humans and reruns
-            ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
-                                    OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+            ckpt.atomic_write_bytes(
+                self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
+            )
             # exactly what the DeepSpeed engine was given, for humans
-            ckpt.atomic_write_bytes(self.run_dir / "ds_config.json",
-                                    (json.dumps(self.ds_config, indent=2) + "\n").encode())
+            ckpt.atomic_write_bytes(
+                self.run_dir / "ds_config.json", (json.dumps(self.ds_config, indent=2) + "\n").encode()
+            )
 
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
         self.metrics.truncate_after(self.step)
@@ -484,18 +552,23 @@ class Trainer:
             from deepseek_moe.train.wandb_logger import WandbLogger
 
             try:
-                self.wandb = WandbLogger(cfg.logger, self.run_dir, dataclasses.asdict(cfg),
-                                         self.wandb_run_id)
+                self.wandb = WandbLogger(cfg.logger, self.run_dir, dataclasses.asdict(cfg), self.wandb_run_id)
             except Exception as err:  # noqa: BLE001 - the tracker must not block training
-                log.warning("wandb.init failed (%s: %s); training without wandb (metrics.jsonl "
-                            "is still written; logger=none silences this)", type(err).__name__, err)
+                log.warning(
+                    "wandb.init failed (%s: %s); training without wandb (metrics.jsonl "
+                    "is still written; logger=none silences this)",
+                    type(err).__name__,
+                    err,
+                )
             else:
                 # Stored in every checkpoint from now on; only rank 0's copy is ever read back.
                 self.wandb_run_id = self.wandb.run_id
 
         if self.precision == "bf16" and dist.device.type == "cpu" and not cpu_bf16_is_native():
-            log.warning("trainer.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 "
-                        "or AMX): they are emulated and slower than fp32; use trainer.precision=fp32")
+            log.warning(
+                "trainer.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 "
+                "or AMX): they are emulated and slower than fp32; use trainer.precision=fp32"
+            )
         peak = peak_flops_per_device(dist.device, self.precision)
         self.peak_flops_total = peak * dist.world_size if peak else None
         self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
@@ -505,7 +578,8 @@ class Trainer:
             f"{cfg.parallel.zero_stage}, {self.precision}) | params {cfg.model.num_params() / 1e6:.2f}M "
             f"total, {cfg.model.num_active_params() / 1e6:.2f}M active | vocab {cfg.model.vocab_size} | "
             f"{self.tokens_per_step} tokens/step, accum {self.engine.gradient_accumulation_steps()} | "
-            f"steps {self.step}->{cfg.trainer.max_steps}")
+            f"steps {self.step}->{cfg.trainer.max_steps}"
+        )
 
     def _check_world_and_device(self) -> str:
         """Checks that need the world size or the device; returns the resolved precision."""
@@ -541,20 +615,31 @@ class Trainer:
             self.tokens_seen += self.tokens_per_step
             grad_norm = self.engine.get_global_grad_norm()
             tok_s = self.tokens_per_step / dt
-            record = {"step": self.step, **values, "lr": lr,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_s": tok_s, "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops_total),
-                      "tokens_seen": self.tokens_seen, "step_time_s": dt,
-                      "max_memory_gb": (torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-                                        if self.dist.device.type == "cuda" else None)}
+            record = {
+                "step": self.step,
+                **values,
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tok_s,
+                "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops_total),
+                "tokens_seen": self.tokens_seen,
+                "step_time_s": dt,
+                "max_memory_gb": (
+                    torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+                    if self.dist.device.type == "cuda"
+                    else None
+                ),
+            }
             record.update(self._router_metrics())
             self._log(record)
             check_finite(self.step, values["loss"], record["grad_norm"])
             if self.step % tcfg.log_every == 0 or self.step in (start_step + 1, stop_at):
                 eta = (time.time() - t_start) / (self.step - start_step) * (tcfg.max_steps - self.step)
-                main_print(f"step {self.step:>6}/{tcfg.max_steps} | loss {values['loss']:.4f} "
-                           f"(lm {values['lm_loss']:.4f}, aux {values['aux_loss']:.4f}) | lr {lr:.2e} | "
-                           f"grad {record['grad_norm'] or 0:.3f} | {tok_s:,.0f} tok/s | eta {_fmt_duration(eta)}")
+                main_print(
+                    f"step {self.step:>6}/{tcfg.max_steps} | loss {values['loss']:.4f} "
+                    f"(lm {values['lm_loss']:.4f}, aux {values['aux_loss']:.4f}) | lr {lr:.2e} | "
+                    f"grad {record['grad_norm'] or 0:.3f} | {tok_s:,.0f} tok/s | eta {_fmt_duration(eta)}"
+                )
 
             if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.max_steps):
                 last_val = self.evaluate()
@@ -571,14 +656,22 @@ class Trainer:
         if self.last_saved_step != self.step:
             self.save_checkpoint()
         newest = ckpt.latest_complete(self.ckpt_dir)
-        summary = {"run_dir": str(self.run_dir), "metrics": str(self.run_dir / "metrics.jsonl"),
-                   "checkpoint": str(newest[1]) if newest else None, "step": self.step,
-                   "val_loss": last_val, "stopped_by_signal": stopped_by_signal,
-                   "finished": self.step >= tcfg.max_steps}
-        lines = [f"done at step {self.step}/{tcfg.max_steps}"
-                 + (f" | val_loss {last_val:.4f}" if last_val is not None else ""),
-                 f"  run dir:    {summary['run_dir']}", f"  metrics:    {summary['metrics']}",
-                 f"  checkpoint: {summary['checkpoint']}"]
+        summary = {
+            "run_dir": str(self.run_dir),
+            "metrics": str(self.run_dir / "metrics.jsonl"),
+            "checkpoint": str(newest[1]) if newest else None,
+            "step": self.step,
+            "val_loss": last_val,
+            "stopped_by_signal": stopped_by_signal,
+            "finished": self.step >= tcfg.max_steps,
+        }
+        lines = [
+            f"done at step {self.step}/{tcfg.max_steps}"
+            + (f" | val_loss {last_val:.4f}" if last_val is not None else ""),
+            f"  run dir:    {summary['run_dir']}",
+            f"  metrics:    {summary['metrics']}",
+            f"  checkpoint: {summary['checkpoint']}",
+        ]
         if self.wandb is not None:
             lines.append(f"  wandb:      {self.wandb.run_path} (mode {self.wandb.mode})")
         if not summary["finished"]:

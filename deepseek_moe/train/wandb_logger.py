@@ -34,8 +34,9 @@ class WandbLogger:
     launcher signalled the whole process tree on preemption) it is switched off with a warning,
     and training, checkpointing and metrics.jsonl carry on."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any],
-                 run_id: Optional[str]) -> None:
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_id: Optional[str]
+    ) -> None:
         import wandb  # imported lazily: logger=none runs never pay for it
 
         self.mode = resolve_mode(cfg)
@@ -54,8 +55,9 @@ class WandbLogger:
             mode=self.mode,
             # console="off": do not wrap stdout (launchers and our progress lines own it);
             # no git/code scanning: the run directory may be anywhere.
-            settings=wandb.Settings(console="off", silent=True, disable_git=True,
-                                    save_code=False, init_timeout=120),
+            settings=wandb.Settings(
+                console="off", silent=True, disable_git=True, save_code=False, init_timeout=120
+            ),
         )
 
         self.run_path: Optional[str] = getattr(self.run, "dir", None)
@@ -66,8 +68,12 @@ class WandbLogger:
         try:
             self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
         except Exception as err:  # noqa: BLE001 - never let the tracker stop training
-            log.warning("wandb.log failed (%s: %s); wandb is off for the rest of this launch, "
-                        "metrics.jsonl still has everything", type(err).__name__, err)
+            log.warning(
+                "wandb.log failed (%s: %s); wandb is off for the rest of this launch, "
+                "metrics.jsonl still has everything",
+                type(err).__name__,
+                err,
+            )
             self.run = None
 
     def finish(self) -> None:

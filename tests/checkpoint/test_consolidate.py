@@ -13,21 +13,29 @@ PFX = "model.layers.1.mlp.experts.deepspeed_moe.experts.deepspeed_experts"
 def _write(tag_dir, experts):
     torch.save({"module": {"model.norm.weight": torch.ones(2)}}, tag_dir / "mp_rank_00_model_states.pt")
     for (layer, e), keys in experts.items():
-        torch.save({k: torch.full((1,), float(e)) for k in keys},
-                   tag_dir / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt")
+        torch.save(
+            {k: torch.full((1,), float(e)) for k in keys},
+            tag_dir / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt",
+        )
 
 
 def test_renames_global_expert_keys(tmp_path):
     _write(tmp_path, {(0, e): [f"{PFX}.{e}.up_proj.weight"] for e in range(3)})
     sd = consolidate_deepspeed_checkpoint(str(tmp_path))
-    assert sorted(sd) == ["model.layers.1.mlp.experts.0.up_proj.weight",
-                          "model.layers.1.mlp.experts.1.up_proj.weight",
-                          "model.layers.1.mlp.experts.2.up_proj.weight", "model.norm.weight"]
+    assert sorted(sd) == [
+        "model.layers.1.mlp.experts.0.up_proj.weight",
+        "model.layers.1.mlp.experts.1.up_proj.weight",
+        "model.layers.1.mlp.experts.2.up_proj.weight",
+        "model.norm.weight",
+    ]
     assert sd["model.layers.1.mlp.experts.2.up_proj.weight"].item() == 2.0
     # a rank that holds experts 1 and 2 of MoE layer 0 reads only their files
     mine = consolidate_deepspeed_checkpoint(str(tmp_path), {(0, 1), (0, 2), (1, 0)})
-    assert sorted(mine) == ["model.layers.1.mlp.experts.1.up_proj.weight",
-                            "model.layers.1.mlp.experts.2.up_proj.weight", "model.norm.weight"]
+    assert sorted(mine) == [
+        "model.layers.1.mlp.experts.1.up_proj.weight",
+        "model.layers.1.mlp.experts.2.up_proj.weight",
+        "model.norm.weight",
+    ]
     out = tmp_path / "model.pt"
     main([str(tmp_path), "--out", str(out)])
     assert torch.load(out).keys() == sd.keys()

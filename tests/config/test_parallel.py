@@ -43,8 +43,11 @@ def test_validate_ep_size_ok():
 def test_device_and_comm_losses_need_groups_equal_to_ep_ranks():
     from deepseek_moe.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model.moe.device_aux_alpha and model.moe.comm_aux_alpha "
-                                          r".*n_groups=2.*ep_size=4.*Set model.moe.n_groups=4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.moe.device_aux_alpha and model.moe.comm_aux_alpha "
+        r".*n_groups=2.*ep_size=4.*Set model.moe.n_groups=4",
+    ):
         validate_ep_size(4, 4, _moe(n_groups=2, device_aux_alpha=0.01, comm_aux_alpha=0.01))
     validate_ep_size(4, 4, _moe(n_groups=4, topk_groups=2, device_aux_alpha=0.01, comm_aux_alpha=0.01))
     validate_ep_size(4, 4, _moe(n_groups=2, topk_groups=2))  # no device-level loss, no limit

@@ -16,16 +16,19 @@ def test_defaults_are_the_stdlib_preset_and_structured_config_compatible():
     assert OmegaConf.to_object(node) == DataConfig(vocab_size=1024)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(source="txt"), r"data.source='txt' is not one of"),
-    (dict(path="/x"), r"python_stdlib reads the interpreter's stdlib.*unset data.path"),
-    (dict(source="parquet"), r"data.source=parquet needs data.path"),
-    (dict(val_fraction=0.0), r"data.val_fraction=0.0 must be in \(0, 1\)"),
-    (dict(vocab_size=200), r"data.vocab_size=200 must be in \[261, "),
-    (dict(max_documents=1), r"data.max_documents=1 must be >= 2"),
-    (dict(num_proc=0), r"data.num_proc=0 must be >= 1"),
-    (dict(name="a/b"), r"data.name='a/b'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(source="txt"), r"data.source='txt' is not one of"),
+        (dict(path="/x"), r"python_stdlib reads the interpreter's stdlib.*unset data.path"),
+        (dict(source="parquet"), r"data.source=parquet needs data.path"),
+        (dict(val_fraction=0.0), r"data.val_fraction=0.0 must be in \(0, 1\)"),
+        (dict(vocab_size=200), r"data.vocab_size=200 must be in \[261, "),
+        (dict(max_documents=1), r"data.max_documents=1 must be >= 2"),
+        (dict(num_proc=0), r"data.num_proc=0 must be >= 1"),
+        (dict(name="a/b"), r"data.name='a/b'"),
+    ],
+)
 def test_bad_values_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DataConfig(**kwargs)

@@ -28,8 +28,12 @@ def window_id(batch) -> list[int]:
 
 def run_global_batches(meta, world: int, micro: int, G: int, steps: int, seed: int = 7):
     """Global batches as seen by `world` ranks: per step, rank 0's windows, then rank 1's, ..."""
-    loaders = [build_train_loader(meta, seq_len=S, global_batch_size=G, micro_batch_size=micro,
-                                  dp_rank=r, dp_world=world, seed=seed) for r in range(world)]
+    loaders = [
+        build_train_loader(
+            meta, seq_len=S, global_batch_size=G, micro_batch_size=micro, dp_rank=r, dp_world=world, seed=seed
+        )
+        for r in range(world)
+    ]
     out = []
     for _ in range(steps):
         step = []
@@ -63,8 +67,9 @@ def test_ranks_take_disjoint_slices(make_prepared):
     meta = make_prepared(64 * S + 1, 100)
     per_rank = []
     for r in range(4):
-        ld = build_train_loader(meta, seq_len=S, global_batch_size=16, micro_batch_size=2,
-                                dp_rank=r, dp_world=4, seed=0)
+        ld = build_train_loader(
+            meta, seq_len=S, global_batch_size=16, micro_batch_size=2, dp_rank=r, dp_world=4, seed=0
+        )
         per_rank.append({w for _ in range(ld.accum_steps * 4) for w in window_id(next(ld))})
     for a, b in itertools.combinations(per_rank, 2):
         assert not a & b
@@ -106,8 +111,9 @@ def test_resume_at_step_boundary_with_other_dp_world(make_prepared):
     assert state["samples_consumed"] == 4 * G
     loaders = []
     for r in range(2):
-        ld = build_train_loader(meta, seq_len=S, global_batch_size=G, micro_batch_size=2,
-                                dp_rank=r, dp_world=2, seed=7)
+        ld = build_train_loader(
+            meta, seq_len=S, global_batch_size=G, micro_batch_size=2, dp_rank=r, dp_world=2, seed=7
+        )
         ld.load_state_dict(state)
         loaders.append(ld)
     for step in range(4, 9):
@@ -127,24 +133,29 @@ def test_resume_rejects_other_data_or_order(make_prepared):
     with pytest.raises(ValueError, match="seed=3"):
         build_train_loader(meta, **kw, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="middle of a gradient accumulation"):
-        build_train_loader(meta, seq_len=S, global_batch_size=8, micro_batch_size=4,
-                           seed=3).load_state_dict(state)
+        build_train_loader(meta, seq_len=S, global_batch_size=8, micro_batch_size=4, seed=3).load_state_dict(
+            state
+        )
 
 
 def test_eval_loader_is_fixed_and_split_over_ranks(make_prepared):
     meta = make_prepared(100, 30 * S + 1)  # 30 val windows
     ref = [window_id(b) for b in build_eval_loader(meta, seq_len=S, micro_batch_size=6)]
     assert ref == [list(range(i, i + 6)) for i in range(0, 30, 6)]  # file order, all windows
-    ev = build_eval_loader(meta, seq_len=S, micro_batch_size=2, dp_rank=1, dp_world=3,
-                           num_batches=4)
+    ev = build_eval_loader(meta, seq_len=S, micro_batch_size=2, dp_rank=1, dp_world=3, num_batches=4)
     assert len(ev) == 4
     assert [window_id(b) for b in ev] == [window_id(b) for b in ev]  # re-iterable, same batches
     # Capped to what the split holds, the same count on every rank (no collective hang).
-    lens = {len(build_eval_loader(meta, seq_len=S, micro_batch_size=2, dp_rank=r, dp_world=3,
-                                  num_batches=100)) for r in range(3)}
+    lens = {
+        len(build_eval_loader(meta, seq_len=S, micro_batch_size=2, dp_rank=r, dp_world=3, num_batches=100))
+        for r in range(3)
+    }
     assert lens == {5}
-    parts = [window_id(b) for r in range(3) for b in build_eval_loader(
-        meta, seq_len=S, micro_batch_size=2, dp_rank=r, dp_world=3)]
+    parts = [
+        window_id(b)
+        for r in range(3)
+        for b in build_eval_loader(meta, seq_len=S, micro_batch_size=2, dp_rank=r, dp_world=3)
+    ]
     assert sorted(itertools.chain(*parts)) == list(range(30))
 
 
@@ -155,25 +166,28 @@ def test_bad_batch_shapes_and_tiny_corpus_fail_clearly(make_prepared):
     with pytest.raises(ValueError, match=r"train.bin has 81 tokens.*fewer than global_batch_size=16"):
         build_train_loader(meta, seq_len=S, global_batch_size=16, micro_batch_size=4)
     with pytest.raises(ValueError, match="dp_rank=2"):
-        build_train_loader(meta, seq_len=S, global_batch_size=4, micro_batch_size=1,
-                           dp_rank=2, dp_world=2)
+        build_train_loader(meta, seq_len=S, global_batch_size=4, micro_batch_size=1, dp_rank=2, dp_world=2)
     with pytest.raises(DataError, match=r"val.bin has 8 tokens.*data.val_fraction"):
         build_eval_loader(make_prepared(10 * S + 1, S, name="noval"), seq_len=S, micro_batch_size=2)
 
 
-@pytest.mark.parametrize("world, micro, expected", [
-    (2, 4, [[[0, 1]], [[2, 3]]]),          # B shrinks to the 2 windows per rank
-    (3, 2, [[[0]], [[1]], [[2]]]),          # one window per rank
-    (8, 2, [[[r % 5]] for r in range(8)]),  # more ranks than windows: they share
-])
+@pytest.mark.parametrize(
+    "world, micro, expected",
+    [
+        (2, 4, [[[0, 1]], [[2, 3]]]),  # B shrinks to the 2 windows per rank
+        (3, 2, [[[0]], [[1]], [[2]]]),  # one window per rank
+        (8, 2, [[[r % 5]] for r in range(8)]),  # more ranks than windows: they share
+    ],
+)
 def test_small_val_split_is_evaluated_with_what_it_has(make_prepared, world, micro, expected):
     meta = make_prepared(10 * S + 1, 5 * S + 1)  # 5 val windows
-    loaders = [build_eval_loader(meta, seq_len=S, micro_batch_size=micro, dp_rank=r,
-                                 dp_world=world, num_batches=3) for r in range(world)]
+    loaders = [
+        build_eval_loader(meta, seq_len=S, micro_batch_size=micro, dp_rank=r, dp_world=world, num_batches=3)
+        for r in range(world)
+    ]
     assert [[window_id(b) for b in ld] for ld in loaders] == expected
     assert {len(ld) for ld in loaders} == {1}
-    assert all("5 eval sequences" in ld.shortfall and "data.val_fraction" in ld.shortfall
-               for ld in loaders)
+    assert all("5 eval sequences" in ld.shortfall and "data.val_fraction" in ld.shortfall for ld in loaders)
     assert build_eval_loader(meta, seq_len=S, micro_batch_size=1, num_batches=5).shortfall is None
 
 

@@ -13,8 +13,9 @@ S, G = 8, 8
 
 
 def _gathered_global_batches(rank, world, data_dir, steps):
-    loader = build_train_loader(data_dir, seq_len=S, global_batch_size=G, micro_batch_size=2,
-                                dp_rank=rank, dp_world=world, seed=5)
+    loader = build_train_loader(
+        data_dir, seq_len=S, global_batch_size=G, micro_batch_size=2, dp_rank=rank, dp_world=world, seed=5
+    )
     out = []
     for _ in range(steps):
         mine = torch.cat([next(loader)["input_ids"] for _ in range(loader.accum_steps)])
@@ -22,8 +23,9 @@ def _gathered_global_batches(rank, world, data_dir, steps):
         dist.all_gather(parts, mine)
         out.append(torch.cat(parts))
     n_eval = torch.tensor([0])
-    for _ in build_eval_loader(data_dir, seq_len=S, micro_batch_size=3, dp_rank=rank,
-                               dp_world=world, num_batches=50):
+    for _ in build_eval_loader(
+        data_dir, seq_len=S, micro_batch_size=3, dp_rank=rank, dp_world=world, num_batches=50
+    ):
         dist.all_reduce(torch.zeros(1))  # as the trainer's eval loop does after each batch
         n_eval += 1
     return out, int(n_eval)

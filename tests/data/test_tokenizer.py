@@ -32,10 +32,21 @@ def test_tokenizer_round_trips_what_raw_sentencepiece_loses():
     lines = ["def f(x):", "    return x + 1", "class A:", "    pass"] * 50
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=300,
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=300,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+    )
     tok = Tokenizer(model.getvalue())
     text = f"a{SPM_SPACE}b {ESCAPE}1\r\n\tz\x00"
     assert tok.sp.decode(tok.sp.encode(text)) != text  # the reason the escape exists

@@ -11,17 +11,38 @@ import pytest
 from deepseek_moe.config.data import DataConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-REAL_FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "dataclasses.py", "fnmatch.py",
-              "functools.py", "heapq.py", "json/__init__.py", "json/decoder.py", "keyword.py",
-              "numbers.py", "operator.py", "queue.py", "random.py", "shlex.py", "string.py",
-              "textwrap.py", "tokenize.py", "types.py", "weakref.py", "email/utils.py",
-              "collections/__init__.py", "logging/handlers.py"]
+REAL_FILES = [
+    "abc.py",
+    "bisect.py",
+    "colorsys.py",
+    "copy.py",
+    "dataclasses.py",
+    "fnmatch.py",
+    "functools.py",
+    "heapq.py",
+    "json/__init__.py",
+    "json/decoder.py",
+    "keyword.py",
+    "numbers.py",
+    "operator.py",
+    "queue.py",
+    "random.py",
+    "shlex.py",
+    "string.py",
+    "textwrap.py",
+    "tokenize.py",
+    "types.py",
+    "weakref.py",
+    "email/utils.py",
+    "collections/__init__.py",
+    "logging/handlers.py",
+]
 
 # name -> content; every one of these must come back byte for byte.
 EDGE_CASES = {
     "edge/crlf_tabs.py": "def f():\r\n\treturn 1  \r\n\r\n# trailing spaces   \n\n\n",
     "edge/unicode.py": "s = '\u2581 and \ue000 and \ue0001 and \ue0000\u2581' # é 中文 😀\n\x00\x0b\x0c"
-                       "</s><s><unk><pad> ▁▁x\n",
+    "</s><s><unk><pad> ▁▁x\n",
     "edge/no_final_newline.py": "x = 1",
     "edge/whitespace_only.py": "   \n\t\n",
     "edge/leading_space.py": "  indented first line\n",
@@ -54,9 +75,17 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def corpus_config(root: Path, out_dir: Path, **overrides) -> DataConfig:
-    kw = dict(name="tiny", source="local_text", path=str(root), file_pattern="*.py",
-              exclude_dirs=["skipme"], vocab_size=512, val_fraction=0.1, num_proc=2,
-              out_dir=str(out_dir))
+    kw = dict(
+        name="tiny",
+        source="local_text",
+        path=str(root),
+        file_pattern="*.py",
+        exclude_dirs=["skipme"],
+        vocab_size=512,
+        val_fraction=0.1,
+        num_proc=2,
+        out_dir=str(out_dir),
+    )
     kw.update(overrides)
     return DataConfig(**kw)
 

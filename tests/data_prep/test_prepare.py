@@ -106,9 +106,18 @@ def test_refuses_to_replace_a_directory_it_did_not_write(corpus, tmp_path):
 
 def test_cli_composes_the_data_group_and_feeds_the_loader(corpus, tmp_path, capsys):
     out = tmp_path / "cli"
-    main(["data=local_text", f"data.path={corpus[0]}", "data.file_pattern=*.py",
-          f"data.out_dir={out}", "data.vocab_size=400", "data.max_documents=8",
-          "data.num_proc=1", "data.val_fraction=0.25"])
+    main(
+        [
+            "data=local_text",
+            f"data.path={corpus[0]}",
+            "data.file_pattern=*.py",
+            f"data.out_dir={out}",
+            "data.vocab_size=400",
+            "data.max_documents=8",
+            "data.num_proc=1",
+            "data.val_fraction=0.25",
+        ]
+    )
     assert "train" in capsys.readouterr().out
     meta = load_meta(out)
     assert meta.vocab_size == 400 and meta.splits["val"].num_documents == 2
@@ -131,8 +140,9 @@ def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["data=local_text", f"data.path={tmp_path / 'none'}", f"data.out_dir={tmp_path / 'o'}"])
     assert exit_.value.code == 1
-    assert re.fullmatch(r"Data error: data.path=.*matches no files.*check data.path.*\n",
-                        capsys.readouterr().err)
+    assert re.fullmatch(
+        r"Data error: data.path=.*matches no files.*check data.path.*\n", capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         main(["data.vocab_siz=10"])
     err = capsys.readouterr().err

@@ -31,8 +31,16 @@ def jsonl_corpus(corpus, tmp_path_factory):
 
 
 def jsonl_config(root, out, **kw) -> DataConfig:
-    base = dict(name="js", source="json", path=str(root), text_column="content", vocab_size=512,
-                val_fraction=0.2, num_proc=1, out_dir=str(out))
+    base = dict(
+        name="js",
+        source="json",
+        path=str(root),
+        text_column="content",
+        vocab_size=512,
+        val_fraction=0.2,
+        num_proc=1,
+        out_dir=str(out),
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -56,19 +64,32 @@ def test_parquet_source_and_max_documents(jsonl_corpus, tmp_path):
 
     _, docs = jsonl_corpus
     pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
-    out = prepare(DataConfig(name="pq", source="parquet", path=str(tmp_path / "d.parquet"),
-                             vocab_size=512, max_documents=20, val_fraction=0.1, num_proc=1,
-                             out_dir=str(tmp_path / "out")))
+    out = prepare(
+        DataConfig(
+            name="pq",
+            source="parquet",
+            path=str(tmp_path / "d.parquet"),
+            vocab_size=512,
+            max_documents=20,
+            val_fraction=0.1,
+            num_proc=1,
+            out_dir=str(tmp_path / "out"),
+        )
+    )
     meta = load_meta(out)
     assert Counter(decode_split(meta, "train") + decode_split(meta, "val")) == Counter(docs[:20])
 
 
 # ---- bad input -----------------------------------------------------------------------------
 
+
 def test_missing_source_path(tmp_path):
     with pytest.raises(ValueError, match=r"matches no files.*check data.path"):
-        prepare(DataConfig(name="x", source="local_text", path=str(tmp_path / "nope"),
-                           out_dir=str(tmp_path / "out")))
+        prepare(
+            DataConfig(
+                name="x", source="local_text", path=str(tmp_path / "nope"), out_dir=str(tmp_path / "out")
+            )
+        )
     with pytest.raises(ValueError, match="needs data.path"):
         DataConfig(name="x", source="json")
 
@@ -78,11 +99,21 @@ def test_empty_source(tmp_path):
     (tmp_path / "src" / "a.txt").write_bytes(b"")
     (tmp_path / "src" / "b.txt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"all 2 files are empty or not UTF-8"):
-        prepare(DataConfig(name="x", source="local_text", path=str(tmp_path / "src"),
-                           out_dir=str(tmp_path / "out")))
+        prepare(
+            DataConfig(
+                name="x", source="local_text", path=str(tmp_path / "src"), out_dir=str(tmp_path / "out")
+            )
+        )
     with pytest.raises(ValueError, match=r"matches no files.*file_pattern='\*.md'"):
-        prepare(DataConfig(name="x", source="local_text", path=str(tmp_path / "src"),
-                           file_pattern="*.md", out_dir=str(tmp_path / "out")))
+        prepare(
+            DataConfig(
+                name="x",
+                source="local_text",
+                path=str(tmp_path / "src"),
+                file_pattern="*.md",
+                out_dir=str(tmp_path / "out"),
+            )
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -110,8 +141,11 @@ def test_tokenizer_model_reuse_and_bad_path(prepared, corpus, tmp_path):
     (tmp_path / "junk.model").write_bytes(b"junk")
     with pytest.raises(ValueError, match="is not a sentencepiece model"):
         prepare(corpus_config(corpus[0], tmp_path / "o", tokenizer_model=str(tmp_path / "junk.model")))
-    reused = prepare(corpus_config(corpus[0], tmp_path / "o", max_documents=5,
-                                   tokenizer_model=str(out / "tokenizer.model")))
+    reused = prepare(
+        corpus_config(
+            corpus[0], tmp_path / "o", max_documents=5, tokenizer_model=str(out / "tokenizer.model")
+        )
+    )
     assert (reused / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
     assert load_meta(reused).tokenizer_sha256 == load_meta(out).tokenizer_sha256
 
@@ -130,27 +164,39 @@ def test_hf_hub_source_without_network(jsonl_corpus, tmp_path, monkeypatch):
         return datasets.Dataset.from_dict({"story": docs, "n": list(range(len(docs)))})
 
     monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
-    cfg = DataConfig(name="hub", source="hf_hub", path="someone/stories", hf_name="en",
-                     hf_revision="abc123", text_column="story", vocab_size=512, num_proc=1,
-                     val_fraction=0.1, out_dir=str(tmp_path / "out"))
+    cfg = DataConfig(
+        name="hub",
+        source="hf_hub",
+        path="someone/stories",
+        hf_name="en",
+        hf_revision="abc123",
+        text_column="story",
+        vocab_size=512,
+        num_proc=1,
+        val_fraction=0.1,
+        out_dir=str(tmp_path / "out"),
+    )
     meta = load_meta(prepare(cfg))
     assert calls == [("someone/stories", "en", "train", "abc123", False)]
     assert Counter(decode_split(meta, "train") + decode_split(meta, "val")) == Counter(docs)
     with pytest.raises(ValueError, match=r"data.text_column='text' is not a column of hub"):
-        prepare(DataConfig(name="hub", source="hf_hub", path="someone/stories",
-                           out_dir=str(tmp_path / "out2")))
+        prepare(
+            DataConfig(name="hub", source="hf_hub", path="someone/stories", out_dir=str(tmp_path / "out2"))
+        )
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_datasets_cache_stays_in_the_temp_output(corpus, jsonl_corpus, tmp_path, monkeypatch,
-                                                 streaming):
+def test_datasets_cache_stays_in_the_temp_output(corpus, jsonl_corpus, tmp_path, monkeypatch, streaming):
     import datasets
 
     sentinel = tmp_path / "hf_cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", sentinel)
     monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", sentinel / "downloads")
-    prepare(corpus_config(corpus[0], tmp_path / "a", max_documents=8, vocab_size=400,
-                          val_fraction=0.3, streaming=streaming))
+    prepare(
+        corpus_config(
+            corpus[0], tmp_path / "a", max_documents=8, vocab_size=400, val_fraction=0.3, streaming=streaming
+        )
+    )
     prepare(jsonl_config(jsonl_corpus[0], tmp_path / "b", streaming=streaming))
     assert not sentinel.exists() or not any(sentinel.rglob("*"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf_cache") == ["a", "b"]

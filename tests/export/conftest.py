@@ -17,21 +17,38 @@ EP, STEPS, SEQ = 2, 2, 16
 
 def export_model_config(vocab_size: int) -> ModelConfig:
     """First layer dense, 2 shared experts, top-2 of 4 routed experts."""
-    return ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=3, num_heads=2,
-                       intermediate_size=64, first_k_dense=1, max_seq_len=SEQ, init_std=0.1,
-                       moe=MoEConfig(n_routed_experts=4, n_shared_experts=2, top_k=2,
-                                     moe_intermediate_size=16, n_groups=2, topk_groups=2))
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=2,
+        intermediate_size=64,
+        first_k_dense=1,
+        max_seq_len=SEQ,
+        init_std=0.1,
+        moe=MoEConfig(
+            n_routed_experts=4,
+            n_shared_experts=2,
+            top_k=2,
+            moe_intermediate_size=16,
+            n_groups=2,
+            topk_groups=2,
+        ),
+    )
 
 
 def _run_config(run_dir: Path, data_dir: Path, model: ModelConfig, precision: str, zero_stage: int):
     from deepseek_moe.config.data import DataConfig
     from deepseek_moe.config.train import OptimConfig, ParallelConfig, RunConfig, TrainerConfig
 
-    return RunConfig(run_dir=str(run_dir), model=model, optim=OptimConfig(warmup_steps=0),
-                     data=DataConfig(out_dir=str(data_dir), vocab_size=512),
-                     parallel=ParallelConfig(ep_size=EP, zero_stage=zero_stage),
-                     trainer=TrainerConfig(max_steps=STEPS, global_batch_size=4,
-                                           micro_batch_size=2, precision=precision))
+    return RunConfig(
+        run_dir=str(run_dir),
+        model=model,
+        optim=OptimConfig(warmup_steps=0),
+        data=DataConfig(out_dir=str(data_dir), vocab_size=512),
+        parallel=ParallelConfig(ep_size=EP, zero_stage=zero_stage),
+        trainer=TrainerConfig(max_steps=STEPS, global_batch_size=4, micro_batch_size=2, precision=precision),
+    )
 
 
 def _train_and_save(rank, world, run_cfgs, import_dir):
@@ -50,8 +67,9 @@ def _train_and_save(rank, world, run_cfgs, import_dir):
         torch.manual_seed(0)
         model = parallelize_moe(DeepSeekMoEForCausalLM(cfg.model), EP)
         opt = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                          config=build_ds_config(cfg, world, "cpu"))
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=opt, config=build_ds_config(cfg, world, "cpu")
+        )
         g = torch.Generator().manual_seed(rank)
         for _ in range(STEPS):
             window = torch.randint(0, cfg.model.vocab_size, (2, SEQ + 1), generator=g)
@@ -63,11 +81,13 @@ def _train_and_save(rank, world, run_cfgs, import_dir):
         engine.save_checkpoint(str(run_dir / "checkpoints"), tag=tag)
         torch.distributed.barrier()
         if rank == 0:
-            ckpt.atomic_write_bytes(run_dir / "config.yaml",
-                                    OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+            ckpt.atomic_write_bytes(
+                run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
+            )
             tag_dir = run_dir / "checkpoints" / tag
-            ckpt.mark_complete(tag_dir, STEPS, world,
-                               ckpt.describe_files(tag_dir, list(ckpt.checkpoint_files(tag_dir))))
+            ckpt.mark_complete(
+                tag_dir, STEPS, world, ckpt.describe_files(tag_dir, list(ckpt.checkpoint_files(tag_dir)))
+            )
         torch.distributed.barrier()
 
     from deepseek_moe.export import export
@@ -91,8 +111,16 @@ def tokenizer_data(tmp_path_factory) -> Path:
     from data_prep.prepare import ensure_prepared
 
     out = tmp_path_factory.mktemp("export_data") / "stdlib"
-    ensure_prepared(DataConfig(out_dir=str(out), max_documents=12, vocab_size=512,
-                               val_fraction=0.2, tokenizer_sentences=5000, num_proc=1))
+    ensure_prepared(
+        DataConfig(
+            out_dir=str(out),
+            max_documents=12,
+            vocab_size=512,
+            val_fraction=0.2,
+            tokenizer_sentences=5000,
+            num_proc=1,
+        )
+    )
     return out
 
 
@@ -107,7 +135,9 @@ def ep2_runs(tmp_path_factory, tokenizer_data) -> dict:
     root = tmp_path_factory.mktemp("export_runs")
     model = export_model_config(padded_vocab_size(load_meta(tokenizer_data).vocab_size))
     runs = {p: root / p for p in ("fp32", "bf16")}
-    cfgs = [_run_config(runs["fp32"], tokenizer_data, model, "fp32", zero_stage=1),
-            _run_config(runs["bf16"], tokenizer_data, model, "bf16", zero_stage=2)]
+    cfgs = [
+        _run_config(runs["fp32"], tokenizer_data, model, "fp32", zero_stage=1),
+        _run_config(runs["bf16"], tokenizer_data, model, "bf16", zero_stage=2),
+    ]
     results = run_distributed(_train_and_save, 2, cfgs, root / "ep2_import", timeout=300)
     return {**runs, "ep2_import": results[0]}

@@ -17,14 +17,39 @@ from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
 # The keyword arguments of `DeepseekConfig.__init__` in the release's configuration_deepseek.py
 # (deepseek-ai/deepseek-moe-16b-base), plus what PretrainedConfig serialises with them.
 RELEASE_CONFIG_FIELDS = {
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_shared_experts",
-    "n_routed_experts", "num_experts_per_tok", "moe_layer_freq", "first_k_dense_replace",
-    "norm_topk_prob", "scoring_func", "aux_loss_alpha", "seq_aux", "hidden_act",
-    "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache", "pad_token_id",
-    "bos_token_id", "eos_token_id", "pretraining_tp", "tie_word_embeddings", "rope_theta",
-    "rope_scaling", "attention_bias", "attention_dropout",
-    "architectures", "model_type", "torch_dtype",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "n_shared_experts",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_layer_freq",
+    "first_k_dense_replace",
+    "norm_topk_prob",
+    "scoring_func",
+    "aux_loss_alpha",
+    "seq_aux",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pretraining_tp",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+    "attention_dropout",
+    "architectures",
+    "model_type",
+    "torch_dtype",
 }
 
 
@@ -40,17 +65,25 @@ def release_tensor_shapes(c: dict) -> dict[str, tuple]:
     hd = D // c["num_attention_heads"]
 
     def mlp(prefix, width):
-        return {f"{prefix}.gate_proj.weight": (width, D), f"{prefix}.up_proj.weight": (width, D),
-                f"{prefix}.down_proj.weight": (D, width)}
+        return {
+            f"{prefix}.gate_proj.weight": (width, D),
+            f"{prefix}.up_proj.weight": (width, D),
+            f"{prefix}.down_proj.weight": (D, width),
+        }
 
     out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        out.update({f"{p}.self_attn.q_proj.weight": (c["num_attention_heads"] * hd, D),
-                    f"{p}.self_attn.k_proj.weight": (c["num_key_value_heads"] * hd, D),
-                    f"{p}.self_attn.v_proj.weight": (c["num_key_value_heads"] * hd, D),
-                    f"{p}.self_attn.o_proj.weight": (D, c["num_attention_heads"] * hd),
-                    f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,)})
+        out.update(
+            {
+                f"{p}.self_attn.q_proj.weight": (c["num_attention_heads"] * hd, D),
+                f"{p}.self_attn.k_proj.weight": (c["num_key_value_heads"] * hd, D),
+                f"{p}.self_attn.v_proj.weight": (c["num_key_value_heads"] * hd, D),
+                f"{p}.self_attn.o_proj.weight": (D, c["num_attention_heads"] * hd),
+                f"{p}.input_layernorm.weight": (D,),
+                f"{p}.post_attention_layernorm.weight": (D,),
+            }
+        )
         if c["n_routed_experts"] and i >= c["first_k_dense_replace"] and i % c["moe_layer_freq"] == 0:
             H = c["moe_intermediate_size"]
             out[f"{p}.mlp.gate.weight"] = (c["n_routed_experts"], D)
@@ -83,9 +116,14 @@ def test_config_fields_are_the_releases(exported, ep2_runs):
     assert set(config) == RELEASE_CONFIG_FIELDS
     cfg = find_source(ep2_runs["fp32"]).run_cfg.model
     assert config["model_type"] == "deepseek" and config["architectures"] == ["DeepseekForCausalLM"]
-    assert (config["num_hidden_layers"], config["first_k_dense_replace"], config["n_routed_experts"],
-            config["n_shared_experts"], config["num_experts_per_tok"],
-            config["moe_intermediate_size"]) == (3, 1, 4, 2, 2, 16)
+    assert (
+        config["num_hidden_layers"],
+        config["first_k_dense_replace"],
+        config["n_routed_experts"],
+        config["n_shared_experts"],
+        config["num_experts_per_tok"],
+        config["moe_intermediate_size"],
+    ) == (3, 1, 4, 2, 2, 16)
     assert config["scoring_func"] == "softmax" and config["norm_topk_prob"] is False
     assert config["moe_layer_freq"] == 1 and config["vocab_size"] == cfg.vocab_size
     assert config["torch_dtype"] == "float32"
@@ -157,19 +195,43 @@ def test_import_at_ep2_gives_every_rank_its_experts(ep2_runs):
 
 # config.json of DeepSeek's published deepseek-moe-16b-base.
 RELEASE_16B_CONFIG = {
-    "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
-                 "AutoModel": "modeling_deepseek.DeepseekModel",
-                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
-    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001,
-    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
-    "initializer_range": 0.02, "intermediate_size": 10944, "max_position_embeddings": 4096,
-    "model_type": "deepseek", "moe_intermediate_size": 1408, "moe_layer_freq": 1,
-    "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
-    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 28,
-    "num_key_value_heads": 16, "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_scaling": None,
-    "rope_theta": 10000, "scoring_func": "softmax", "seq_aux": True, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": True,
+    "architectures": ["DeepseekForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekConfig",
+        "AutoModel": "modeling_deepseek.DeepseekModel",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    },
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 10944,
+    "max_position_embeddings": 4096,
+    "model_type": "deepseek",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 16,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0",
+    "use_cache": True,
     "vocab_size": 102400,
 }
 
@@ -183,8 +245,11 @@ def test_16b_preset_is_the_published_16b():
     from deepseek_moe.export.importer import config_differences
     from tests.train.helpers import REPO
 
-    preset = OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/deepseek_moe_16b.yaml")))
+    preset = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/deepseek_moe_16b.yaml")
+        )
+    )
     assert config_differences(preset, deepseek.model_config_fields(RELEASE_16B_CONFIG)) == []
     ours = deepseek.config_json(preset, dtype=torch.bfloat16, special_ids={"bos": 100000, "eos": 100001})
     assert set(ours) == set(RELEASE_16B_CONFIG) - {"auto_map", "transformers_version"}

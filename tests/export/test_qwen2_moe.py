@@ -35,8 +35,7 @@ def test_transformers_logits_equal_ours(ep2_runs, exported):
     from transformers import AutoModelForCausalLM
 
     ours, src = _ours(ep2_runs["fp32"])
-    hf, info = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32,
-                                                    output_loading_info=True)
+    hf, info = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32, output_loading_info=True)
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert hf.config.mlp_only_layers == [0] and hf.config.num_experts_per_tok == 2
@@ -89,8 +88,13 @@ def test_shared_expert_gate_is_neutralised_exactly():
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         ours = SwiGLU(32, 2 * 16).to(dtype)
-        cfg = Qwen2MoeConfig(hidden_size=32, moe_intermediate_size=16, num_experts=4,
-                             num_experts_per_tok=2, shared_expert_intermediate_size=32)
+        cfg = Qwen2MoeConfig(
+            hidden_size=32,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=32,
+        )
         block = Qwen2MoeSparseMoeBlock(cfg).to(dtype)
         weights = {f"model.layers.0.mlp.shared_experts.{k}": v for k, v in ours.state_dict().items()}
         weights["model.embed_tokens.weight"] = torch.zeros(1, 32, dtype=dtype)
@@ -98,7 +102,8 @@ def test_shared_expert_gate_is_neutralised_exactly():
         with torch.no_grad():
             for name in ("gate_proj", "up_proj", "down_proj"):
                 block.shared_expert.get_submodule(name).weight.copy_(
-                    mapped[f"model.layers.0.mlp.shared_expert.{name}.weight"])
+                    mapped[f"model.layers.0.mlp.shared_expert.{name}.weight"]
+                )
             block.shared_expert_gate.weight.copy_(mapped["model.layers.0.mlp.shared_expert_gate.weight"])
             x = torch.randn(64, 32).to(dtype)
             hf = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
@@ -108,9 +113,14 @@ def test_shared_expert_gate_is_neutralised_exactly():
 def _one_moe_layer_config():
     from deepseek_moe.config.model import ModelConfig, MoEConfig
 
-    return ModelConfig(vocab_size=1, hidden_size=32, num_layers=1, num_heads=2, first_k_dense=0,
-                       moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=2,
-                                     moe_intermediate_size=16))
+    return ModelConfig(
+        vocab_size=1,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        first_k_dense=0,
+        moe=MoEConfig(n_routed_experts=4, top_k=2, n_shared_experts=2, moe_intermediate_size=16),
+    )
 
 
 @pytest.mark.parametrize("fmt", ["qwen2_moe", "deepseek"])
@@ -123,17 +133,28 @@ def test_no_shared_experts_tied_embeddings_and_free_head_dim(fmt, tmp_path):
     from deepseek_moe.export import FORMATS, hf_dir
     from deepseek_moe.export.importer import read_model_config
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                      head_dim=24 if fmt == "qwen2_moe" else None, intermediate_size=48,
-                      max_seq_len=16, init_std=0.1, tie_embeddings=True,
-                      moe=MoEConfig(n_routed_experts=4, n_shared_experts=0, top_k=2,
-                                    moe_intermediate_size=8, norm_topk_prob=True))
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=24 if fmt == "qwen2_moe" else None,
+        intermediate_size=48,
+        max_seq_len=16,
+        init_std=0.1,
+        tie_embeddings=True,
+        moe=MoEConfig(
+            n_routed_experts=4, n_shared_experts=0, top_k=2, moe_intermediate_size=8, norm_topk_prob=True
+        ),
+    )
     torch.manual_seed(0)
     ours = DeepSeekMoEForCausalLM(cfg).eval()
     layout = FORMATS[fmt]
     hf_dir.write_safetensors(tmp_path, layout.to_tensors(ours.state_dict(), cfg))
-    hf_dir.write_json(tmp_path / "config.json", layout.config_json(cfg, dtype=torch.float32,
-                                                                   special_ids={"eos": 2}))
+    hf_dir.write_json(
+        tmp_path / "config.json", layout.config_json(cfg, dtype=torch.float32, special_ids={"eos": 2})
+    )
     _, fields = read_model_config(tmp_path)
     from deepseek_moe.export.importer import config_differences
 

@@ -28,15 +28,26 @@ def test_plain_model_is_representable_in_both_formats():
 
 
 def test_every_difference_is_named():
-    cfg = _cfg(topk_groups=1, scoring_func="sigmoid", routed_scaling_factor=2.5,
-               bias_update_rate=1e-3, capacity_factor=1.0)
+    cfg = _cfg(
+        topk_groups=1,
+        scoring_func="sigmoid",
+        routed_scaling_factor=2.5,
+        bias_update_rate=1e-3,
+        capacity_factor=1.0,
+    )
     cfg = dataclasses.replace(cfg, head_dim=48)
     with pytest.raises(ExportError) as err:
         check_representable(cfg, "deepseek", Accept(), head_dim_free=False)
     msg = str(err.value)
-    for needle in ("topk_groups=1 < moe.n_groups=4", "--drop-group-limit", "bias_update_rate",
-                   "--drop-router-bias", "scoring_func='sigmoid'", "routed_scaling_factor=2.5",
-                   "head_dim=48"):
+    for needle in (
+        "topk_groups=1 < moe.n_groups=4",
+        "--drop-group-limit",
+        "bias_update_rate",
+        "--drop-router-bias",
+        "scoring_func='sigmoid'",
+        "routed_scaling_factor=2.5",
+        "head_dim=48",
+    ):
         assert needle in msg
     assert "capacity" not in msg  # capacity dropping never happens at inference
     with pytest.raises(ExportError) as err:  # qwen2_moe has a head_dim field
@@ -46,12 +57,14 @@ def test_every_difference_is_named():
 
 def test_flags_accept_only_their_documented_change():
     both = Accept(drop_group_limit=True, drop_router_bias=True)
-    accepted = check_representable(_cfg(topk_groups=1, bias_update_rate=1e-3), "deepseek", both,
-                                   head_dim_free=False)
+    accepted = check_representable(
+        _cfg(topk_groups=1, bias_update_rate=1e-3), "deepseek", both, head_dim_free=False
+    )
     assert len(accepted) == 2 and "plain top-2" in accepted[0]
     with pytest.raises(ExportError, match="scoring_func"):
-        check_representable(_cfg(topk_groups=1, scoring_func="sigmoid"), "deepseek", both,
-                            head_dim_free=False)
+        check_representable(
+            _cfg(topk_groups=1, scoring_func="sigmoid"), "deepseek", both, head_dim_free=False
+        )
 
 
 def test_non_empty_out_needs_force_and_failures_leave_nothing(ep2_runs, tmp_path, monkeypatch):
@@ -92,8 +105,10 @@ def test_init_from_names_each_mismatching_field(ep2_runs, tmp_path):
     cfg = find_source(ep2_runs["fp32"]).run_cfg.model
     assert config_differences(cfg, fields) == []
     other = dataclasses.replace(cfg, hidden_size=48, moe=dataclasses.replace(cfg.moe, top_k=3))
-    assert config_differences(other, fields) == ["model.hidden_size=48 (checkpoint: 32)",
-                                                 "model.moe.top_k=3 (checkpoint: 2)"]
+    assert config_differences(other, fields) == [
+        "model.hidden_size=48 (checkpoint: 32)",
+        "model.moe.top_k=3 (checkpoint: 2)",
+    ]
     run_cfg = find_source(ep2_runs["fp32"]).run_cfg
     run_cfg.model = dataclasses.replace(other, init_from=str(tmp_path / "m"), vocab_size=7)
     with pytest.raises(ConfigError, match=r"hidden_size=48 \(checkpoint: 32\); model.moe.top_k=3"):
@@ -113,20 +128,37 @@ def test_train_starts_from_init_from(ep2_runs, tokenizer_data, tmp_path):
     export(ep2_runs["fp32"], tmp_path / "init")
     m = find_source(ep2_runs["fp32"]).run_cfg.model
     overrides = [
-        f"model.init_from={tmp_path / 'init'}", f"run_dir={tmp_path / 'run'}",
-        f"data.out_dir={tokenizer_data}", "data.max_documents=12", "data.vocab_size=512",
-        "data.val_fraction=0.2", "data.tokenizer_sentences=5000", "data.num_proc=1",
-        f"model.hidden_size={m.hidden_size}", f"model.num_layers={m.num_layers}",
-        f"model.num_heads={m.num_heads}", f"model.num_kv_heads={m.num_kv_heads}",
-        f"model.head_dim={m.head_dim}", f"model.intermediate_size={m.intermediate_size}",
-        f"model.max_seq_len={m.max_seq_len}", f"model.first_k_dense={m.first_k_dense}",
-        f"model.moe.n_routed_experts={m.moe.n_routed_experts}", f"model.moe.top_k={m.moe.top_k}",
+        f"model.init_from={tmp_path / 'init'}",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.out_dir={tokenizer_data}",
+        "data.max_documents=12",
+        "data.vocab_size=512",
+        "data.val_fraction=0.2",
+        "data.tokenizer_sentences=5000",
+        "data.num_proc=1",
+        f"model.hidden_size={m.hidden_size}",
+        f"model.num_layers={m.num_layers}",
+        f"model.num_heads={m.num_heads}",
+        f"model.num_kv_heads={m.num_kv_heads}",
+        f"model.head_dim={m.head_dim}",
+        f"model.intermediate_size={m.intermediate_size}",
+        f"model.max_seq_len={m.max_seq_len}",
+        f"model.first_k_dense={m.first_k_dense}",
+        f"model.moe.n_routed_experts={m.moe.n_routed_experts}",
+        f"model.moe.top_k={m.moe.top_k}",
         f"model.moe.n_shared_experts={m.moe.n_shared_experts}",
         f"model.moe.moe_intermediate_size={m.moe.moe_intermediate_size}",
-        "model.moe.n_groups=1", "model.moe.topk_groups=1",
-        "optim.lr=1e-30", "optim.weight_decay=0", "optim.warmup_steps=0", "trainer.max_steps=1",
-        "trainer.global_batch_size=2", "trainer.micro_batch_size=2", "trainer.eval_every=0",
-        "logger=none"]
+        "model.moe.n_groups=1",
+        "model.moe.topk_groups=1",
+        "optim.lr=1e-30",
+        "optim.weight_decay=0",
+        "optim.warmup_steps=0",
+        "trainer.max_steps=1",
+        "trainer.global_batch_size=2",
+        "trainer.micro_batch_size=2",
+        "trainer.eval_every=0",
+        "logger=none",
+    ]
     run_train(overrides)
     got, _ = read_weights(find_source(tmp_path / "run"))
     want, _ = read_weights(find_source(ep2_runs["fp32"]))

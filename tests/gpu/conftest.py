@@ -1,6 +1,6 @@
 """Tests that need a CUDA device: every test here is marked `gpu` and skipped without CUDA.
 
-    python -m pytest -q -m gpu tests/gpu        # on a GPU machine (bench/gpu/acceptance.sh runs it)
+python -m pytest -q -m gpu tests/gpu        # on a GPU machine (bench/gpu/acceptance.sh runs it)
 """
 
 import pytest

@@ -11,8 +11,9 @@ def _one_rank(rank, world, backend):
 
     from deepseek_moe.train.distributed import all_reduce_dict, all_reduce_max_flag
 
-    torch.distributed.init_process_group(backend, rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=60))
+    torch.distributed.init_process_group(
+        backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     torch.cuda.set_device(0)
     out = {}
     for device in ("cuda", "cpu"):
@@ -23,8 +24,10 @@ def _one_rank(rank, world, backend):
         except RuntimeError as err:
             out[device] = str(err).splitlines()[0]
     # our helpers put their tensors on the run's device
-    out["helpers"] = (all_reduce_max_flag(True, torch.device("cuda")),
-                      all_reduce_dict({"a": torch.tensor(2.0, device="cuda")}, torch.device("cuda")))
+    out["helpers"] = (
+        all_reduce_max_flag(True, torch.device("cuda")),
+        all_reduce_dict({"a": torch.tensor(2.0, device="cuda")}, torch.device("cuda")),
+    )
     return out
 
 

@@ -55,8 +55,10 @@ def test_train_step_syncs_once_per_step():
     trainer.cfg.model.moe = None
     trainer.engine = _FakeEngine("cuda")
     trainer.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
-    batches = iter([{"input_ids": torch.zeros(1, 1, dtype=torch.long),
-                     "labels": torch.zeros(1, 1, dtype=torch.long)}] * ACCUM)
+    batches = iter(
+        [{"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.zeros(1, 1, dtype=torch.long)}]
+        * ACCUM
+    )
     with _count_syncs() as syncs:
         trainer._train_step(batches)
     # the batches go up pinned and non-blocking (no sync); the one read of the summed losses is

@@ -46,7 +46,15 @@ def main(argv: list[str]) -> int:
     ckpt = os.path.join(run_dir, "checkpoint.json")
     step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
     with open(os.path.join(run_dir, f"launch_rank{rank}.jsonl"), "a") as f:
-        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+        keys = (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "NODE_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        )
         env = {k: os.environ[k] for k in keys}
         env["node"] = os.environ["SLURMD_NODENAME"]  # where SLURM placed this task
         f.write(json.dumps({"resume_step": step, "job": os.environ["SLURM_JOB_ID"], "env": env}) + "\n")

@@ -80,11 +80,16 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_conf()
-            self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+            self.env = {
+                k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+            }
             self.env["SLURM_CONF"] = str(self.root / "slurm.conf")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.root / "slurm.conf")])
             for node in self.nodes:
-                self._spawn(f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node, "-f", str(self.root / "slurm.conf")])
+                self._spawn(
+                    f"slurmd-{node}",
+                    [_which("slurmd"), "-D", "-N", node, "-f", str(self.root / "slurm.conf")],
+                )
             self._wait_idle(timeout)
         except BaseException:
             self.stop()
@@ -94,7 +99,11 @@ class SlurmCluster:
         log = open(self.root / "log" / f"{name}.stdout", "wb")
         # Own session: the daemons ignore the terminal's ^C; stop() signals them by pid.
         self.procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env or None,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=self.env or None,
             preexec_fn=_die_with_parent,
         )
         log.close()
@@ -106,7 +115,9 @@ class SlurmCluster:
         run_dir.mkdir(mode=0o755)
         (self.root / "log").mkdir()
         key = key_dir / "munge.key"
-        subprocess.run([_which("mungekey"), "--create", "--keyfile", str(key)], check=True, capture_output=True)
+        subprocess.run(
+            [_which("mungekey"), "--create", "--keyfile", str(key)], check=True, capture_output=True
+        )
         self.munge_socket = run_dir / "munge.socket"
         cmd = [
             _which("munged"), "--foreground", f"--key-file={key}", f"--socket={self.munge_socket}",
@@ -143,8 +154,7 @@ class SlurmCluster:
                 f"add '127.0.0.1 {host}' to /etc/hosts"
             ) from None
         return "\n".join(
-            f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} {hw} "
-            "RealMemory=1000 State=UNKNOWN"
+            f"NodeName={node} NodeAddr=127.0.0.1 Port={free_port()} {hw} RealMemory=1000 State=UNKNOWN"
             for node in self.nodes
         )
 
@@ -246,7 +256,9 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         out = self.run(["scontrol", "-o", "show", "job", str(job_id)]).stdout
         return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out))
 
-    def wait_job(self, job_id: int, states: set[str], timeout: float, min_restarts: int = 0) -> dict[str, str]:
+    def wait_job(
+        self, job_id: int, states: set[str], timeout: float, min_restarts: int = 0
+    ) -> dict[str, str]:
         """Poll until the job is in one of `states` with Restarts >= min_restarts."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}

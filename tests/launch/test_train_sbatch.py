@@ -55,7 +55,9 @@ def test_scontrol_requeue_resumes(slurm_cluster, fake_repo, tmp_path):
     """SIGTERM path: SLURM signals the tasks, they checkpoint, SLURM requeues the job. (Preemption
     with PreemptMode=REQUEUE also ends a job with SIGTERM and requeues it; not set up here.)"""
     run_dir = tmp_path / "runs" / "fake-term"
-    job = submit(slurm_cluster, fake_repo, tmp_path, "fake-term", ["trainer.max_steps=10", "step_seconds=0.3"])
+    job = submit(
+        slurm_cluster, fake_repo, tmp_path, "fake-term", ["trainer.max_steps=10", "step_seconds=0.3"]
+    )
     wait_for_steps(slurm_cluster, job, run_dir / "metrics.jsonl", 2)
     slurm_cluster.run(["scontrol", "requeue", str(job)])
     info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=90, min_restarts=1)
@@ -88,18 +90,23 @@ def test_usr1_during_startup_still_requeues(slurm_cluster, fake_repo, tmp_path):
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
     info = slurm_cluster.wait_job(job, {"COMPLETED"}, timeout=90, min_restarts=1)
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
-    assert [r["resume_step"] for r in read_jsonl(run_dir / "launch_rank0.jsonl")] == [0]  # first launch died early
+    assert [r["resume_step"] for r in read_jsonl(run_dir / "launch_rank0.jsonl")] == [
+        0
+    ]  # first launch died early
     assert "(status 138)" in slurm_cluster.job_log(info)
 
 
 def test_two_nodes_two_tasks_each(slurm_cluster_2nodes, fake_repo, tmp_path):
     """A real 2-node allocation (two slurmd on this machine): 4 ranks, 2 per node, one group."""
     cluster = slurm_cluster_2nodes
-    job = submit(cluster, fake_repo, tmp_path, "fake-2n", ["trainer.max_steps=2", "step_seconds=0.1"], nodes=2)
+    job = submit(
+        cluster, fake_repo, tmp_path, "fake-2n", ["trainer.max_steps=2", "step_seconds=0.1"], nodes=2
+    )
     info = cluster.wait_job(job, {"COMPLETED"}, timeout=90)
     run_dir = tmp_path / "runs" / "fake-2n"
     assert [(m["step"], m["world_size"], m["ranks_sum"]) for m in read_jsonl(run_dir / "metrics.jsonl")] == [
-        (1, 4, 6.0), (2, 4, 6.0),  # 0 + 1 + 2 + 3: all four ranks in one all_reduce
+        (1, 4, 6.0),
+        (2, 4, 6.0),  # 0 + 1 + 2 + 3: all four ranks in one all_reduce
     ], cluster.job_log(info)
     for rank in range(4):
         (launch,) = read_jsonl(run_dir / f"launch_rank{rank}.jsonl")

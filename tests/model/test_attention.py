@@ -15,8 +15,7 @@ from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
 
 def _sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _bmm(q, k, v, rows=None):
@@ -112,8 +111,7 @@ def test_auto_module_calls_the_chosen_path(monkeypatch):
     attn = Attention(cfg)
     calls = []
     real = attention_mod.causal_bmm_attention
-    monkeypatch.setattr(attention_mod, "causal_bmm_attention",
-                        lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention_mod, "causal_bmm_attention", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 16, 32)
     y_bmm = attn(x)
     assert calls == [1]
@@ -134,10 +132,18 @@ def test_model_loss_and_grads_equal_for_sdpa_and_bmm(num_kv_heads):
     losses, grads = {}, {}
     ids = torch.randint(0, 64, (2, 131), generator=torch.Generator().manual_seed(0))
     for impl in ("sdpa", "bmm"):
-        cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                          num_kv_heads=num_kv_heads, intermediate_size=48, max_seq_len=131,
-                          init_std=0.05, attn_impl=impl,
-                          moe=MoEConfig(n_routed_experts=4, top_k=2, moe_intermediate_size=16))
+        cfg = ModelConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=num_kv_heads,
+            intermediate_size=48,
+            max_seq_len=131,
+            init_std=0.05,
+            attn_impl=impl,
+            moe=MoEConfig(n_routed_experts=4, top_k=2, moe_intermediate_size=16),
+        )
         torch.manual_seed(0)
         model = DeepSeekMoEForCausalLM(cfg)
         out = model(ids, ids.roll(-1, dims=1))

@@ -52,15 +52,27 @@ def test_defaults_resolve_head_dim_and_kv_heads():
 @pytest.mark.parametrize(
     "cfg",
     [
-        ModelConfig(vocab_size=50, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=40,
-                    moe=MoEConfig(n_routed_experts=8, n_shared_experts=2, top_k=2,
-                                  moe_intermediate_size=12)),
-        ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=12, intermediate_size=40, first_k_dense=0, tie_embeddings=True,
-                    moe=MoEConfig(n_routed_experts=4, n_shared_experts=0, top_k=1,
-                                  moe_intermediate_size=12)),
-        ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=40,
-                    moe=None),
+        ModelConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_layers=3,
+            num_heads=4,
+            intermediate_size=40,
+            moe=MoEConfig(n_routed_experts=8, n_shared_experts=2, top_k=2, moe_intermediate_size=12),
+        ),
+        ModelConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=12,
+            intermediate_size=40,
+            first_k_dense=0,
+            tie_embeddings=True,
+            moe=MoEConfig(n_routed_experts=4, n_shared_experts=0, top_k=1, moe_intermediate_size=12),
+        ),
+        ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=40, moe=None),
     ],
     ids=["moe", "gqa-tied-noshared", "dense"],
 )
@@ -71,16 +83,23 @@ def test_num_params_matches_built_model(cfg):
     inactive = 0
     if cfg.moe is not None:
         m = cfg.moe
-        inactive = cfg.num_moe_layers * (m.n_routed_experts - m.top_k) * 3 * cfg.hidden_size * m.moe_intermediate_size
+        inactive = (
+            cfg.num_moe_layers
+            * (m.n_routed_experts - m.top_k)
+            * 3
+            * cfg.hidden_size
+            * m.moe_intermediate_size
+        )
     assert cfg.num_active_params() == cfg.num_params() - inactive
 
 
 def test_flops_per_token_hand_computed():
     # Dense, untied: V=10, d=8, 1 layer, 2 heads x 4, FFN 16, S=5.
-    cfg = ModelConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
-                      max_seq_len=5, moe=None)
+    cfg = ModelConfig(
+        vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, max_seq_len=5, moe=None
+    )
     matmul = 4 * 8 * 8 + 3 * 8 * 16 + 10 * 8  # attention, FFN, LM head (embedding lookup excluded)
-    attn = 4 * 8 * 5                          # QK^T and AV: 2 x 2 x (H*hd) x S
+    attn = 4 * 8 * 5  # QK^T and AV: 2 x 2 x (H*hd) x S
     assert cfg.flops_per_token() == 3 * (2 * matmul + attn)
 
 
@@ -131,8 +150,13 @@ def test_overrides_and_unknown_preset():
 
 
 def test_summary_cli_prints_one_json_object():
-    res = subprocess.run([sys.executable, "-m", "deepseek_moe.summary", "model=deepseek_moe_tiny"],
-                         capture_output=True, text=True, check=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "deepseek_moe.summary", "model=deepseek_moe_tiny"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     out = json.loads(res.stdout)
     cfg = load_model_config("deepseek_moe_tiny")
     assert out["total_params"] == cfg.num_params()

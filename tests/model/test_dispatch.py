@@ -9,8 +9,8 @@ def test_dispatch_groups_copies_by_expert_and_skips_dropped():
     x = torch.arange(4, dtype=torch.float32).view(4, 1).expand(4, 3).contiguous()  # row t = t
     ids = torch.tensor([[2, 0], [0, -1], [2, 3], [-1, 0]])
     x_ND, counts, _ = LocalDispatcher().dispatch(x, ids, torch.ones(ids.shape), num_experts=5)
-    assert counts.tolist() == [3, 0, 2, 1, 0]                    # includes empty experts
-    assert x_ND[:, 0].tolist() == [0, 1, 3, 0, 2, 2]             # expert 0: t0,t1,t3; 2: t0,t2; 3: t2
+    assert counts.tolist() == [3, 0, 2, 1, 0]  # includes empty experts
+    assert x_ND[:, 0].tolist() == [0, 1, 3, 0, 2, 2]  # expert 0: t0,t1,t3; 2: t0,t2; 3: t2
 
 
 def test_combine_is_weighted_inverse():

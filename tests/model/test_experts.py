@@ -25,7 +25,7 @@ def _reference(module: RoutedExperts, x_ND: torch.Tensor, counts: list[int]) -> 
     out, start = [], 0
     for l, n in enumerate(counts):
         gate, up, down = module.expert_weights(l)
-        x = x_ND[start:start + n]
+        x = x_ND[start : start + n]
         out.append(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))
         start += n
     return torch.cat(out)
@@ -48,8 +48,7 @@ def test_auto_picks_grouped_on_cuda_and_loop_on_cpu():
     assert resolve_impl("grouped_mm", torch.device("cpu")) == "grouped_mm"
 
 
-@pytest.mark.parametrize("impl, multiple", [("grouped_mm", 1), ("loop", 1), ("loop", 5),
-                                            ("loop", 32)])
+@pytest.mark.parametrize("impl, multiple", [("grouped_mm", 1), ("loop", 1), ("loop", 5), ("loop", 32)])
 def test_paths_give_the_per_expert_result(monkeypatch, impl, multiple):
     """fp32 (the loop with padding forced on too): outputs and every gradient equal the
     per-expert math, including an expert with no rows and counts that are and are not
@@ -97,8 +96,7 @@ def test_bf16_paths_match_fp32_reference(impl):
 def test_state_dict_is_per_expert_and_round_trips():
     module = _experts(num=3)
     sd = module.state_dict()
-    assert sorted(sd) == sorted(f"{l}.{p}_proj.weight" for l in range(3)
-                                for p in ("gate", "up", "down"))
+    assert sorted(sd) == sorted(f"{l}.{p}_proj.weight" for l in range(3) for p in ("gate", "up", "down"))
     assert sd["2.up_proj.weight"].shape == (H, D) and sd["2.down_proj.weight"].shape == (D, H)
     torch.testing.assert_close(sd["1.gate_proj.weight"], module.gate_up_proj[1, :H])
     torch.testing.assert_close(sd["1.up_proj.weight"], module.gate_up_proj[1, H:])
@@ -123,6 +121,7 @@ def test_keep_experts_slices_the_stacks():
 
 def _count_ops(module, x, counts):
     from bench.bench_op_count import count_top_level_aten_ops
+
     return count_top_level_aten_ops(lambda: module(x, counts).sum().backward())
 
 

@@ -8,7 +8,7 @@ import torch
 from deepseek_moe.model import losses
 
 PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.2, 0.1, 0.3, 0.4]])  # P = [.15, .15, .3, .4]
-IDS = torch.tensor([[3, 2], [3, 1]])                               # counts [0, 1, 1, 2]
+IDS = torch.tensor([[3, 2], [3, 1]])  # counts [0, 1, 1, 2]
 
 
 def test_expert_balance_hand_computed():
@@ -33,12 +33,12 @@ def test_expert_balance_gradient_is_f_over_T():
 
 def test_seq_expert_balance_hand_computed():
     # Sequence 0: f = 4/2*[0,0,1,1], P = [.1,.2,.3,.4] -> 1.4; sequence 1: f = [0,2,0,2] -> 1.0.
-    out = losses.seq_expert_balance_loss(probs_BSE=PROBS.view(2, 1, 4), ids_BSK=IDS.view(2, 1, 2),
-                                         alpha=1.0)
+    out = losses.seq_expert_balance_loss(probs_BSE=PROBS.view(2, 1, 4), ids_BSK=IDS.view(2, 1, 2), alpha=1.0)
     torch.testing.assert_close(out, torch.tensor(1.2))
     # One sequence holding every token = the batch-level loss.
-    whole = losses.seq_expert_balance_loss(probs_BSE=PROBS.view(1, 2, 4), ids_BSK=IDS.view(1, 2, 2),
-                                           alpha=1.0)
+    whole = losses.seq_expert_balance_loss(
+        probs_BSE=PROBS.view(1, 2, 4), ids_BSK=IDS.view(1, 2, 2), alpha=1.0
+    )
     torch.testing.assert_close(whole, torch.tensor(1.25))
 
 

@@ -16,8 +16,14 @@ D = 16
 
 def _layer(seed=0, **kw) -> MoELayer:
     torch.manual_seed(seed)
-    cfg = MoEConfig(**{**dict(n_routed_experts=8, n_shared_experts=2, top_k=2,
-                              moe_intermediate_size=8, aux_loss_alpha=0.0), **kw})
+    cfg = MoEConfig(
+        **{
+            **dict(
+                n_routed_experts=8, n_shared_experts=2, top_k=2, moe_intermediate_size=8, aux_loss_alpha=0.0
+            ),
+            **kw,
+        }
+    )
     layer = MoELayer(D, cfg)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -33,8 +39,8 @@ def reference_moe(layer: MoELayer, x_TD: torch.Tensor, capacity=None) -> torch.T
     copies = []  # (t, k, expert, score)
     for t in range(x_TD.shape[0]):
         row = probs[t].tolist()
-        gmax = [max(row[g * per:(g + 1) * per]) for g in range(cfg.n_groups)]
-        keep = sorted(range(cfg.n_groups), key=lambda g: -gmax[g])[:cfg.topk_groups]
+        gmax = [max(row[g * per : (g + 1) * per]) for g in range(cfg.n_groups)]
+        keep = sorted(range(cfg.n_groups), key=lambda g: -gmax[g])[: cfg.topk_groups]
         allowed = [e for e in range(E) if e // per in keep]
         for k, e in enumerate(sorted(allowed, key=lambda e: -row[e])[:K]):
             copies.append((t, k, e, row[e]))
@@ -44,12 +50,16 @@ def reference_moe(layer: MoELayer, x_TD: torch.Tensor, capacity=None) -> torch.T
             mine = sorted([c for c in copies if c[2] == e], key=lambda c: (-c[3], c[0] * K + c[1]))
             kept += mine[:capacity]
         copies = kept
-    out = [layer.shared_experts(x_TD[t:t + 1])[0] if layer.shared_experts is not None
-           else torch.zeros(x_TD.shape[1]) for t in range(x_TD.shape[0])]
+    out = [
+        layer.shared_experts(x_TD[t : t + 1])[0]
+        if layer.shared_experts is not None
+        else torch.zeros(x_TD.shape[1])
+        for t in range(x_TD.shape[0])
+    ]
     for t, k, e, _ in copies:
         gate = probs[t, e] * cfg.routed_scaling_factor
         w_gate, w_up, w_down = layer.experts.expert_weights(e)
-        x = x_TD[t:t + 1]
+        x = x_TD[t : t + 1]
         y = F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
         out[t] = out[t] + gate * y[0]
     return torch.stack(out)
@@ -70,8 +80,7 @@ def _assert_grads_close(got, want):
 @pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_layer_matches_loop_reference(impl, groups):
-    layer = _layer(experts_impl=impl, n_groups=groups[0], topk_groups=groups[1],
-                   routed_scaling_factor=1.5)
+    layer = _layer(experts_impl=impl, n_groups=groups[0], topk_groups=groups[1], routed_scaling_factor=1.5)
     x = torch.randn(2, 9, D, requires_grad=True)
     y, aux = layer(x)
     assert aux == {} and y.shape == x.shape
@@ -113,8 +122,10 @@ def test_capacity_mask_matches_loop():
     kept = capacity_mask(ids, aff, num_experts=E, capacity=cap)
     ref = torch.zeros(T, K, dtype=torch.bool)
     for e in range(E):
-        mine = sorted([(t, k) for t in range(T) for k in range(K) if ids[t, k] == e],
-                      key=lambda c: (-aff[c].item(), c[0] * K + c[1]))
+        mine = sorted(
+            [(t, k) for t in range(T) for k in range(K) if ids[t, k] == e],
+            key=lambda c: (-aff[c].item(), c[0] * K + c[1]),
+        )
         for c in mine[:cap]:
             ref[c] = True
     assert torch.equal(kept, ref)
@@ -142,8 +153,14 @@ def test_capacity_dropping_matches_reference_and_reports(impl):
 
 
 def test_aux_losses_and_metrics_wired():
-    layer = _layer(aux_loss_alpha=0.01, device_aux_alpha=0.02, comm_aux_alpha=0.03,
-                   z_loss_coef=1e-3, n_groups=4, topk_groups=2)
+    layer = _layer(
+        aux_loss_alpha=0.01,
+        device_aux_alpha=0.02,
+        comm_aux_alpha=0.03,
+        z_loss_coef=1e-3,
+        n_groups=4,
+        topk_groups=2,
+    )
     layer.train()
     x = torch.randn(3, 5, D)
     _, aux = layer(x)
@@ -204,8 +221,10 @@ def test_apply_ep_keeps_this_ranks_experts_and_installs_the_dispatcher():
 
 # ---- HF transformers parity -------------------------------------------------------------------
 
-@pytest.mark.parametrize("topk_method, n_group, topk_group", [("greedy", 1, 1),
-                                                              ("group_limited_greedy", 4, 2)])
+
+@pytest.mark.parametrize(
+    "topk_method, n_group, topk_group", [("greedy", 1, 1), ("group_limited_greedy", 4, 2)]
+)
 def test_parity_with_hf_deepseek_v2_moe(topk_method, n_group, topk_group):
     """HF DeepseekV2Moe (eager experts) == ours. HF V2 never renormalises top-k gates and
     multiplies by routed_scaling_factor, like DeepSeekMoE/V2 (our norm_topk_prob=False)."""
@@ -213,13 +232,29 @@ def test_parity_with_hf_deepseek_v2_moe(topk_method, n_group, topk_group):
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
     E, H, K = 8, 8, 3
-    layer = _layer(n_routed_experts=E, moe_intermediate_size=H, top_k=K, n_shared_experts=2,
-                   n_groups=n_group, topk_groups=topk_group, routed_scaling_factor=1.3)
+    layer = _layer(
+        n_routed_experts=E,
+        moe_intermediate_size=H,
+        top_k=K,
+        n_shared_experts=2,
+        n_groups=n_group,
+        topk_groups=topk_group,
+        routed_scaling_factor=1.3,
+    )
     hf_cfg = transformers.DeepseekV2Config(
-        hidden_size=D, moe_intermediate_size=H, n_routed_experts=E, num_experts_per_tok=K,
-        n_shared_experts=2, n_group=n_group, topk_group=topk_group, topk_method=topk_method,
-        routed_scaling_factor=1.3, hidden_act="silu", num_attention_heads=4,
-        num_key_value_heads=4)
+        hidden_size=D,
+        moe_intermediate_size=H,
+        n_routed_experts=E,
+        num_experts_per_tok=K,
+        n_shared_experts=2,
+        n_group=n_group,
+        topk_group=topk_group,
+        topk_method=topk_method,
+        routed_scaling_factor=1.3,
+        hidden_act="silu",
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     hf = DeepseekV2Moe(hf_cfg).float()
     copy_moe_weights_to_hf(layer, hf)
     x = torch.randn(2, 11, D)
@@ -235,15 +270,34 @@ def test_parity_with_hf_deepseek_v3_moe_sigmoid_bias_norm():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     E, H, K = 8, 8, 3
-    layer = _layer(n_routed_experts=E, moe_intermediate_size=H, top_k=K, n_shared_experts=1,
-                   scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
-                   bias_update_rate=1e-3, n_groups=2, topk_groups=2)
+    layer = _layer(
+        n_routed_experts=E,
+        moe_intermediate_size=H,
+        top_k=K,
+        n_shared_experts=1,
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        bias_update_rate=1e-3,
+        n_groups=2,
+        topk_groups=2,
+    )
     with torch.no_grad():
         layer.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, E))
     hf_cfg = transformers.DeepseekV3Config(
-        hidden_size=D, moe_intermediate_size=H, n_routed_experts=E, num_experts_per_tok=K,
-        n_shared_experts=1, n_group=2, topk_group=2, norm_topk_prob=True,
-        routed_scaling_factor=2.5, hidden_act="silu", num_attention_heads=4, num_key_value_heads=4)
+        hidden_size=D,
+        moe_intermediate_size=H,
+        n_routed_experts=E,
+        num_experts_per_tok=K,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        hidden_act="silu",
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     hf = DeepseekV3MoE(hf_cfg).float()
     copy_moe_weights_to_hf(layer, hf)
     layer.eval()

@@ -53,7 +53,7 @@ def _loop_device_limited(scores, top_k, n_groups, topk_groups):
     out = []
     for t in range(T):
         row = scores[t].tolist()
-        gmax = [max(row[g * per:(g + 1) * per]) for g in range(n_groups)]
+        gmax = [max(row[g * per : (g + 1) * per]) for g in range(n_groups)]
         keep = sorted(range(n_groups), key=lambda g: -gmax[g])[:topk_groups]
         allowed = [e for e in range(E) if e // per in keep]
         out.append(set(sorted(allowed, key=lambda e: -row[e])[:top_k]))
@@ -79,8 +79,7 @@ def test_device_limited_with_all_groups_is_plain_topk():
     torch.testing.assert_close(ids, torch.topk(scores, 4).indices)
     # M = D must not change the rule for any grouping (and agrees with the loop reference).
     for g in (1, 2, 4, 6, 12):
-        torch.testing.assert_close(
-            device_limited_topk(scores, top_k=4, n_groups=g, topk_groups=g), ids)
+        torch.testing.assert_close(device_limited_topk(scores, top_k=4, n_groups=g, topk_groups=g), ids)
     assert [set(r) for r in ids.tolist()] == _loop_device_limited(scores, 4, 3, 3)
 
 

@@ -11,10 +11,23 @@ from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
 
 def _tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
-                max_seq_len=16, init_std=0.05,
-                moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2,
-                              moe_intermediate_size=16, n_groups=2, topk_groups=1))
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        intermediate_size=48,
+        max_seq_len=16,
+        init_std=0.05,
+        moe=MoEConfig(
+            n_routed_experts=8,
+            n_shared_experts=1,
+            top_k=2,
+            moe_intermediate_size=16,
+            n_groups=2,
+            topk_groups=1,
+        ),
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -28,11 +41,18 @@ def test_dense_model_matches_hf_llama(num_kv_heads):
     torch.manual_seed(0)
     ours = DeepSeekMoEForCausalLM(cfg)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     hf.load_state_dict(ours.state_dict(), strict=True)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
@@ -62,14 +82,24 @@ def test_loss_contract_shifted_labels_and_ignore_index():
 
 
 def test_aux_losses_summed_over_layers():
-    cfg = _tiny(moe=MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=16, n_groups=2,
-                              topk_groups=1, aux_loss_alpha=0.01, device_aux_alpha=0.1,
-                              z_loss_coef=1e-3))
+    cfg = _tiny(
+        moe=MoEConfig(
+            n_routed_experts=8,
+            top_k=2,
+            moe_intermediate_size=16,
+            n_groups=2,
+            topk_groups=1,
+            aux_loss_alpha=0.01,
+            device_aux_alpha=0.1,
+            z_loss_coef=1e-3,
+        )
+    )
     torch.manual_seed(0)
     model = DeepSeekMoEForCausalLM(cfg)
     per_layer = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: per_layer.append(o[1]))
-             for layer in model.moe_layers()]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: per_layer.append(o[1])) for layer in model.moe_layers()
+    ]
     out = model(torch.randint(0, 64, (2, 8)))
     for h in hooks:
         h.remove()
@@ -79,14 +109,12 @@ def test_aux_losses_summed_over_layers():
 
 
 def test_dense_model_has_zero_aux_loss():
-    out = DeepSeekMoEForCausalLM(_tiny(moe=None))(torch.randint(0, 64, (1, 4)),
-                                                torch.randint(0, 64, (1, 4)))
+    out = DeepSeekMoEForCausalLM(_tiny(moe=None))(torch.randint(0, 64, (1, 4)), torch.randint(0, 64, (1, 4)))
     assert out.aux_loss.item() == 0.0 and out.aux_losses == {}
 
 
 def test_router_metrics_and_bias_update():
-    cfg = _tiny(moe=MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=16,
-                              bias_update_rate=0.01))
+    cfg = _tiny(moe=MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=16, bias_update_rate=0.01))
     torch.manual_seed(0)
     model = DeepSeekMoEForCausalLM(cfg)
     model.train()
@@ -124,8 +152,17 @@ def test_tied_embeddings_share_storage():
 
 
 def test_tiny_model_overfits_fixed_batch():
-    cfg = _tiny(num_layers=2, moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2,
-                                            moe_intermediate_size=16, n_groups=2, topk_groups=1))
+    cfg = _tiny(
+        num_layers=2,
+        moe=MoEConfig(
+            n_routed_experts=8,
+            n_shared_experts=1,
+            top_k=2,
+            moe_intermediate_size=16,
+            n_groups=2,
+            topk_groups=1,
+        ),
+    )
     torch.manual_seed(0)
     model = DeepSeekMoEForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -147,8 +184,7 @@ def test_tiny_model_overfits_fixed_batch():
 def test_bf16_cast_keeps_router_and_rope_buffers_fp32():
     """DeepSpeed bf16 casts the whole module: the V3 bias, loads, stats and RoPE tables must not
     be rounded to bf16 (a 1e-3 bias step would vanish next to a bias of 1)."""
-    cfg = _tiny(moe=MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=16,
-                              bias_update_rate=1e-3))
+    cfg = _tiny(moe=MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=16, bias_update_rate=1e-3))
     torch.manual_seed(0)
     model = DeepSeekMoEForCausalLM(cfg)
     layer = next(model.moe_layers())

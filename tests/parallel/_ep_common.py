@@ -17,14 +17,29 @@ def tiny_config(**moe_overrides) -> ModelConfig:
     """Routing groups = the 2 EP ranks of the 2-process tests (the device/comm losses need
     n_groups == ep_size); 4-rank EP tests override n_groups."""
     moe = dict(
-        n_routed_experts=8, n_shared_experts=1, top_k=2, moe_intermediate_size=8,
-        n_groups=2, topk_groups=1, aux_loss_alpha=0.01, seq_aux=True, device_aux_alpha=0.01,
-        comm_aux_alpha=0.01, z_loss_coef=1e-3,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        top_k=2,
+        moe_intermediate_size=8,
+        n_groups=2,
+        topk_groups=1,
+        aux_loss_alpha=0.01,
+        seq_aux=True,
+        device_aux_alpha=0.01,
+        comm_aux_alpha=0.01,
+        z_loss_coef=1e-3,
     )
     moe.update(moe_overrides)
     return ModelConfig(
-        vocab_size=V, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32,
-        first_k_dense=1, max_seq_len=S, init_std=0.2, moe=MoEConfig(**moe),
+        vocab_size=V,
+        hidden_size=16,
+        num_layers=3,
+        num_heads=2,
+        intermediate_size=32,
+        first_k_dense=1,
+        max_seq_len=S,
+        init_std=0.2,
+        moe=MoEConfig(**moe),
     )
 
 
@@ -53,8 +68,10 @@ def grads_by_state_key(model) -> dict[str, torch.Tensor]:
     gradients split per expert, like the weights in `state_dict()`."""
     from deepseek_moe.model.experts import stacked_to_per_expert
 
-    grads = {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-             for n, p in model.named_parameters()}
+    grads = {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
     return stacked_to_per_expert(grads)
 
 
@@ -92,8 +109,7 @@ def reference_forward_backward(cfg, world: int, bias=None):
     for r in range(world):
         ids, labels = micro_batch(0, r)
         o = model(ids, labels)
-        outs.append({"logits": o.logits_BSV.detach(), "loss": o.loss.detach(),
-                     "aux": o.aux_loss.detach()})
+        outs.append({"logits": o.logits_BSV.detach(), "loss": o.loss.detach(), "aux": o.aux_loss.detach()})
         total = total + o.loss / world
     total.backward()
     return outs, grads_by_state_key(model)

@@ -24,7 +24,8 @@ def _step(model, mode: str, rank: int):
     out = model(ids, labels)
     out.loss.backward()
     return {
-        "loss": out.loss.detach(), "grads": grads_by_state_key(model),
+        "loss": out.loss.detach(),
+        "grads": grads_by_state_key(model),
         "loads": [l.gate.pending_load_E.clone() for l in model.moe_layers()],
         "metrics": model.router_metrics(reset=True),
     }
@@ -72,5 +73,6 @@ def test_noise_differs_without_rng_replay():
         full = _step(model, "full", 0)
     finally:
         transformer.checkpoint = original
-    assert any(not torch.allclose(full["grads"][k], g, rtol=1e-6, atol=1e-6)
-               for k, g in plain["grads"].items())
+    assert any(
+        not torch.allclose(full["grads"][k], g, rtol=1e-6, atol=1e-6) for k, g in plain["grads"].items()
+    )

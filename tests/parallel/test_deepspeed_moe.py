@@ -124,7 +124,9 @@ def test_zero1_and_zero2_reproduce_ep1_loss_curve(ds_results):
             want = torch.tensor([ref_losses[s][rank] for s in range(STEPS)])
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
         # DeepSpeed's global grad norm (every expert once) equals the EP=1 norm
-        torch.testing.assert_close(torch.tensor(res["norms_1"]), torch.tensor(ref_norms), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(res["norms_1"]), torch.tensor(ref_norms), rtol=1e-4, atol=1e-5
+        )
     # the loss actually moved, so equal curves are not trivially equal
     assert abs(ref_losses[-1][0] - ref_losses[0][0]) > 1e-3
 
@@ -137,8 +139,11 @@ def test_checkpoint_resume_is_identical(ds_results):
     files = sorted(os.listdir(os.path.join(ckpt_dir, "step3")))
     expert_files = [f for f in files if "_expert_" in f]
     cfg = tiny_config()
-    expected = {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt"
-                for l in range(cfg.num_moe_layers) for e in range(cfg.moe.n_routed_experts)}
+    expected = {
+        f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt"
+        for l in range(cfg.num_moe_layers)
+        for e in range(cfg.moe.n_routed_experts)
+    }
     assert set(expert_files) == expected
 
 

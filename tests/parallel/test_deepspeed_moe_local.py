@@ -70,7 +70,8 @@ def test_parallelize_errors():
         parallelize_moe(model, 1)
     with pytest.raises(RuntimeError, match="needs torch.distributed"):
         parallelize_moe(build_full_model(tiny_config()), 2)
-    dense = DeepSeekMoEForCausalLM(ModelConfig(vocab_size=32, hidden_size=8, num_layers=1,
-                                               num_heads=2, intermediate_size=16, moe=None))
+    dense = DeepSeekMoEForCausalLM(
+        ModelConfig(vocab_size=32, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, moe=None)
+    )
     with pytest.raises(ValueError, match="no MoELayer"):
         parallelize_moe(dense, 1)

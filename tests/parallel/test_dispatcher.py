@@ -26,8 +26,11 @@ def _case(world):
         # ids in [0, E) but never expert 3 (an expert with no tokens anywhere) and, at world 4,
         # never experts 6/7 (rank 3 receives nothing)
         allowed = torch.tensor([0, 1, 2, 4, 5] + ([6, 7] if world < 4 else []))
-        i = allowed[torch.stack([torch.randperm(len(allowed), generator=g)[:K] for _ in range(T[r])])] \
-            if T[r] else torch.zeros(0, K, dtype=torch.long)
+        i = (
+            allowed[torch.stack([torch.randperm(len(allowed), generator=g)[:K] for _ in range(T[r])])]
+            if T[r]
+            else torch.zeros(0, K, dtype=torch.long)
+        )
         if T[r] > 1:
             i[1, 0] = -1  # a dropped copy: contributes exactly 0
         xs.append(x)
@@ -56,6 +59,7 @@ def _reference(world):
         ys.append(y.detach())
         loss = loss + (y * gs[r]).sum()
     loss.backward()
+
     # a rank with no tokens has empty (not missing) gradients
     def grad(t):
         return torch.zeros_like(t) if t.grad is None else t.grad
@@ -66,11 +70,12 @@ def _reference(world):
 def _run(rank, world, packed_ids=True):
     if not packed_ids:  # as if x's dtype could not hold the local ids: separate int64 exchange
         import deepseek_moe.parallel.dispatcher as dispatcher_module
+
         dispatcher_module.ids_fit_in = lambda dtype, num_local: False
     A, xs, ids, ws, gs = _case(world)
     disp = AllToAllDispatcher(None, E)
     L = disp.num_local_experts
-    A_local = A[rank * L:(rank + 1) * L].clone().requires_grad_(True)
+    A_local = A[rank * L : (rank + 1) * L].clone().requires_grad_(True)
     x = xs[rank].clone().requires_grad_(True)
     w = ws[rank].clone().requires_grad_(True)
     with count_host_reads() as reads:
@@ -80,8 +85,15 @@ def _run(rank, world, packed_ids=True):
     with count_host_reads() as combine_reads:
         y = disp.combine(y_ND, ctx)
     (y * gs[rank]).sum().backward()
-    return {"y": y.detach(), "gx": x.grad, "gw": w.grad, "gA": A_local.grad, "counts": counts_L,
-            "stats": disp.pop_stats(), "host_reads": reads.ops + combine_reads.ops}
+    return {
+        "y": y.detach(),
+        "gx": x.grad,
+        "gw": w.grad,
+        "gA": A_local.grad,
+        "counts": counts_L,
+        "stats": disp.pop_stats(),
+        "host_reads": reads.ops + combine_reads.ops,
+    }
 
 
 @pytest.mark.parametrize("world,packed_ids", [(2, True), (4, True), (2, False)])
@@ -96,8 +108,8 @@ def test_dispatch_combine_matches_loop_reference(world, packed_ids):
         torch.testing.assert_close(o["gx"], gxs[r], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(o["gw"], gws[r], rtol=1e-5, atol=1e-5)
         # expert grads: summed over the tokens of ALL ranks, like the single-process model
-        torch.testing.assert_close(o["gA"], gA[r * L:(r + 1) * L], rtol=1e-5, atol=1e-5)
-        expected_counts = torch.bincount(all_ids[all_ids >= 0], minlength=E)[r * L:(r + 1) * L]
+        torch.testing.assert_close(o["gA"], gA[r * L : (r + 1) * L], rtol=1e-5, atol=1e-5)
+        expected_counts = torch.bincount(all_ids[all_ids >= 0], minlength=E)[r * L : (r + 1) * L]
         assert torch.equal(o["counts"], expected_counts)
         assert o["stats"]["a2a_calls"] == 1.0
         # one host read per layer call: the receiver's per-expert counts came with the split
@@ -105,9 +117,11 @@ def test_dispatch_combine_matches_loop_reference(world, packed_ids):
         assert o["host_reads"] == ["tolist"], o["host_reads"]
     if world == 4:
         assert out[3]["counts"].sum() == 0 and out[2]["y"].shape == (0, D)
+
     # hand count of the traffic: a token goes once to each rank holding one of its experts
     def dests(s):
         return [set(int(e) // L for e in row if e >= 0) for row in ids[s]]
+
     for r, o in enumerate(out):
         sent = sum(len(d - {r}) for d in dests(r))
         recv = sum(sum(r in d for d in dests(s)) for s in range(world) if s != r)

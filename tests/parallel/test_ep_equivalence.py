@@ -14,8 +14,14 @@ from deepseek_moe.parallel.expert_parallel import parallelize_moe
 from deepseek_moe.parallel.metrics import ep_metrics
 from deepseek_moe.parallel.groups import get_edp_group, get_ep_group
 from deepseek_moe.testing.distributed import run_distributed
-from tests.parallel._ep_common import (build_full_model, hf_grads, micro_batch,
-                                       reference_forward_backward, set_bias, tiny_config)
+from tests.parallel._ep_common import (
+    build_full_model,
+    hf_grads,
+    micro_batch,
+    reference_forward_backward,
+    set_bias,
+    tiny_config,
+)
 
 
 def _ep_run(rank, world, ep_size, moe_overrides, bias):
@@ -27,8 +33,11 @@ def _ep_run(rank, world, ep_size, moe_overrides, bias):
     o = model(ids, labels)
     (o.loss / world).backward()
     return {
-        "logits": o.logits_BSV.detach(), "loss": o.loss.detach(), "aux": o.aux_loss.detach(),
-        "grads": hf_grads(model), "ep": ep_metrics(model),
+        "logits": o.logits_BSV.detach(),
+        "loss": o.loss.detach(),
+        "aux": o.aux_loss.detach(),
+        "grads": hf_grads(model),
+        "ep": ep_metrics(model),
         "counts": [l.last_counts_E for l in model.moe_layers()],
         "ep_ranks": torch.distributed.get_process_group_ranks(get_ep_group(ep_size)),
         "edp_ranks": torch.distributed.get_process_group_ranks(get_edp_group(ep_size)),
@@ -52,8 +61,9 @@ def _check_against_reference(world, ep_size, moe_overrides=None, bias=None):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_equals_ep1_outputs_losses_grads(world):
-    results = _check_against_reference(world, ep_size=world,
-                                       moe_overrides=dict(n_groups=world, topk_groups=world // 2))
+    results = _check_against_reference(
+        world, ep_size=world, moe_overrides=dict(n_groups=world, topk_groups=world // 2)
+    )
     # device-limited routing with M=2 groups of 2 experts: a token reaches at most 2 groups;
     # at EP=4 the groups ARE the ranks, so at most 2 ranks per token
     moe_layers = tiny_config().num_moe_layers
@@ -85,8 +95,8 @@ def test_ep2_inside_dp4_equals_ep1():
 def test_m1_every_token_reaches_one_rank():
     # one routing group per EP rank, M = 1: each token's experts live on exactly one rank
     results = _check_against_reference(
-        2, ep_size=2, moe_overrides=dict(n_groups=2, topk_groups=1, device_aux_alpha=0.0,
-                                         comm_aux_alpha=0.0))
+        2, ep_size=2, moe_overrides=dict(n_groups=2, topk_groups=1, device_aux_alpha=0.0, comm_aux_alpha=0.0)
+    )
     for res in results:
         ranks = [v for k, v in res["ep"].items() if k.endswith("a2a_ranks_per_token")]
         assert ranks and all(v == 1.0 for v in ranks)  # a mean of integers >= 1 equal to 1
@@ -97,8 +107,13 @@ def test_empty_expert_and_empty_rank():
     # receives no token at all and expert 0 of rank 0 runs on an empty slice
     bias = {0: -1e4, 4: -1e4, 5: -1e4, 6: -1e4, 7: -1e4}
     results = _check_against_reference(
-        2, ep_size=2, moe_overrides=dict(bias_update_rate=1e-3, n_groups=1, topk_groups=1,
-                                         device_aux_alpha=0.0, comm_aux_alpha=0.0), bias=bias)
+        2,
+        ep_size=2,
+        moe_overrides=dict(
+            bias_update_rate=1e-3, n_groups=1, topk_groups=1, device_aux_alpha=0.0, comm_aux_alpha=0.0
+        ),
+        bias=bias,
+    )
     for res in results:
         assert len(res["counts"]) == tiny_config().num_moe_layers > 0
         for counts_E in res["counts"]:

@@ -34,5 +34,6 @@ def test_device_loss_over_virtual_groups_misses_idle_ranks():
     assert device_balance_loss(probs_TE=probs, ids_TK=ids, n_groups=4, alpha=1.0).item() == pytest.approx(2.0)
     balanced_ids = torch.tensor([[2 * t % E, (2 * t + 1) % E] for t in range(4)])  # every expert once
     uniform = torch.full((4, E), 1 / E)
-    assert device_balance_loss(probs_TE=uniform, ids_TK=balanced_ids, n_groups=4,
-                               alpha=1.0).item() == pytest.approx(1.0)
+    assert device_balance_loss(
+        probs_TE=uniform, ids_TK=balanced_ids, n_groups=4, alpha=1.0
+    ).item() == pytest.approx(1.0)

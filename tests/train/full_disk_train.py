@@ -18,8 +18,9 @@ _save = torch.save
 
 
 def _full_disk_save(obj, f, *args, **kwargs):
-    if FULL_AT in str(f) and os.environ.get("RANK", "0") == os.environ.get("FULL_DISK_RANK",
-                                                                          os.environ.get("RANK", "0")):
+    if FULL_AT in str(f) and os.environ.get("RANK", "0") == os.environ.get(
+        "FULL_DISK_RANK", os.environ.get("RANK", "0")
+    ):
         with open(f, "wb") as fh:
             fh.write(b"PK\x03\x04" + b"\0" * 4096)  # the start of a zip, then no space
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))

@@ -18,8 +18,18 @@ def _acceptance():
 
 def test_summary_and_table_from_metrics(tmp_path):
     acc = _acceptance()
-    rows = [{"step": s, "loss": 5.0 - s, "lm_loss": 4.0 - s / 2, "step_time_s": t, "tokens_per_s": 1000 / t,
-             "mfu": 0.1 * s, "max_memory_gb": 1.5 + s} for s, t in [(1, 9.0), (2, 0.5), (3, 0.25), (4, 0.5)]]
+    rows = [
+        {
+            "step": s,
+            "loss": 5.0 - s,
+            "lm_loss": 4.0 - s / 2,
+            "step_time_s": t,
+            "tokens_per_s": 1000 / t,
+            "mfu": 0.1 * s,
+            "max_memory_gb": 1.5 + s,
+        }
+        for s, t in [(1, 9.0), (2, 0.5), (3, 0.25), (4, 0.5)]
+    ]
     rows.insert(2, {"step": 2, "val_loss": 3.0})  # eval lines are not steps
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -29,7 +39,9 @@ def test_summary_and_table_from_metrics(tmp_path):
     assert got["mfu"] == pytest.approx(0.3) and got["peak_mem_gb"] == 5.5
     assert (got["loss_first"], got["loss_last"]) == (3.5, 2.0)
     line = acc.table([{"case": "tiny", "experts_impl": "loop", **got}]).splitlines()[2]
-    assert line.startswith("| tiny | loop | 1,000 | 4 (3) | 0.5000 | 2,000 | 30.0% | 5.50 (GPU max allocated)")
+    assert line.startswith(
+        "| tiny | loop | 1,000 | 4 (3) | 0.5000 | 2,000 | 30.0% | 5.50 (GPU max allocated)"
+    )
     # without GPU numbers: the host's max RSS, and no MFU
     cpu = [{k: (None if k in ("mfu", "max_memory_gb") else v) for k, v in r.items()} for r in rows]
     path.write_text("".join(json.dumps(r) + "\n" for r in cpu))

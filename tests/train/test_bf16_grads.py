@@ -30,17 +30,25 @@ WORLD, EP, ACCUM, LR, WD = 2, 2, 4, 1e-2, 0.1
 
 def _run_config(zero_stage: int) -> RunConfig:
     return RunConfig(
-        model=tiny_config(), optim=OptimConfig(lr=LR, weight_decay=WD, grad_clip=0.0),
+        model=tiny_config(),
+        optim=OptimConfig(lr=LR, weight_decay=WD, grad_clip=0.0),
         parallel=ParallelConfig(ep_size=EP, zero_stage=zero_stage),
-        trainer=TrainerConfig(precision="bf16", micro_batch_size=B, global_batch_size=B * WORLD * ACCUM,
-                              max_steps=100))
+        trainer=TrainerConfig(
+            precision="bf16", micro_batch_size=B, global_batch_size=B * WORLD * ACCUM, max_steps=100
+        ),
+    )
 
 
 def _adamw(model, run_cfg):
     o = run_cfg.optim
-    return torch.optim.AdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr,
-                             betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                             fused=True)
+    return torch.optim.AdamW(
+        optimizer_param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=True,
+    )
 
 
 def _reference(rank, run_cfg):
@@ -88,8 +96,12 @@ def _engine_step(rank, run_cfg):
         engine.backward(engine(ids, labels).loss)
         engine.step()
     assert engine.global_steps == 1
-    return (float(engine.get_global_grad_norm()), type(engine.optimizer).__name__,
-            {n: p.detach().clone() for n, p in engine.module.named_parameters()}, ds_config)
+    return (
+        float(engine.get_global_grad_norm()),
+        type(engine.optimizer).__name__,
+        {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+        ds_config,
+    )
 
 
 def _bf16_run(rank, world):
@@ -98,14 +110,28 @@ def _bf16_run(rank, world):
         run_cfg = _run_config(stage)
         ref_norm, ref_weights = _reference(rank, run_cfg)
         norm, optimizer, weights, ds_config = _engine_step(rank, run_cfg)
-        worst = max(float(((weights[n].float() - w.float()).abs()
-                           / (w.float().abs() * torch.finfo(torch.bfloat16).eps).clamp_min(1e-30)).max())
-                    for n, w in ref_weights.items())
-        changed = sum(int((weights[n] != w.to(torch.bfloat16)).sum()) for n, w in
-                      build_full_model(run_cfg.model).to(torch.bfloat16).named_parameters()
-                      if n in weights and weights[n].shape == w.shape)
-        out[stage] = dict(ref_norm=ref_norm, norm=norm, optimizer=optimizer, worst_ulps=worst,
-                          changed=changed, ds_config=ds_config)
+        worst = max(
+            float(
+                (
+                    (weights[n].float() - w.float()).abs()
+                    / (w.float().abs() * torch.finfo(torch.bfloat16).eps).clamp_min(1e-30)
+                ).max()
+            )
+            for n, w in ref_weights.items()
+        )
+        changed = sum(
+            int((weights[n] != w.to(torch.bfloat16)).sum())
+            for n, w in build_full_model(run_cfg.model).to(torch.bfloat16).named_parameters()
+            if n in weights and weights[n].shape == w.shape
+        )
+        out[stage] = dict(
+            ref_norm=ref_norm,
+            norm=norm,
+            optimizer=optimizer,
+            worst_ulps=worst,
+            changed=changed,
+            ds_config=ds_config,
+        )
     return out
 
 

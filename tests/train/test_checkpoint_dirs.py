@@ -82,7 +82,8 @@ def test_manifest_catches_truncation_bit_flip_and_missing_files(tmp_path):
     raw[77] ^= 0x01
     (d / "trainer_state" / "rank00000.pt").write_bytes(bytes(raw))
     assert ckpt.find_damage(d, manifest) == [
-        f"{d / 'trainer_state' / 'rank00000.pt'}: contents changed since it was saved (CRC-32 mismatch)"]
+        f"{d / 'trainer_state' / 'rank00000.pt'}: contents changed since it was saved (CRC-32 mismatch)"
+    ]
     (d / "trainer_state" / "rank00000.pt").write_bytes(bytes(range(100)))
     assert "100 bytes, 200 when saved" in ckpt.find_damage(d, manifest)[0]
     (d / "mp_rank_00_model_states.pt").unlink()
@@ -121,10 +122,16 @@ def test_resume_candidates_when_every_checkpoint_is_damaged(tmp_path, capsys):
     (tmp_path / "step_00000030" / "mp_rank_00_model_states.pt").write_bytes(b"")
     assert trainer._newest_intact() == (20, tmp_path / "step_00000020")
     assert [p.name for p in sorted(tmp_path.iterdir())] == [
-        "step_00000010", "step_00000020", "step_00000030.damaged"]
+        "step_00000010",
+        "step_00000020",
+        "step_00000030.damaged",
+    ]
     for step in (10, 20):
         (tmp_path / ckpt.tag_for_step(step) / "mp_rank_00_model_states.pt").write_bytes(b"y")
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint.*all 2 complete ones are "
-                                              r"damaged.*checkpoint.resume=false"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no intact checkpoint.*all 2 complete ones are "
+        r"damaged.*checkpoint.resume=false",
+    ):
         trainer._newest_intact()
     assert (tmp_path / "step_00000020").is_dir()  # nothing set aside when nothing is intact

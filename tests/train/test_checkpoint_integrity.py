@@ -20,8 +20,18 @@ from tests.train.test_user_errors import check_one_line, reprepared_copy, stderr
 
 
 def _args(tiny_data, run_dir, max_steps):
-    return TINY + tiny_data + ["logger=none", f"run_dir={run_dir}", f"trainer.max_steps={max_steps}",
-                               "checkpoint.every=2", "checkpoint.keep=3", "trainer.eval_every=0"]
+    return (
+        TINY
+        + tiny_data
+        + [
+            "logger=none",
+            f"run_dir={run_dir}",
+            f"trainer.max_steps={max_steps}",
+            "checkpoint.every=2",
+            "checkpoint.keep=3",
+            "trainer.eval_every=0",
+        ]
+    )
 
 
 def _train_rows(run_dir):
@@ -29,8 +39,11 @@ def _train_rows(run_dir):
 
 
 def _digests(tag_dir):
-    return {p.relative_to(tag_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(tag_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +101,24 @@ def test_failed_save_keeps_the_previous_checkpoint(reference, tiny_data, tmp_pat
     ckpts = run_dir / "checkpoints"
     before = sorted(p.name for p in ckpts.iterdir())
     env = train_env() | {"FULL_DISK_AT": "step_00000008"}
-    proc = subprocess.run([sys.executable, "tests/train/full_disk_train.py",
-                           *_args(tiny_data, run_dir, 8)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL)
-    line = check_one_line(proc, "Checkpoint error: saving checkpoint", "step_00000008",
-                          "No space left on device", "Free space",
-                          f"resumes from {ckpts / 'step_00000006'}, which is intact", trained=True)
+    proc = subprocess.run(
+        [sys.executable, "tests/train/full_disk_train.py", *_args(tiny_data, run_dir, 8)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    line = check_one_line(
+        proc,
+        "Checkpoint error: saving checkpoint",
+        "step_00000008",
+        "No space left on device",
+        "Free space",
+        f"resumes from {ckpts / 'step_00000006'}, which is intact",
+        trained=True,
+    )
     assert "mp_rank_00_model_states.pt" in line
     assert sorted(p.name for p in ckpts.iterdir()) == before  # no partial step_00000008
     step, tag_dir = ckpt.latest_complete(ckpts)
@@ -105,10 +130,17 @@ def test_reprepared_data_is_refused_at_resume(reference, tiny_data, tmp_path):
     run_dir = _copy(reference, tmp_path)
     before = _digests(run_dir)
     other = reprepared_copy(tiny_data, tmp_path / "reprepared")
-    proc = run_train(TINY + other + ["logger=none", f"run_dir={run_dir}", "trainer.max_steps=8",
-                                     "trainer.eval_every=0"], check=False, timeout=300)
-    check_one_line(proc, "Data error: the checkpoint was trained on data with fingerprint",
-                   str(tmp_path / "reprepared"), "point data.out_dir at the original data")
+    proc = run_train(
+        TINY + other + ["logger=none", f"run_dir={run_dir}", "trainer.max_steps=8", "trainer.eval_every=0"],
+        check=False,
+        timeout=300,
+    )
+    check_one_line(
+        proc,
+        "Data error: the checkpoint was trained on data with fingerprint",
+        str(tmp_path / "reprepared"),
+        "point data.out_dir at the original data",
+    )
     assert _digests(run_dir) == before  # nothing written, nothing set aside
 
 
@@ -119,16 +151,37 @@ def test_failed_save_on_one_rank_stops_both(tiny_data, tmp_path):
     env = train_env() | {"FULL_DISK_AT": "step_00000002", "FULL_DISK_RANK": "1"}
     cmd = command(2, "torchrun")
     cmd[-1] = "tests/train/full_disk_train.py"
-    proc = subprocess.run(cmd + TINY + tiny_data + [
-        "logger=none", f"run_dir={run_dir}", "trainer.max_steps=2", "checkpoint.every=2",
-        "trainer.eval_every=0", "optim.warmup_steps=1", "parallel.ep_size=2",
-        "trainer.micro_batch_size=2"], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=300, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd
+        + TINY
+        + tiny_data
+        + [
+            "logger=none",
+            f"run_dir={run_dir}",
+            "trainer.max_steps=2",
+            "checkpoint.every=2",
+            "trainer.eval_every=0",
+            "optim.warmup_steps=1",
+            "parallel.ep_size=2",
+            "trainer.micro_batch_size=2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode != 0
-    ours = [line for line in stderr_lines(proc.stderr)
-            if re.match(r"(Config|Data|Checkpoint|Export) error: ", line)]
+    ours = [
+        line
+        for line in stderr_lines(proc.stderr)
+        if re.match(r"(Config|Data|Checkpoint|Export) error: ", line)
+    ]
     assert len(ours) == 1 and ours[0].startswith("Checkpoint error: saving checkpoint"), proc.stderr
     assert "failed on rank 1: No space left on device" in ours[0]
     assert "deepseek_moe/" not in proc.stderr  # no traceback from our code (torchrun adds its own)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "zero_to_fp32.py", "zero_to_torch.py"]  # no partial step dir, no `latest` naming it
+        "zero_to_fp32.py",
+        "zero_to_torch.py",
+    ]  # no partial step dir, no `latest` naming it

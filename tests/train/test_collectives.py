@@ -39,13 +39,14 @@ def _fit(rank, world, overrides, backend):
     on_cuda = distributed.process_group_backend
     # init_distributed asks this function for the backend; answer as on a CUDA machine
     distributed.process_group_backend = (
-        (lambda device_type: on_cuda("cuda", cuda_backend="gloo")) if backend == "cuda run"
-        else (lambda device_type: backend))
+        (lambda device_type: on_cuda("cuda", cuda_backend="gloo"))
+        if backend == "cuda run"
+        else (lambda device_type: backend)
+    )
     cfg = OmegaConf.to_object(compose_config(overrides))
     trainer = Trainer(cfg)
     summary = trainer.fit()
-    out = {"summary": summary, "backend": torch.distributed.get_backend(),
-           "seed": torch.initial_seed()}
+    out = {"summary": summary, "backend": torch.distributed.get_backend(), "seed": torch.initial_seed()}
     model = trainer.model
     out["consolidated_keys"] = sorted(consolidated_state_dict(model))
     # eval forwards are not counted in the next training step's all-to-all metrics
@@ -59,42 +60,63 @@ def _fit(rank, world, overrides, backend):
         layer.stats.counters[3] = 6.0  # copies
     out["router"] = trainer._router_metrics()
     # the layout is recorded in every rank's trainer state (read before the relaunches prune it)
-    saved = torch.load(trainer.ckpt_dir / "step_00000002" / "trainer_state" / f"rank{rank:05d}.pt",
-                       weights_only=False)
+    saved = torch.load(
+        trainer.ckpt_dir / "step_00000002" / "trainer_state" / f"rank{rank:05d}.pt", weights_only=False
+    )
     out["saved_layout"] = (saved["world_size"], saved["ep_size"], saved["zero_stage"])
     # relaunching with another model: refused with what differs, before anything is loaded
     from deepseek_moe.errors import CheckpointError, ReportedByAnotherRank
 
     try:
-        Trainer(OmegaConf.to_object(compose_config(overrides + ["model.moe.moe_intermediate_size=16",
-                                                                "trainer.max_steps=4"]))).fit()
+        Trainer(
+            OmegaConf.to_object(
+                compose_config(overrides + ["model.moe.moe_intermediate_size=16", "trainer.max_steps=4"])
+            )
+        ).fit()
         out["resume_error"] = None
     except (CheckpointError, ReportedByAnotherRank) as err:  # one rank reports, the others stop
         out["resume_error"] = f"{type(err).__name__}: {err}"
     # relaunching with another EP size continues the run, resharded on load
-    out["resumed"] = Trainer(OmegaConf.to_object(compose_config(
-        overrides + ["parallel.ep_size=1", "trainer.max_steps=4"]))).fit()
+    out["resumed"] = Trainer(
+        OmegaConf.to_object(compose_config(overrides + ["parallel.ep_size=1", "trainer.max_steps=4"]))
+    ).fit()
     return out
 
 
 def _overrides(tiny_data, run_dir):
-    return TINY + tiny_data + [
-        "parallel.ep_size=2", "trainer.max_steps=2", "trainer.eval_every=2", "checkpoint.every=1",
-        "optim.warmup_steps=1",
-        "logger=none", f"run_dir={run_dir}"]
+    return (
+        TINY
+        + tiny_data
+        + [
+            "parallel.ep_size=2",
+            "trainer.max_steps=2",
+            "trainer.eval_every=2",
+            "checkpoint.every=1",
+            "optim.warmup_steps=1",
+            "logger=none",
+            f"run_dir={run_dir}",
+        ]
+    )
 
 
 def test_nccl_like_group_rejects_cpu_tensors(tiny_data, tmp_path):
     """The failure the CUDA run had: a group without a CPU backend."""
     with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
-        run_distributed(_fit, 2, _overrides(tiny_data, tmp_path / "run"), "cuda:gloo",
-                        init_process_group=False, timeout=240)
+        run_distributed(
+            _fit,
+            2,
+            _overrides(tiny_data, tmp_path / "run"),
+            "cuda:gloo",
+            init_process_group=False,
+            timeout=240,
+        )
 
 
 def test_trainer_collectives_on_the_cuda_run_group(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    results = run_distributed(_fit, 2, _overrides(tiny_data, run_dir), "cuda run",
-                              init_process_group=False, timeout=300)
+    results = run_distributed(
+        _fit, 2, _overrides(tiny_data, run_dir), "cuda run", init_process_group=False, timeout=300
+    )
     assert [r["backend"] for r in results] == ["cpu:gloo,cuda:gloo"] * 2
     assert all(r["summary"]["finished"] and r["summary"]["val_loss"] is not None for r in results)
     # every expert of every MoE layer, gathered over the EP group onto rank 0

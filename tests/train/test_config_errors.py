@@ -88,7 +88,9 @@ def test_short_run_clips_the_warmup_it_did_not_ask_for(capsys):
 
 
 def test_ep_size_must_divide_world_size():
-    cfg = OmegaConf.to_object(_compose(["parallel.ep_size=2", "trainer.micro_batch_size=1", "trainer.global_batch_size=12"]))
+    cfg = OmegaConf.to_object(
+        _compose(["parallel.ep_size=2", "trainer.micro_batch_size=1", "trainer.global_batch_size=12"])
+    )
     cfg.check_world(2)
     cfg.check_world(4)
     with pytest.raises(ValueError, match="parallel.ep_size=2 must divide the world size 3"):
@@ -114,8 +116,11 @@ def test_zero0_with_ep_and_clipping_is_refused():
 def test_batch_sizes_must_divide():
     cfg = OmegaConf.to_object(_compose(["trainer.global_batch_size=24", "trainer.micro_batch_size=8"]))
     assert cfg.grad_accum_steps(1) == 3 and cfg.grad_accum_steps(3) == 1
-    with pytest.raises(ValueError, match=r"global_batch_size=24 is not divisible by "
-                                         r"trainer.micro_batch_size=8 x world_size=2 = 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size=24 is not divisible by "
+        r"trainer.micro_batch_size=8 x world_size=2 = 16",
+    ):
         cfg.grad_accum_steps(2)
 
 
@@ -147,8 +152,17 @@ def test_bad_attn_impl_is_a_config_error():
 def test_train_py_reports_missing_data_cleanly(tmp_path):
     """A data source that does not exist: one line naming data.path, no traceback, no output dir."""
     out = tmp_path / "prepared"
-    proc = run_train(["data=local_text", f"data.path={tmp_path / 'missing'}", f"data.out_dir={out}",
-                      "logger=none", f"run_dir={tmp_path / 'run'}"], check=False, timeout=120)
+    proc = run_train(
+        [
+            "data=local_text",
+            f"data.path={tmp_path / 'missing'}",
+            f"data.out_dir={out}",
+            "logger=none",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+        check=False,
+        timeout=120,
+    )
     check_one_line(proc, "Data error: data.path=", "matches no files", "check data.path")
     assert list(tmp_path.iterdir()) == []  # no prepared dir, no temp dir, no run dir
 
@@ -158,19 +172,24 @@ def test_device_balance_loss_needs_groups_equal_to_ep_ranks():
     the keys and the fix (check_world runs before the run directory is created)."""
     overrides = ["model=deepseek_moe_145b", "trainer.micro_batch_size=1", "trainer.global_batch_size=8"]
     cfg = OmegaConf.to_object(_compose(overrides + ["parallel.ep_size=8"]))
-    with pytest.raises(ValueError, match=r"model.moe.device_aux_alpha balance load over "
-                                         r"model.moe.n_groups=4 .* Set model.moe.n_groups=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.moe.device_aux_alpha balance load over "
+        r"model.moe.n_groups=4 .* Set model.moe.n_groups=8",
+    ):
         cfg.check_world(8)
-    OmegaConf.to_object(_compose(overrides + ["parallel.ep_size=8", "model.moe.n_groups=8",
-                                              "model.moe.topk_groups=8"])).check_world(8)
+    OmegaConf.to_object(
+        _compose(overrides + ["parallel.ep_size=8", "model.moe.n_groups=8", "model.moe.topk_groups=8"])
+    ).check_world(8)
     OmegaConf.to_object(_compose(overrides + ["parallel.ep_size=1"])).check_world(8)  # no EP: fine
 
 
 def test_train_py_refuses_bf16_zero0_before_writing_anything(tmp_path):
     """DeepSpeed has no fp32 gradient accumulation at ZeRO-0."""
     run_dir = tmp_path / "run"
-    proc = run_train(["trainer.precision=bf16", "parallel.zero_stage=0", f"run_dir={run_dir}"],
-                     check=False, timeout=120)
+    proc = run_train(
+        ["trainer.precision=bf16", "parallel.zero_stage=0", f"run_dir={run_dir}"], check=False, timeout=120
+    )
     assert proc.returncode == 1
     assert "Config error: trainer.precision=bf16 with parallel.zero_stage=0" in proc.stderr
     assert "Traceback" not in proc.stderr and not run_dir.exists()

@@ -26,11 +26,20 @@ from deepseek_moe.train.metrics import read_metrics
 from tests.train.helpers import TINY, run_train
 
 # No device-limited routing (n_groups=1), so that EP 1, 2 and 4 are all valid for the same model.
-ELASTIC = [o for o in TINY if not o.startswith(("model.moe.n_groups", "model.moe.topk_groups",
-                                                "trainer.micro_batch_size"))] + [
-    "model.moe.n_groups=1", "model.moe.topk_groups=1", "model.moe.bias_update_rate=0.01",
-    "trainer.micro_batch_size=2", "trainer.max_steps=6", "trainer.eval_every=0",
-    "checkpoint.every=0", "logger=none"]
+ELASTIC = [
+    o
+    for o in TINY
+    if not o.startswith(("model.moe.n_groups", "model.moe.topk_groups", "trainer.micro_batch_size"))
+] + [
+    "model.moe.n_groups=1",
+    "model.moe.topk_groups=1",
+    "model.moe.bias_update_rate=0.01",
+    "trainer.micro_batch_size=2",
+    "trainer.max_steps=6",
+    "trainer.eval_every=0",
+    "checkpoint.every=0",
+    "logger=none",
+]
 STEP3, STEP6 = "checkpoints/step_00000003", "checkpoints/step_00000006"
 
 
@@ -49,23 +58,31 @@ def fp32_runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     base = ELASTIC + tiny_data + ["parallel.ep_size=2"]
     run_train(base + [f"run_dir={root / 'reference'}"], nproc=2, launcher="torchrun")
-    run_train(base + [f"run_dir={root / 'stopped'}", "trainer.max_steps_per_launch=3"],
-              nproc=2, launcher="torchrun")
+    run_train(
+        base + [f"run_dir={root / 'stopped'}", "trainer.max_steps_per_launch=3"], nproc=2, launcher="torchrun"
+    )
     assert [r["step"] for r in _rows(root / "stopped")] == [1, 2, 3]
     return root, base
 
 
-@pytest.mark.parametrize("nproc, ep, zero, change", [
-    (1, 1, 1, "world 2 -> 1, ep 2 -> 1"),
-    (4, 2, 1, "world 2 -> 4"),
-    (4, 4, 2, "world 2 -> 4, ep 2 -> 4, zero 1 -> 2"),
-], ids=["world1-ep1", "world4-ep2", "world4-ep4-zero2"])
+@pytest.mark.parametrize(
+    "nproc, ep, zero, change",
+    [
+        (1, 1, 1, "world 2 -> 1, ep 2 -> 1"),
+        (4, 2, 1, "world 2 -> 4"),
+        (4, 4, 2, "world 2 -> 4, ep 2 -> 4, zero 1 -> 2"),
+    ],
+    ids=["world1-ep1", "world4-ep2", "world4-ep4-zero2"],
+)
 def test_fp32_resume_at_another_layout_continues_the_run(fp32_runs, nproc, ep, zero, change):
     root, base = fp32_runs
     run_dir = root / f"w{nproc}ep{ep}z{zero}"
     shutil.copytree(root / "stopped", run_dir)
     relaunch = [o for o in base if o != "parallel.ep_size=2"] + [
-        f"run_dir={run_dir}", f"parallel.ep_size={ep}", f"parallel.zero_stage={zero}"]
+        f"run_dir={run_dir}",
+        f"parallel.ep_size={ep}",
+        f"parallel.zero_stage={zero}",
+    ]
     proc = run_train(relaunch, nproc=nproc, launcher="torchrun" if nproc > 1 else "python")
     out = proc.stdout + proc.stderr
     assert f"resuming step_00000003 with another layout: {change}\n" in out
@@ -113,10 +130,13 @@ def test_resume_refuses_another_model_or_other_data(fp32_runs, tiny_data, tmp_pa
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("Checkpoint error: ")]
     assert "model.moe.moe_intermediate_size=32 (this launch: 16)" in line and "new run_dir" in line
 
-    other_data = [o.replace("data.max_documents=40", "data.max_documents=30")
-                  .replace("data.out_dir=", "data.out_dir=") for o in tiny_data]
-    other_data = [f"data.out_dir={tmp_path / 'other_data'}" if o.startswith("data.out_dir=") else o
-                  for o in other_data]
+    other_data = [
+        o.replace("data.max_documents=40", "data.max_documents=30").replace("data.out_dir=", "data.out_dir=")
+        for o in tiny_data
+    ]
+    other_data = [
+        f"data.out_dir={tmp_path / 'other_data'}" if o.startswith("data.out_dir=") else o for o in other_data
+    ]
     proc = run_train([o for o in one_proc if o not in tiny_data] + other_data, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("Data error: ")]
@@ -139,8 +159,9 @@ def _full_optimizer_state(trainer):
         out[(name, "fp32")] = safe_get_full_fp32_param(param).cpu().clone()
         for key in ("exp_avg", "exp_avg_sq"):
             out[(name, key)] = safe_get_full_optimizer_state(param, key).cpu().clone()
-    offsets = {name: m.local_expert_offset for name, m in trainer.model.named_modules()
-               if isinstance(m, MoELayer)}
+    offsets = {
+        name: m.local_expert_offset for name, m in trainer.model.named_modules() if isinstance(m, MoELayer)
+    }
     base = trainer.engine.optimizer.optimizer
     steps = {float(base.state[g["params"][0]]["step"]) for g in base.param_groups}
     return {"state": out, "offsets": offsets, "steps": steps, "step": trainer.step}
@@ -195,11 +216,22 @@ def test_bf16_master_weights_and_moments_survive_resharding_exactly(tiny_data, t
 
     run_dir = tmp_path / "run"
     base = ELASTIC + tiny_data + ["trainer.precision=bf16", f"run_dir={run_dir}"]
-    saved = run_distributed(_bf16_train_or_resume, 2, base + [
-        "parallel.ep_size=2", "trainer.max_steps_per_launch=3"], False,
-        timeout=300, init_process_group=False)
-    resumed = run_distributed(_bf16_train_or_resume, 4, base + [
-        "parallel.ep_size=4", "parallel.zero_stage=2"], True, timeout=300, init_process_group=False)
+    saved = run_distributed(
+        _bf16_train_or_resume,
+        2,
+        base + ["parallel.ep_size=2", "trainer.max_steps_per_launch=3"],
+        False,
+        timeout=300,
+        init_process_group=False,
+    )
+    resumed = run_distributed(
+        _bf16_train_or_resume,
+        4,
+        base + ["parallel.ep_size=4", "parallel.zero_stage=2"],
+        True,
+        timeout=300,
+        init_process_group=False,
+    )
     assert [r["step"] for r in saved + resumed] == [3] * 6
     assert all(r["steps"] == {3.0} for r in saved + resumed)
     want, got = _global(saved), _global(resumed)
@@ -212,5 +244,5 @@ def test_bf16_master_weights_and_moments_survive_resharding_exactly(tiny_data, t
     for (name, key), tensor in want.items():
         assert torch.equal(shards.read(name, key), tensor.reshape(-1)), (name, key)
         middle = tensor.numel() // 3
-        assert torch.equal(shards.read(name, key, middle, middle), tensor.reshape(-1)[middle:2 * middle])
+        assert torch.equal(shards.read(name, key, middle, middle), tensor.reshape(-1)[middle : 2 * middle])
     assert all(r["summary"]["finished"] and r["summary"]["step"] == 6 for r in resumed)

@@ -39,6 +39,7 @@ def test_glibc_accepts_the_settings():
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc-only")
 @pytest.mark.parametrize("mode,expected", [("default", "fresh"), ("tuned", "reused")])
 def test_large_blocks_are_kept_for_reuse(mode, expected):
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == expected

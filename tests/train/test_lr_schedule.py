@@ -25,8 +25,9 @@ def test_cosine_hand_values():
 
 
 def test_deepseek_step_decay_at_80_and_90_percent():
-    kw = dict(schedule="step", warmup_steps=10, decay_steps=100, step_decay_at=(0.8, 0.9),
-              step_decay_factor=0.316)
+    kw = dict(
+        schedule="step", warmup_steps=10, decay_steps=100, step_decay_at=(0.8, 0.9), step_decay_factor=0.316
+    )
     assert lr_multiplier(9, **kw) == 1.0
     assert lr_multiplier(79, **kw) == 1.0
     assert lr_multiplier(80, **kw) == pytest.approx(0.316)
@@ -43,8 +44,7 @@ def test_constant_after_warmup():
 def test_lambdalr_applies_multiplier_to_every_group():
     w1, w2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [w1]}, {"params": [w2], "weight_decay": 0.0}], lr=2.0)
-    cfg = OptimConfig(lr=2.0, schedule="step", warmup_steps=2, step_decay_at=[0.5],
-                      step_decay_factor=0.5)
+    cfg = OptimConfig(lr=2.0, schedule="step", warmup_steps=2, step_decay_at=[0.5], step_decay_factor=0.5)
     sched = build_lr_scheduler(opt, cfg, decay_steps=6)
     seen = []
     for _ in range(6):

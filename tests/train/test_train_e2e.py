@@ -45,15 +45,20 @@ def _assert_same_losses(a, b, start):
 
 
 def test_one_process_run_resume_and_wandb(tiny_data, tmp_path):
-    base = TINY + tiny_data + ["trainer.max_steps=8", "trainer.eval_every=4", "checkpoint.every=2",
-                               "checkpoint.keep=2"]
+    base = (
+        TINY
+        + tiny_data
+        + ["trainer.max_steps=8", "trainer.eval_every=4", "checkpoint.every=2", "checkpoint.keep=2"]
+    )
     straight = tmp_path / "straight"
     proc = run_train(base + [f"run_dir={straight}", "logger=wandb"])
     assert f"run dir:    {straight}" in proc.stdout and "metrics:" in proc.stdout
     rows = _check_metrics(straight, 8)
     # keep=2 of the saves at steps 2, 4, 6, 8
     assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == [
-        "step_00000006", "step_00000008"]
+        "step_00000006",
+        "step_00000008",
+    ]
     assert all((p / "COMPLETE").exists() for p in (straight / "checkpoints").glob("step_*"))
     assert (straight / "config.yaml").exists()
 
@@ -87,8 +92,17 @@ def test_one_process_run_resume_and_wandb(tiny_data, tmp_path):
 @pytest.mark.parametrize("launcher", ["deepspeed"])
 def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
     """deepspeed --num_gpus 2 train.py parallel.ep_size=2: trains, resumes exactly, and equals EP=1."""
-    base = TINY + tiny_data + ["parallel.ep_size=2", "trainer.max_steps=6", "trainer.eval_every=3",
-                               "checkpoint.every=3", "logger=none"]
+    base = (
+        TINY
+        + tiny_data
+        + [
+            "parallel.ep_size=2",
+            "trainer.max_steps=6",
+            "trainer.eval_every=3",
+            "checkpoint.every=3",
+            "logger=none",
+        ]
+    )
     straight = tmp_path / "straight"
     run_train(base + [f"run_dir={straight}"], nproc=2, launcher=launcher)
     rows = _check_metrics(straight, 6)
@@ -107,8 +121,11 @@ def test_two_processes_ep2_resume(tiny_data, tmp_path, launcher):
     # global batches do not depend on the layout and EP only moves tokens. Losses and the
     # (clipped) gradient norms must agree to float rounding.
     ep1 = tmp_path / "ep1"
-    run_train([o.replace("parallel.ep_size=2", "parallel.ep_size=1") for o in base] + [f"run_dir={ep1}"],
-              nproc=2, launcher="torchrun")
+    run_train(
+        [o.replace("parallel.ep_size=2", "parallel.ep_size=1") for o in base] + [f"run_dir={ep1}"],
+        nproc=2,
+        launcher="torchrun",
+    )
     for ra, rb in zip(rows, _train_rows(ep1), strict=True):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
@@ -119,9 +136,19 @@ def test_bf16_two_processes_ep2_trains_and_resumes(tiny_data, tmp_path):
     weights) at EP=2 with padded expert matmuls, and activation checkpointing (blocks and their
     all-to-alls recomputed in backward): the loss falls and a resumed run repeats the straight
     one exactly (the fp32 master weights and the optimizer state are restored)."""
-    base = TINY + tiny_data + ["parallel.ep_size=2", "trainer.precision=bf16", "trainer.max_steps=6",
-                               "trainer.eval_every=3", "checkpoint.every=3", "logger=none",
-                               "trainer.activation_checkpointing=full"]
+    base = (
+        TINY
+        + tiny_data
+        + [
+            "parallel.ep_size=2",
+            "trainer.precision=bf16",
+            "trainer.max_steps=6",
+            "trainer.eval_every=3",
+            "checkpoint.every=3",
+            "logger=none",
+            "trainer.activation_checkpointing=full",
+        ]
+    )
     straight = tmp_path / "straight"
     proc = run_train(base + [f"run_dir={straight}"], nproc=2, launcher="torchrun")
     assert "zero 1, bf16)" in proc.stdout
@@ -137,10 +164,21 @@ def test_ep1_two_process_resume(tiny_data, tmp_path):
     """EP=1 with 2 data-parallel ranks: resume equality (experts replicated, ZeRO-1 sharded),
     with the V3 selection bias on (its loads are all-reduced; the bias buffer is checkpointed)."""
     # A data directory nobody prepared yet: rank 0 prepares it while rank 1 waits at a barrier.
-    data = [o if not o.startswith("data.out_dir=") else f"data.out_dir={tmp_path / 'fresh_data'}"
-            for o in tiny_data]
-    base = TINY + data + ["trainer.max_steps=4", "trainer.eval_every=0", "checkpoint.every=0",
-                          "logger=none", "model.moe.bias_update_rate=0.01"]
+    data = [
+        o if not o.startswith("data.out_dir=") else f"data.out_dir={tmp_path / 'fresh_data'}"
+        for o in tiny_data
+    ]
+    base = (
+        TINY
+        + data
+        + [
+            "trainer.max_steps=4",
+            "trainer.eval_every=0",
+            "checkpoint.every=0",
+            "logger=none",
+            "model.moe.bias_update_rate=0.01",
+        ]
+    )
     straight = tmp_path / "straight"
     proc = run_train(base + [f"run_dir={straight}"], nproc=2, launcher="torchrun")
     assert (tmp_path / "fresh_data" / "meta.json").exists()
@@ -154,11 +192,26 @@ def test_ep1_two_process_resume(tiny_data, tmp_path):
 
 def test_sigterm_saves_and_relaunch_continues(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    args = TINY + tiny_data + ["trainer.max_steps=100000", "trainer.eval_every=0", "checkpoint.every=0",
-                               "logger=none", f"run_dir={run_dir}"]
-    proc = subprocess.Popen(command(1, "python") + args, cwd=REPO, env=train_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL)
+    args = (
+        TINY
+        + tiny_data
+        + [
+            "trainer.max_steps=100000",
+            "trainer.eval_every=0",
+            "checkpoint.every=0",
+            "logger=none",
+            f"run_dir={run_dir}",
+        ]
+    )
+    proc = subprocess.Popen(
+        command(1, "python") + args,
+        cwd=REPO,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

@@ -1,7 +1,6 @@
 """Trainer pieces without a process group: host reads per step, the bf16 DeepSpeed config, the
 per-rank seed (the resume layout checks are in tests/checkpoint/test_reshard.py)."""
 
-
 import pytest
 import torch
 
@@ -29,8 +28,13 @@ class _FakeEngine:
     def __call__(self, input_ids, labels):
         self.calls += 1
         m = torch.full((), float(self.calls), device=self.device)
-        return CausalLMOutput(logits_BSV=torch.zeros(1, 1, 1, device=self.device), loss=3 * m, lm_loss=2 * m, aux_loss=m,
-                              aux_losses={"expert_balance": m})
+        return CausalLMOutput(
+            logits_BSV=torch.zeros(1, 1, 1, device=self.device),
+            loss=3 * m,
+            lm_loss=2 * m,
+            aux_loss=m,
+            aux_losses={"expert_balance": m},
+        )
 
     def backward(self, loss) -> None:
         pass
@@ -44,15 +48,18 @@ def test_train_step_reads_the_host_once_per_step():
     trainer.cfg.model.moe = None  # no router bias to update
     trainer.engine = _FakeEngine()
     trainer.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    batches = iter([{"input_ids": torch.zeros(1, 1, dtype=torch.long),
-                     "labels": torch.zeros(1, 1, dtype=torch.long)}] * ACCUM)
+    batches = iter(
+        [{"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.zeros(1, 1, dtype=torch.long)}]
+        * ACCUM
+    )
     with count_host_reads() as reads:
         values = trainer._train_step(batches)
     # the loss parts of 4 micro-batches are summed on the device and read once
     assert reads.ops == ["tolist"], reads.ops
     mean_m = (1 + 2 + 3 + 4) / 4
-    assert values == pytest.approx({"loss": 3 * mean_m, "lm_loss": 2 * mean_m, "aux_loss": mean_m,
-                                    "aux/expert_balance": mean_m})
+    assert values == pytest.approx(
+        {"loss": 3 * mean_m, "lm_loss": 2 * mean_m, "aux_loss": mean_m, "aux/expert_balance": mean_m}
+    )
 
 
 def test_model_output_is_a_dict_with_attributes():
@@ -65,9 +72,10 @@ def test_model_output_is_a_dict_with_attributes():
 
 
 def _bf16(zero_stage: int, reduce_dtype: str = "fp32") -> RunConfig:
-    return RunConfig(trainer=TrainerConfig(precision="bf16", global_batch_size=8, micro_batch_size=4,
-                                           max_steps=100),
-                     parallel=ParallelConfig(zero_stage=zero_stage, grad_reduce_dtype=reduce_dtype))
+    return RunConfig(
+        trainer=TrainerConfig(precision="bf16", global_batch_size=8, micro_batch_size=4, max_steps=100),
+        parallel=ParallelConfig(zero_stage=zero_stage, grad_reduce_dtype=reduce_dtype),
+    )
 
 
 def test_bf16_ds_config_accumulates_and_reduces_in_fp32():

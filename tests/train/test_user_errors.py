@@ -60,13 +60,14 @@ def _compose(overrides):
         return compose(config_name="config", overrides=overrides)
 
 
-@pytest.mark.parametrize("override, needles", [
-    ("trainer.max_stepz=5", ["Key 'max_stepz' not in 'TrainerConfig'", "--cfg job"]),
-    ("trainer.max_steps=abc", ["trainer.max_steps", "could not be converted to Integer",
-                               "--cfg job"]),
-    ("model=deepseek_moe_3b", ["'model/deepseek_moe_3b'", "Available options",
-                               "deepseek_moe_16b"]),
-])
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("trainer.max_stepz=5", ["Key 'max_stepz' not in 'TrainerConfig'", "--cfg job"]),
+        ("trainer.max_steps=abc", ["trainer.max_steps", "could not be converted to Integer", "--cfg job"]),
+        ("model=deepseek_moe_3b", ["'model/deepseek_moe_3b'", "Available options", "deepseek_moe_16b"]),
+    ],
+)
 def test_hydra_composition_errors(override, needles, capsys, monkeypatch):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # run_entry sets it; restored afterwards
     line = one_line_exit(capsys, run_entry, lambda: _compose([override]))
@@ -75,10 +76,13 @@ def test_hydra_composition_errors(override, needles, capsys, monkeypatch):
         assert needle in line
 
 
-@pytest.mark.parametrize("overrides, needles", [
-    (["+trainer.max_stepz=5"], ["unknown key(s) ['trainer.max_stepz']", "--cfg job"]),
-    (["optim.warmup_steps=500"], ["optim.warmup_steps=500", "lower optim.warmup_steps"]),
-])
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["+trainer.max_stepz=5"], ["unknown key(s) ['trainer.max_stepz']", "--cfg job"]),
+        (["optim.warmup_steps=500"], ["optim.warmup_steps=500", "lower optim.warmup_steps"]),
+    ],
+)
 def test_schema_and_value_errors(overrides, needles, capsys):
     line = one_line_exit(capsys, to_run_config, _compose(overrides))
     assert line.startswith("Config error: ")
@@ -86,13 +90,22 @@ def test_schema_and_value_errors(overrides, needles, capsys):
         assert needle in line
 
 
-@pytest.mark.parametrize("world, overrides, needles", [
-    (3, ["parallel.ep_size=3", "trainer.global_batch_size=24"],
-     ["n_routed_experts=16 is not divisible by parallel.ep_size=3"]),
-    (1, ["parallel.ep_size=2"], ["parallel.ep_size=2 must divide the world size 1"]),
-    (2, ["trainer.global_batch_size=12", "trainer.micro_batch_size=4"],
-     ["global_batch_size=12 is not divisible by trainer.micro_batch_size=4 x world_size=2"]),
-])
+@pytest.mark.parametrize(
+    "world, overrides, needles",
+    [
+        (
+            3,
+            ["parallel.ep_size=3", "trainer.global_batch_size=24"],
+            ["n_routed_experts=16 is not divisible by parallel.ep_size=3"],
+        ),
+        (1, ["parallel.ep_size=2"], ["parallel.ep_size=2 must divide the world size 1"]),
+        (
+            2,
+            ["trainer.global_batch_size=12", "trainer.micro_batch_size=4"],
+            ["global_batch_size=12 is not divisible by trainer.micro_batch_size=4 x world_size=2"],
+        ),
+    ],
+)
 def test_checks_that_need_the_world_size(world, overrides, needles, capsys, tmp_path):
     cfg = OmegaConf.to_object(_compose(overrides + [f"run_dir={tmp_path / 'run'}"]))
     trainer = Trainer(cfg)
@@ -109,16 +122,23 @@ def _local_text(tmp_path: Path, files: dict[str, bytes]) -> DataConfig:
     src.mkdir()
     for name, raw in files.items():
         (src / name).write_bytes(raw)
-    return DataConfig(name="bad", source="local_text", path=str(src),
-                      out_dir=str(tmp_path / "out" / "bad"), num_proc=1)
+    return DataConfig(
+        name="bad", source="local_text", path=str(src), out_dir=str(tmp_path / "out" / "bad"), num_proc=1
+    )
 
 
-@pytest.mark.parametrize("files, needles", [
-    ({}, ["matches no files", "check data.path"]),
-    ({"a.txt": b"", "b.txt": b""}, ["all 2 files are empty or not UTF-8", "point data.path"]),
-    ({"a.txt": b"caf\xe9\n", "b.txt": b"\xff\xfe\x00"},
-     ["all 2 files are empty or not UTF-8", "'not_utf8': 2", "point data.path"]),
-], ids=["missing_data", "empty_corpus", "non_utf8"])
+@pytest.mark.parametrize(
+    "files, needles",
+    [
+        ({}, ["matches no files", "check data.path"]),
+        ({"a.txt": b"", "b.txt": b""}, ["all 2 files are empty or not UTF-8", "point data.path"]),
+        (
+            {"a.txt": b"caf\xe9\n", "b.txt": b"\xff\xfe\x00"},
+            ["all 2 files are empty or not UTF-8", "'not_utf8': 2", "point data.path"],
+        ),
+    ],
+    ids=["missing_data", "empty_corpus", "non_utf8"],
+)
 def test_data_source_errors(files, needles, capsys, tmp_path):
     cfg = _local_text(tmp_path, files)
     line = one_line_exit(capsys, ensure_prepared, cfg)
@@ -128,11 +148,14 @@ def test_data_source_errors(files, needles, capsys, tmp_path):
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["model=deepseek_moe_3b"], ["no model preset 'deepseek_moe_3b'", "known presets"]),
-    (["model=deepseek_moe_tiny", "model.moe.topk=2"], ["topk", "ModelConfig"]),
-    (["model=deepseek_moe_tiny", "seq_len=long"], ["seq_len='long' must be a positive integer"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["model=deepseek_moe_3b"], ["no model preset 'deepseek_moe_3b'", "known presets"]),
+        (["model=deepseek_moe_tiny", "model.moe.topk=2"], ["topk", "ModelConfig"]),
+        (["model=deepseek_moe_tiny", "seq_len=long"], ["seq_len='long' must be a positive integer"]),
+    ],
+)
 def test_summary_cli(argv, needles, capsys):
     from deepseek_moe import summary
 
@@ -164,10 +187,16 @@ def test_programming_errors_keep_their_traceback():
 
 def test_tokenizer_larger_than_model_vocab(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_train(TINY + tiny_data + ["model.vocab_size=256", "logger=none",
-                                         f"run_dir={run_dir}"], check=False, timeout=120)
-    check_one_line(proc, "Config error: model.vocab_size=256 is smaller than the tokenizer "
-                   "vocab 512", "set model.vocab_size >= 512")
+    proc = run_train(
+        TINY + tiny_data + ["model.vocab_size=256", "logger=none", f"run_dir={run_dir}"],
+        check=False,
+        timeout=120,
+    )
+    check_one_line(
+        proc,
+        "Config error: model.vocab_size=256 is smaller than the tokenizer vocab 512",
+        "set model.vocab_size >= 512",
+    )
     assert not run_dir.exists()
 
 
@@ -189,8 +218,7 @@ def _fail_together_case(rank, world_size, ckpt_root):
     from deepseek_moe.errors import ReportedByAnotherRank
 
     trainer = Trainer.__new__(Trainer)
-    trainer.dist = DistInfo(rank=rank, world_size=world_size, local_rank=rank,
-                            device=torch.device("cpu"))
+    trainer.dist = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
     outcome = []
     for failing in ({1}, {0, 1}, set()):
         try:
@@ -215,7 +243,9 @@ def test_ranks_agree_on_one_reporter_and_on_the_resume_checkpoint(tmp_path):
         (tag_dir / "trainer_state").mkdir(parents=True)
         (tag_dir / "big.pt").write_bytes(b"b" * 1000)  # rank 0's share (largest first)
         (tag_dir / "trainer_state" / "small.pt").write_bytes(b"s" * 10)  # rank 1's share
-        ckpt.mark_complete(tag_dir, step, 2, ckpt.describe_files(tag_dir, ["big.pt", "trainer_state/small.pt"]))
+        ckpt.mark_complete(
+            tag_dir, step, 2, ckpt.describe_files(tag_dir, ["big.pt", "trainer_state/small.pt"])
+        )
     (tmp_path / "step_00000002" / "trainer_state" / "small.pt").write_bytes(b"S" * 10)
     results = run_distributed(_fail_together_case, 2, str(tmp_path), timeout=120)
     assert results[0][0] == ["silent", "bad on rank 0", "ok"]

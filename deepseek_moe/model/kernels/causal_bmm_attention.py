@@ -20,8 +20,9 @@ QUERY_BLOCK_ROWS = 64
 half of the work)."""
 
 
-def causal_bmm_attention(q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor,
-                         block_rows: int = QUERY_BLOCK_ROWS) -> torch.Tensor:
+def causal_bmm_attention(
+    q_BHSd: torch.Tensor, k_BGSd: torch.Tensor, v_BGSd: torch.Tensor, block_rows: int = QUERY_BLOCK_ROWS
+) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(d)) v, the same as SDPA(is_causal=True, enable_gqa=True).
 
     Query head h uses kv head h // (H/G) (SDPA's GQA convention). Queries are processed in
@@ -68,8 +69,12 @@ class _CausalBmmAttention(torch.autograd.Function):
         keep = any(ctx.needs_input_grad[:3])  # no backward (eval): hold one block at a time
         probs = []
         for s, e in blocks:
-            scores_NQK = torch.baddbmm(bias_SS[s:e, :e].expand(B * H, e - s, e), q_NSd[:, s:e],
-                                       k_NSd[:, :e].transpose(1, 2), alpha=scale)
+            scores_NQK = torch.baddbmm(
+                bias_SS[s:e, :e].expand(B * H, e - s, e),
+                q_NSd[:, s:e],
+                k_NSd[:, :e].transpose(1, 2),
+                alpha=scale,
+            )
             p_NQK = torch.softmax(scores_NQK, dim=-1)
             del scores_NQK
             y_NSd[:, s:e] = torch.bmm(p_NQK, v_NSd[:, :e])
@@ -89,15 +94,14 @@ class _CausalBmmAttention(torch.autograd.Function):
         dv_NSd = torch.zeros_like(v_NSd)
         for (s, e), p_NQK in zip(ctx.blocks, probs):
             dy_NQd = dy_NSd[:, s:e]
-            dv_NSd[:, :e].baddbmm_(p_NQK.transpose(1, 2), dy_NQd)           # dV += P^T dY
-            dp_NQK = torch.bmm(dy_NQd, v_NSd[:, :e].transpose(1, 2))        # dP = dY V^T
+            dv_NSd[:, :e].baddbmm_(p_NQK.transpose(1, 2), dy_NQd)  # dV += P^T dY
+            dp_NQK = torch.bmm(dy_NQd, v_NSd[:, :e].transpose(1, 2))  # dP = dY V^T
             # NOTE: the fused softmax backward P * (dP - rowsum(dP * P)) (Megatron uses it
             # too); it computes in fp32 for bf16 inputs, unlike the same math in bf16 ops.
             ds_NQK = torch._softmax_backward_data(dp_NQK, p_NQK, -1, p_NQK.dtype)
             del dp_NQK
             dq_NSd[:, s:e] = torch.bmm(ds_NQK, k_NSd[:, :e]).mul_(ctx.scale)  # dQ = dS K
-            dk_NSd[:, :e].baddbmm_(ds_NQK.transpose(1, 2), q_NSd[:, s:e],
-                                   alpha=ctx.scale)                          # dK += dS^T Q
+            dk_NSd[:, :e].baddbmm_(ds_NQK.transpose(1, 2), q_NSd[:, s:e], alpha=ctx.scale)  # dK += dS^T Q
         return dq_NSd.view(B, H, S, d), _sum_groups(dk_NSd, B, G), _sum_groups(dv_NSd, B, G), None
 
 

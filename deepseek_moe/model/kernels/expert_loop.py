@@ -37,8 +37,9 @@ def gemm_row_multiple(x: torch.Tensor) -> int:
     return 1
 
 
-def expert_loop(x_ND: torch.Tensor, counts_L: torch.Tensor, gate_up_L2HD: torch.Tensor,
-                down_LDH: torch.Tensor) -> torch.Tensor:
+def expert_loop(
+    x_ND: torch.Tensor, counts_L: torch.Tensor, gate_up_L2HD: torch.Tensor, down_LDH: torch.Tensor
+) -> torch.Tensor:
     """Same contract as `grouped_swiglu`: x_ND grouped by local expert -> y_ND."""
     counts = counts_L.tolist()
     multiple = gemm_row_multiple(x_ND)
@@ -102,10 +103,10 @@ class _ExpertLoop(torch.autograd.Function):
             x, g, u, dy = x_PD[s:e], g_PH[s:e], u_PH[s:e], dy_PD[s:e]
             w_gate, w_up = gate_up_L2HD[l, :H], gate_up_L2HD[l, H:]
             silu = F.silu(g)
-            torch.mm(dy.t(), silu * u, out=d_down[l])          # [D, H]
-            da = torch.mm(dy, down_LDH[l])                     # [n, H]
+            torch.mm(dy.t(), silu * u, out=d_down[l])  # [D, H]
+            da = torch.mm(dy, down_LDH[l])  # [n, H]
             du = da * silu
-            dg = torch.ops.aten.silu_backward(da.mul_(u), g)   # da * u * silu'(g)
+            dg = torch.ops.aten.silu_backward(da.mul_(u), g)  # da * u * silu'(g)
             torch.mm(dg.t(), x, out=d_gate_up[l, :H])
             torch.mm(du.t(), x, out=d_gate_up[l, H:])
             torch.mm(dg, w_gate, out=dx_PD[s:e])
@@ -123,7 +124,7 @@ def _to_padded(x_ND: torch.Tensor, bounds) -> torch.Tensor:
     x_ND = x_ND.contiguous()
     x_PD = x_ND.new_zeros(bounds[-1][3], x_ND.shape[1])
     for s, e, ps, _ in bounds:
-        x_PD[ps:ps + e - s].copy_(x_ND[s:e])
+        x_PD[ps : ps + e - s].copy_(x_ND[s:e])
     return x_PD
 
 
@@ -131,5 +132,5 @@ def _from_padded(y_PD: torch.Tensor, bounds, num_rows: int) -> torch.Tensor:
     """Inverse of `_to_padded`: drop the padding rows. -> y_ND"""
     y_ND = y_PD.new_empty(num_rows, y_PD.shape[1])
     for s, e, ps, _ in bounds:
-        y_ND[s:e].copy_(y_PD[ps:ps + e - s])
+        y_ND[s:e].copy_(y_PD[ps : ps + e - s])
     return y_ND

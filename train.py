@@ -34,9 +34,11 @@ register_schema()
 def train(cfg: DictConfig) -> None:
     apply_cli_intent(cfg, list(HydraConfig.get().overrides.task))
     run_cfg = to_run_config(cfg)
+    from deepseek_moe.train.distributed import shutdown_distributed
     from deepseek_moe.train.trainer import Trainer  # heavy imports after the config is valid
 
     Trainer(run_cfg).fit()
+    shutdown_distributed()  # success only: after a failure the other ranks may never arrive
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -111,6 +111,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def shutdown_distributed() -> None:
+    """End the process group once every rank has finished (the entry point calls it after a
+    successful run). A group left to the interpreter's exit is torn down while its backend's
+    threads may still run, which can abort the process after the work is done (seen with gloo as
+    "terminate called without an active exception"); torch asks for an explicit destroy."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 # The helpers below take the run's device (`DistInfo.device`) and put every tensor they reduce
 # there: on a CUDA run that is the NCCL backend, the fast one, whatever else the group holds.
 

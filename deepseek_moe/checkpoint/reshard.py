@@ -39,6 +39,7 @@ from torch import nn
 
 from deepseek_moe.checkpoint.keys import STACKED_EXPERT_PARAM, _layer_offsets
 from deepseek_moe.checkpoint.zero_shards import ZeroShards
+from deepseek_moe.config.model import MOE_PARAMETER_FIELDS, PARAMETER_FIELDS
 from deepseek_moe.errors import CheckpointError
 
 _LAYOUT = (("world_size", "world"), ("ep_size", "ep"), ("zero_stage", "zero"))
@@ -57,30 +58,14 @@ def layout_change(saved: dict[str, Any], *, world_size: int, ep_size: int, zero_
     return ", ".join(changed) or None
 
 
-# The model fields that define the parameters (names and shapes): a checkpoint resumes only into
-# the same ones. The others (loss weights, capacity, kernels) may change between launches.
-_ARCHITECTURE = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "first_k_dense",
-    "tie_embeddings",
-)
-_MOE_ARCHITECTURE = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size")
-
-
 def architecture(model_cfg) -> dict[str, Any]:
     """{"model.<field>": value} of the fields that define the parameters (saved with every
     checkpoint, compared at resume by `check_same_model`)."""
-    out = {f"model.{k}": getattr(model_cfg, k) for k in _ARCHITECTURE}
+    out = {f"model.{k}": getattr(model_cfg, k) for k in PARAMETER_FIELDS}
     moe = model_cfg.moe
     out["model.moe"] = None if moe is None else "on"
     if moe is not None:
-        out.update({f"model.moe.{k}": getattr(moe, k) for k in _MOE_ARCHITECTURE})
+        out.update({f"model.moe.{k}": getattr(moe, k) for k in MOE_PARAMETER_FIELDS})
     return out
 
 

@@ -18,6 +18,22 @@ _ATTN_IMPLS = ("auto", "sdpa", "bmm")
 EXPERTS_IMPLS = ("auto", "grouped_mm", "loop")
 
 
+# The fields that define the model's parameters (their names and shapes): a checkpoint loads only
+# into a model with the same values. The others (loss weights, capacity, kernels) do not.
+PARAMETER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "first_k_dense",
+    "tie_embeddings",
+)
+MOE_PARAMETER_FIELDS = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size")
+
+
 @dataclass(kw_only=True)
 class MoEConfig:
     """The mixture-of-experts FFN used by every layer after the first `first_k_dense`."""

@@ -20,29 +20,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.config.model import MOE_PARAMETER_FIELDS, PARAMETER_FIELDS, ModelConfig
 from deepseek_moe.errors import ConfigError, ExportError
 from deepseek_moe.export import deepseek, hf_dir, qwen2_moe
 
 _LAYOUTS = {deepseek.MODEL_TYPE: deepseek, qwen2_moe.MODEL_TYPE: qwen2_moe}
-_COMPARED = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "first_k_dense",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_embeddings",
-)
+# Parameter shapes, plus the fields that change the function the same parameters compute.
+_COMPARED = (*PARAMETER_FIELDS, "rope_theta", "rms_norm_eps")
 _COMPARED_MOE = (
-    "n_routed_experts",
-    "n_shared_experts",
+    *MOE_PARAMETER_FIELDS,
     "top_k",
-    "moe_intermediate_size",
     "norm_topk_prob",
     "routed_scaling_factor",
     "scoring_func",

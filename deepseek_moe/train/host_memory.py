@@ -5,8 +5,8 @@ Why: glibc serves every allocation above `M_MMAP_THRESHOLD` (128 KB to start wit
 `mmap` and returns it to the kernel on free. A training step allocates and frees the same large
 temporaries every step (logits, attention scores, expert buffers), so on CPU each step
 page-faults all of them in again. Raising the mmap threshold to glibc's maximum (32 MB on
-64-bit) and the trim threshold to 1 GB keeps those pages in the heap for reuse (the effect on a
-CPU training step: bench/reports/benchmarks_*_2026-11-24.md, "host allocator"). Cost: the process keeps up to 1 GB of
+64-bit) and the trim threshold to 1 GB keeps those pages in the heap for reuse (its effect on a
+CPU training step is in bench/reports/, "host allocator"). Cost: the process keeps up to 1 GB of
 freed heap instead of returning it to the OS, which is why it is opt-in: it changes the whole
 process, not just our tensors. The same effect is available to any program through the
 environment (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`).

@@ -2,7 +2,8 @@
 all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the config.
 
     plan = memory_plan(model_cfg, ep_size=8, world_size=64, zero_stage=1, micro_batch=1,
-                       seq_len=4096, precision="bf16", activation_checkpointing="full")
+                       seq_len=4096, precision="bf16", activation_checkpointing="full",
+                       loss_chunk_tokens=2048)
     plan["total_gb"]
 
 `python -m deepseek_moe.summary model=X ep_size=.. world_size=..` prints it. What is counted
@@ -18,10 +19,15 @@ all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the co
 - activations: the tensors autograd keeps from the forward for the backward, counted from the
   ops our model runs (SDPA attention, the grouped experts path; see `_block_saved_bytes`), plus
   the logits and their log-softmax; with "full" checkpointing only each block's input is kept.
+  With `loss_chunk_tokens` N > 0 (deepseek_moe/model/chunked_lm_loss.py) the head keeps no
+  logits, only the [T, D] hidden states and one fp32 log-sum-exp per token.
   Validated against the saved tensors of real runs (tests/test_memory_plan.py).
 - logits_grad: the gradients of the log-softmax and of its input, both fp32, alive together
   with all activations when the backward starts (T x vocab each: the peak for large
-  vocabularies).
+  vocabularies). Chunked: one chunk's recomputed fp32 logits turned into their gradient
+  (+ its activation-dtype cast in bf16), N x vocab, next to the head's [T, D] input gradient
+  and [vocab, D] weight gradient, all alive during the head's backward (the forward's per-chunk
+  transient, the logits and their fp32 upcast, is no larger).
 - recompute ("full" only): what one block's recompute and backward add later in the backward,
   beyond the backward-start peak (see `recompute_bytes`; 0 when the logits' part is larger).
   The sum of the parts is the peak; validated against the allocator's live bytes of small
@@ -79,12 +85,16 @@ def activation_bytes(
     precision: str,
     activation_checkpointing: str,
     experts_impl: str = "grouped_mm",
+    loss_chunk_tokens: int = 0,
 ) -> int:
     """Bytes kept for backward at the end of one micro-batch's forward (with "full"
-    checkpointing: each block's input only), plus the logits the caller holds."""
+    checkpointing: each block's input only), plus the logits the caller holds (none with
+    `loss_chunk_tokens` > 0)."""
     T = micro_batch * seq_len
     b = 2 if precision in ("bf16", "fp16") else _F32
-    return _head_bytes(cfg, T, b) + _body_bytes(cfg, T, b, activation_checkpointing, experts_impl)
+    return _head_bytes(cfg, T, b, loss_chunk_tokens) + _body_bytes(
+        cfg, T, b, activation_checkpointing, experts_impl
+    )
 
 
 def recompute_bytes(
@@ -95,6 +105,7 @@ def recompute_bytes(
     precision: str,
     activation_checkpointing: str,
     experts_impl: str = "grouped_mm",
+    loss_chunk_tokens: int = 0,
 ) -> int:
     """With "full" checkpointing, what the backward of a recomputed block adds on top of the
     backward-start peak (activations + logits gradient); 0 without checkpointing or when the
@@ -113,13 +124,16 @@ def recompute_bytes(
     # In bf16 the gradients of the block's fp32 upcasts (both RMSNorm inputs, the router input)
     # are fp32 [T, D] tensors, larger than the bf16 ones the saved-bytes bound pairs them with.
     upcast_grads = 3 * T * cfg.hidden_size * _F32 if b != _F32 else 0
-    return max(0, largest + upcast_grads - _head_bytes(cfg, T, b) - _logits_grad_bytes(cfg, T))
+    head = _head_bytes(cfg, T, b, loss_chunk_tokens) + _logits_grad_bytes(cfg, T, b, loss_chunk_tokens)
+    return max(0, largest + upcast_grads - head)
 
 
-def _head_bytes(cfg: ModelConfig, T: int, b: int) -> int:
-    """Token ids, final norm, lm_head input, the logits the caller holds, fp32 log-softmax."""
+def _head_bytes(cfg: ModelConfig, T: int, b: int, loss_chunk_tokens: int = 0) -> int:
+    """Token ids, final norm, lm_head input; then the logits the caller holds and the fp32
+    log-softmax, or, chunked, one fp32 log-sum-exp per token."""
     D, V = cfg.hidden_size, cfg.vocab_size
-    return T * (_I64 + D * _F32 + _F32 + 2 * D * b + V * b + V * _F32)
+    kept = _I64 + D * _F32 + _F32 + 2 * D * b
+    return T * (kept + (_F32 if loss_chunk_tokens > 0 else V * b + V * _F32))
 
 
 def _body_bytes(cfg: ModelConfig, T: int, b: int, activation_checkpointing: str, experts_impl: str) -> int:
@@ -128,13 +142,20 @@ def _body_bytes(cfg: ModelConfig, T: int, b: int, activation_checkpointing: str,
     return sum(_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers))
 
 
-def _logits_grad_bytes(cfg: ModelConfig, T: int) -> int:
+def _logits_grad_bytes(cfg: ModelConfig, T: int, b: int, loss_chunk_tokens: int = 0) -> int:
     """The log-softmax's fp32 gradient and the gradient of its fp32 input, alive together (with
     every saved activation) when the backward starts: the peak for large vocabularies.
+    Chunked (N = loss_chunk_tokens): the head's backward holds one chunk's fp32 logits gradient
+    (+ its cast to the activation dtype in bf16), the [T, D] input gradient it fills chunk by
+    chunk and the [V, D] weight gradient it accumulates.
 
     NOTE: both are fp32 in bf16 too (the loss upcasts the logits); the bf16 logits' gradient
     is made only after the log-softmax's gradient is freed."""
-    return T * cfg.vocab_size * 2 * _F32
+    D, V = cfg.hidden_size, cfg.vocab_size
+    if loss_chunk_tokens <= 0:
+        return T * V * 2 * _F32
+    N = min(loss_chunk_tokens, T)
+    return N * V * (_F32 + (b if b != _F32 else 0)) + T * D * b + V * D * b
 
 
 def memory_plan(
@@ -149,8 +170,12 @@ def memory_plan(
     activation_checkpointing: str = "none",
     grad_accum_steps: int = 1,
     experts_impl: str = "grouped_mm",
+    loss_chunk_tokens: int = 0,
 ) -> dict[str, Any]:
-    """Per-GPU bytes of each kind (and GB), and all-to-all bytes per optimizer step."""
+    """Per-GPU bytes of each kind (and GB), and all-to-all bytes per optimizer step.
+    `loss_chunk_tokens`: 0 = the LM head's full logits, N > 0 = the chunked head and loss."""
+    if loss_chunk_tokens < 0:
+        raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 0 (0 = no chunking)")
     if world_size % ep_size:
         raise ValueError(f"world_size={world_size} is not a multiple of ep_size={ep_size}")
     S = cfg.max_seq_len if seq_len is None else seq_len
@@ -180,11 +205,12 @@ def memory_plan(
         "precision": precision,
         "activation_checkpointing": activation_checkpointing,
         "experts_impl": experts_impl,
+        "loss_chunk_tokens": loss_chunk_tokens,
     }
     acts = activation_bytes(cfg, **act_args)
     recompute = recompute_bytes(cfg, **act_args)
     T = micro_batch * S
-    logits_grad = _logits_grad_bytes(cfg, T)
+    logits_grad = _logits_grad_bytes(cfg, T, w, loss_chunk_tokens)
     a2a_buffers = 2 * T * m.top_k * cfg.hidden_size * w if (m is not None and ep_size > 1) else 0
     passes = 3 if activation_checkpointing == "full" else 2  # fwd, bwd (+ recompute fwd)
     a2a_step = (
@@ -223,6 +249,7 @@ def memory_plan(
             "precision": precision,
             "activation_checkpointing": activation_checkpointing,
             "grad_accum_steps": grad_accum_steps,
+            "loss_chunk_tokens": loss_chunk_tokens,
         },
         "bytes": {**{k: int(v) for k, v in parts.items()}, "total": int(total)},
         "gb": {**{k: round(v / GB, 2) for k, v in parts.items()}, "total": round(total / GB, 2)},

@@ -3,7 +3,8 @@
     python -m deepseek_moe.summary model=deepseek_moe_16b
     python -m deepseek_moe.summary model=deepseek_moe_tiny model.moe.top_k=2 seq_len=128
     python -m deepseek_moe.summary model=deepseek_moe_16b world_size=64 ep_size=8 \
-        zero_stage=1 micro_batch=1 seq_len=4096 precision=bf16 activation_checkpointing=full
+        zero_stage=1 micro_batch=1 seq_len=4096 precision=bf16 activation_checkpointing=full \
+        loss_chunk_tokens=2048
 
 `model=NAME` selects `conf/model/NAME.yaml` (or a path to a yaml); `model.<field>=value`
 overrides fields; `seq_len=` sets the sequence length for FLOPs and memory (default
@@ -13,7 +14,8 @@ seconds; the parameter count is taken from the built model and cross-checked aga
 
 `memory_plan` (per GPU; see deepseek_moe/memory_plan.py for what is counted) uses
 `ep_size` (1), `world_size` (= ep_size), `zero_stage` (1), `micro_batch` (1), `precision`
-(bf16), `activation_checkpointing` (none) and `grad_accum_steps` (1).
+(bf16), `activation_checkpointing` (none), `grad_accum_steps` (1) and `loss_chunk_tokens` (0 = the
+LM head's full logits; N > 0 = the head and loss N tokens at a time, as trainer.loss_chunk_tokens).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from deepseek_moe.config.model import ModelConfig
 from deepseek_moe.errors import ConfigError, report_user_errors
 from deepseek_moe.memory_plan import memory_plan
 
-_PLAN_INT_ARGS = ("ep_size", "world_size", "zero_stage", "micro_batch", "grad_accum_steps")
+_PLAN_INT_ARGS = (
+    "ep_size",
+    "world_size",
+    "zero_stage",
+    "micro_batch",
+    "grad_accum_steps",
+    "loss_chunk_tokens",
+)
 MODEL_DIR = CONF_DIR / "model"
 
 
@@ -126,6 +135,8 @@ def main(argv: Sequence[str]) -> None:
         elif key.startswith("model."):
             overrides.append(f"{key[len('model.') :]}={value}")
         elif key in _PLAN_INT_ARGS:
+            if not value.isdigit():
+                raise ConfigError(f"{key}={value!r} must be a non-negative integer")
             plan[key] = int(value)
         elif key in ("precision", "activation_checkpointing"):
             plan[key] = value

@@ -152,6 +152,12 @@ class TrainerConfig:
     """"none" or "full": keep only each transformer block's input in the forward and recompute
     the block in backward (about one extra forward of compute for much less activation memory;
     `python -m deepseek_moe.summary` shows the memory either way)."""
+    loss_chunk_tokens: int = 0
+    """0: the LM head computes the whole micro-batch's logits, then the loss. N > 0: the head and
+    the cross-entropy run N tokens at a time, in the forward and again in the backward (one
+    extra head matmul), so only N x vocab logits exist at once instead of micro_batch_size x
+    seq_len x vocab (several GB per rank with a 100k vocabulary; see
+    deepseek_moe/model/chunked_lm_loss.py). Same loss and gradients. Try 1024-4096."""
     reuse_host_memory: bool = False
     """Opt-in, for CPU runs: keep freed host memory in the process for reuse (glibc mallopt:
     large CPU tensors stop page-faulting every step); the process then holds up to 1 GB of
@@ -168,6 +174,7 @@ class TrainerConfig:
         _check_choice(
             "trainer.activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING
         )
+        _check_positive("trainer.loss_chunk_tokens", self.loss_chunk_tokens, allow_zero=True)
         if self.seq_len is not None:
             _check_positive("trainer.seq_len", self.seq_len)
         if self.max_steps_per_launch is not None:

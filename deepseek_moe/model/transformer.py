@@ -24,6 +24,10 @@ after `model.to_empty(device=...)` call `model.init_weights()`.
 
 Activation checkpointing: `model.activation_checkpointing = "full"` keeps only each block's
 input during a training forward and recomputes the block in backward (see `_checkpointed`).
+
+Chunked loss: `model.loss_chunk_tokens = N` (N > 0) computes the LM head and the loss N tokens at
+a time when labels are given, never holding the micro-batch's [B, S, V] logits (see
+chunked_lm_loss.py); the output's `logits_BSV` is then None.
 """
 
 from __future__ import annotations
@@ -38,14 +42,13 @@ from torch.utils.checkpoint import checkpoint
 from deepseek_moe.config.model import ModelConfig
 from deepseek_moe.config.train import ACTIVATION_CHECKPOINTING
 from deepseek_moe.model.attention import Attention
+from deepseek_moe.model.chunked_lm_loss import IGNORE_INDEX, chunked_lm_cross_entropy
 from deepseek_moe.model.dispatch import Dispatcher
 from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.ffn import SwiGLU
 from deepseek_moe.model.moe import MoELayer
 from deepseek_moe.model.norm import RMSNorm
 from deepseek_moe.model.rope import RotaryEmbedding
-
-IGNORE_INDEX = -100
 
 
 class CausalLMOutput(dict):
@@ -57,7 +60,8 @@ class CausalLMOutput(dict):
     and the gradients of earlier micro-batches are counted again.
 
     Keys / attributes:
-    - `logits_BSV`;
+    - `logits_BSV`: None when labels are given and the model's `loss_chunk_tokens` > 0 (the
+      chunked loss never builds the whole micro-batch's logits); call without labels for them;
     - `loss`: lm_loss + aux_loss; None without labels;
     - `lm_loss`: mean next-token cross-entropy over non-ignored labels; None without labels;
     - `aux_loss`: sum of all alpha-scaled balance losses over layers (0 for a dense model);
@@ -70,7 +74,7 @@ class CausalLMOutput(dict):
     def __init__(
         self,
         *,
-        logits_BSV: torch.Tensor,
+        logits_BSV: Optional[torch.Tensor],
         loss: Optional[torch.Tensor] = None,
         lm_loss: Optional[torch.Tensor] = None,
         aux_loss: Optional[torch.Tensor] = None,
@@ -146,6 +150,9 @@ class DeepSeekMoEForCausalLM(nn.Module):
         """Expert-parallel size the MoE layers are split for (set by `apply_ep`)."""
         self.activation_checkpointing = "none"
         """"none" or "full" (recompute every block in backward); set by the trainer."""
+        self.loss_chunk_tokens = 0
+        """0: the loss reads the full logits; N > 0: with labels, the head and the loss run N
+        tokens at a time (chunked_lm_loss.py) and `logits_BSV` is None; set by the trainer."""
         self.model = DeepSeekMoEModel(cfg, ep_rank, ep_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -188,25 +195,37 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 f"activation_checkpointing={self.activation_checkpointing!r} must be "
                 f"one of {ACTIVATION_CHECKPOINTING}"
             )
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0 = no chunking)")
         recompute = self.activation_checkpointing == "full" and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             x_BSD, aux = _checkpointed(block, x_BSD) if recompute else block(x_BSD)
             for name, value in aux.items():
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
-        logits_BSV = self.lm_head(self.model.norm(x_BSD))
+        h_BSD = self.model.norm(x_BSD)
+        if labels_BS is not None and labels_BS.shape != input_ids_BS.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels_BS.shape)} != input_ids shape "
+                f"{tuple(input_ids_BS.shape)}: pass already-shifted next-token labels."
+            )
+        chunked = labels_BS is not None and self.loss_chunk_tokens > 0
+        logits_BSV = None if chunked else self.lm_head(h_BSD)
         aux_loss = (
             torch.stack(list(aux_losses.values())).sum()
             if aux_losses
-            else torch.zeros((), device=logits_BSV.device)
+            else torch.zeros((), device=h_BSD.device)
         )
         out = CausalLMOutput(logits_BSV=logits_BSV, aux_loss=aux_loss, aux_losses=aux_losses)
         if labels_BS is not None:
-            if labels_BS.shape != input_ids_BS.shape:
-                raise ValueError(
-                    f"labels shape {tuple(labels_BS.shape)} != input_ids shape "
-                    f"{tuple(input_ids_BS.shape)}: pass already-shifted next-token labels."
+            if chunked:
+                out.lm_loss = chunked_lm_cross_entropy(
+                    h_BSD.reshape(-1, h_BSD.shape[-1]),
+                    self.lm_head.weight,
+                    labels_BS.reshape(-1),
+                    chunk_tokens=self.loss_chunk_tokens,
                 )
-            out.lm_loss = lm_cross_entropy(logits_BSV, labels_BS)
+            else:
+                out.lm_loss = lm_cross_entropy(logits_BSV, labels_BS)
             out.loss = out.lm_loss + aux_loss
         return out
 

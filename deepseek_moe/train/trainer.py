@@ -175,6 +175,7 @@ class Trainer:
         seed_everything(cfg.trainer.seed)  # same init on every rank, whatever the EP size
         model = DeepSeekMoEForCausalLM(cfg.model)
         model.activation_checkpointing = cfg.trainer.activation_checkpointing
+        model.loss_chunk_tokens = cfg.trainer.loss_chunk_tokens
         if cfg.model.moe is not None:
             model = parallelize_moe(model, cfg.parallel.ep_size)
         if cfg.model.init_from and not (cfg.checkpoint.resume and ckpt.latest_complete(self.ckpt_dir)):

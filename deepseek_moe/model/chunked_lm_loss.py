@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -69,6 +70,7 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
         return total / keep_T.sum().clamp_min(1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):  # type: ignore[override]
         h_TD, weight_VD, labels_T, lse_T = ctx.saved_tensors
         T, N = h_TD.shape[0], ctx.chunk_tokens

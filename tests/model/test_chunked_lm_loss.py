@@ -2,13 +2,16 @@
 `F.cross_entropy` on the full logits (fp64), the model with chunking against the model without,
 and the memory it must not use (the [T, V] logits)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deepseek_moe.config.model import ModelConfig, MoEConfig
+from deepseek_moe.config.model import ModelConfig
 from deepseek_moe.model.chunked_lm_loss import chunked_lm_cross_entropy
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM, lm_cross_entropy
+from tests.parallel._ep_common import tiny_config
 from tests.test_memory_plan import live_peak_bytes
 
 T, D, V = 24, 16, 40
@@ -151,18 +154,8 @@ def test_never_materialises_the_full_logits():
 
 
 def _model_cfg(tie: bool) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=96,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=4,
-        intermediate_size=48,
-        first_k_dense=1,
-        max_seq_len=16,
-        init_std=0.05,
-        tie_embeddings=tie,
-        moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, moe_intermediate_size=16),
-    )
+    """The EP tests' tiny MoE (every aux loss on), its head tied or not."""
+    return dataclasses.replace(tiny_config(), tie_embeddings=tie)
 
 
 def _loss_and_grads(model, ids_BS, labels_BS, chunk_tokens, checkpointing):
@@ -182,12 +175,14 @@ def test_model_chunked_equals_plain(tie, checkpointing):
     model = DeepSeekMoEForCausalLM(_model_cfg(tie))
     model.train()
     g = torch.Generator().manual_seed(5)
-    ids_BS = torch.randint(0, 96, (3, 16), generator=g)
-    labels_BS = torch.randint(0, 96, (3, 16), generator=g)
-    labels_BS[1, 4:] = -100
+    vocab, seq = model.cfg.vocab_size, model.cfg.max_seq_len
+    ids_BS = torch.randint(0, vocab, (3, seq), generator=g)
+    labels_BS = torch.randint(0, vocab, (3, seq), generator=g)
+    labels_BS[1, 3:] = -100  # 24 tokens in chunks of 7: the short last chunk, ignored labels
     plain, plain_grads = _loss_and_grads(model, ids_BS, labels_BS, 0, "none")
     chunked, chunked_grads = _loss_and_grads(model, ids_BS, labels_BS, 7, checkpointing)
-    assert plain.logits_BSV.shape == (3, 16, 96) and chunked.logits_BSV is None
+    assert plain.logits_BSV.shape == (3, seq, vocab) and chunked.logits_BSV is None
+    assert plain.aux_loss > 0  # the aux losses' gradients are in the comparison too
     torch.testing.assert_close(chunked.lm_loss, plain.lm_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-6, atol=1e-6)
     assert chunked_grads.keys() == plain_grads.keys()

@@ -145,12 +145,13 @@ def _body_bytes(cfg: ModelConfig, T: int, b: int, activation_checkpointing: str,
 def _logits_grad_bytes(cfg: ModelConfig, T: int, b: int, loss_chunk_tokens: int = 0) -> int:
     """The log-softmax's fp32 gradient and the gradient of its fp32 input, alive together (with
     every saved activation) when the backward starts: the peak for large vocabularies.
-    Chunked (N = loss_chunk_tokens): the head's backward holds one chunk's fp32 logits gradient
-    (+ its cast to the activation dtype in bf16), the [T, D] input gradient it fills chunk by
-    chunk and the [V, D] weight gradient it accumulates.
 
     NOTE: both are fp32 in bf16 too (the loss upcasts the logits); the bf16 logits' gradient
-    is made only after the log-softmax's gradient is freed."""
+    is made only after the log-softmax's gradient is freed.
+
+    Chunked (N = loss_chunk_tokens > 0): the head's backward holds one chunk's fp32 logits
+    gradient (+ its cast to the activation dtype in bf16), the [T, D] input gradient it fills
+    chunk by chunk and the [V, D] weight gradient it accumulates."""
     D, V = cfg.hidden_size, cfg.vocab_size
     if loss_chunk_tokens <= 0:
         return T * V * 2 * _F32

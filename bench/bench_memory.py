@@ -11,15 +11,19 @@ them, so they stay allocated as the plan counts them); we report peak RSS minus 
 the build (the step's own memory: gradients, optimizer state, activations and transients) next
 to the plan's activations + logits gradient + recompute (`deepseek_moe.memory_plan`, ZeRO-0,
 one rank) plus this run's gradients and AdamW state, and the ratio measured / planned.
-Each mode is measured twice:
-- "live": glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so every tensor
-  is its own mapping and RSS follows the live tensor bytes (the plan's quantity; on a GPU the
-  caching allocator's reserve plays the heap's part), and oneDNN's primitive cache off
-  (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`: the bf16 matmul kernels it keeps are library
-  workspace, which the plan leaves out like cuBLAS's).
+Each mode is measured three times:
+- "tensors": glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so every tensor
+  is its own mapping and RSS follows the live tensor bytes, and oneDNN off
+  (`torch.backends.mkldnn.enabled = False`): the plan's quantity, compared with it. On a GPU the
+  same quantity is `torch.cuda.max_memory_allocated`.
+- "with oneDNN": the same threshold, oneDNN on (torch's default; it runs bf16 matmuls on CPU).
+  In bf16 oneDNN keeps memory outside torch's tensors that grows with depth (what it holds was
+  not traced); library workspace, which the plan leaves out like cuBLAS's. Reported, not compared.
 - "glibc default": glibc raises its mmap threshold up to 32 MiB after the first large free, so
   smaller tensors then come from the heap, whose freed pages stay resident: RSS there is the
-  heap's high-water mark, which the plan does not model (it is reported, not compared).
+  heap's high-water mark, which the plan does not model (reported, not compared).
+In fp32, matmuls use MKL whether oneDNN is on or not. With oneDNN off, bf16 matmuls fall back
+to torch's own (slow) kernels: the "tensors" runs of bf16 take minutes.
 Speed: both modes stepped round-robin in ONE process (so load changes on a shared machine hit
 both alike); tokens/s median and "full"'s cost (`--iters 0` skips it). Attention is forced to
 SDPA (the GPU path the plan accounts for); experts use the default path for the device.
@@ -78,6 +82,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.backends.mkldnn.enabled = args.onednn == "on"
     step = _build(args, args.worker)
     base = rss_mb()
     for _ in range(2):
@@ -103,6 +108,7 @@ def main() -> None:
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs (speed only)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--onednn", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -115,20 +121,24 @@ def main() -> None:
     cfg = _cfg(args)
     impl = resolve_impl(cfg.moe.experts_impl, torch.device("cpu")) if cfg.moe else "grouped_mm"
     measured: dict[tuple[str, str], float] = {}
-    live_env = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+    one_mapping_per_tensor = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    runs = {
+        "tensors": (one_mapping_per_tensor, "off"),
+        "onednn": (one_mapping_per_tensor, "on"),
+        "glibc": ({}, "on"),
+    }
     for mode in [] if args.no_memory else MODES:
         flags = [
             f"--{k.replace('_', '-')}={getattr(args, k)}"
             for k in ("model", "seq_len", "micro_batch", "dtype", "threads")
         ]
         flags += [f"--override={o}" for o in args.override]
-        for alloc, extra_env in (("live", live_env), ("glibc", {})):
+        for run, (extra_env, onednn) in runs.items():
             env = {**os.environ, "PYTHONPATH": str(ROOT), **extra_env}
-            if alloc == "glibc":
-                for key in live_env:
-                    env.pop(key, None)
+            if not extra_env:
+                env.pop("MALLOC_MMAP_THRESHOLD_", None)
             res = subprocess.run(
-                [sys.executable, __file__, "--worker", mode, *flags],
+                [sys.executable, __file__, "--worker", mode, f"--onednn={onednn}", *flags],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
@@ -136,8 +146,8 @@ def main() -> None:
             )
             lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
             if res.returncode or not lines:
-                sys.exit(f"memory run {mode} ({alloc}) failed:\n{res.stderr[-2000:]}")
-            measured[(mode, alloc)] = json.loads(lines[-1])["peak_over_build_mb"]
+                sys.exit(f"memory run {mode} ({run}) failed:\n{res.stderr[-2000:]}")
+            measured[(mode, run)] = json.loads(lines[-1])["peak_over_build_mb"]
 
     tps = {mode: float("nan") for mode in MODES}
     if args.iters:
@@ -161,11 +171,11 @@ def main() -> None:
         f"{args.threads} threads, experts {impl}, attention sdpa, {args.iters} round-robin steps"
     )
     print(
-        "| activation checkpointing | peak over build MB, live | planned MB (grads + AdamW + "
-        "activations + logits grad + recompute) | live / planned | peak over build MB, glibc "
-        "default | tokens/s median |"
+        "| activation checkpointing | peak over build MB, tensors (oneDNN off) | planned MB (grads + "
+        "AdamW + activations + logits grad + recompute) | tensors / planned | peak over build MB, "
+        "with oneDNN | peak over build MB, glibc default | tokens/s median |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for mode in MODES:
         b = memory_plan(
             cfg,
@@ -177,18 +187,17 @@ def main() -> None:
             experts_impl=impl,
         )["bytes"]
         planned = (3 * n_bytes + b["activations"] + b["logits_grad"] + b["recompute"]) / 2**20
-        live, glibc = (measured.get((mode, a), float("nan")) for a in ("live", "glibc"))
+        tensors, onednn, glibc = (measured.get((mode, r), float("nan")) for r in runs)
         print(
-            f"| {mode} | {live:,.0f} | {planned:,.0f} | {live / planned:.2f} "
-            f"| {glibc:,.0f} | {tps[mode]:,.0f} |"
+            f"| {mode} | {tensors:,.0f} | {planned:,.0f} | {tensors / planned:.2f} "
+            f"| {onednn:,.0f} | {glibc:,.0f} | {tps[mode]:,.0f} |"
         )
     ratio = {
-        a: measured.get(("full", a), float("nan")) / measured.get(("none", a), float("nan"))
-        for a in ("live", "glibc")
+        r: measured.get(("full", r), float("nan")) / measured.get(("none", r), float("nan")) for r in runs
     }
     print(
-        f"full vs none: peak live {ratio['live'] - 1:+.0%}, glibc default {ratio['glibc'] - 1:+.0%}, "
-        f"tokens/s {tps['full'] / tps['none'] - 1:+.0%}"
+        f"full vs none: peak tensors {ratio['tensors'] - 1:+.0%}, with oneDNN {ratio['onednn'] - 1:+.0%}, "
+        f"glibc default {ratio['glibc'] - 1:+.0%}, tokens/s {tps['full'] / tps['none'] - 1:+.0%}"
     )
 
 

@@ -232,6 +232,12 @@ def time_all(args, impls: list[str]) -> dict[str, list[float]]:
     built = {impl: _build(args, impl) for impl in impls}
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for i in range(args.warmup + args.iters):
+        if i and not args.fixed_input:
+            # NOTE: a new input each step, as in training, where the routing (so every expert's
+            # row count, so each per-expert GEMM's shape) changes every step. With one fixed
+            # input the shapes repeat and CPU bf16 paths that JIT a kernel per shape look faster
+            # than they train. Every implementation gets the same input within a step.
+            x = torch.randn(args.tokens, args.hidden, dtype=_dtype(args), requires_grad=True)
         first: dict[str, tuple] = {}
         for impl, (step, module) in built.items():
             t0 = time.perf_counter()
@@ -317,6 +323,11 @@ def main() -> None:
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--no-memory", action="store_true", help="skip the per-implementation RSS runs")
     p.add_argument(
+        "--fixed-input",
+        action="store_true",
+        help="time every step on the same input (same routing each step; default: a new input per step)",
+    )
+    p.add_argument(
         "--tiny-step",
         action="store_true",
         help="instead: time a training step of the deepseek_moe_tiny preset",
@@ -354,7 +365,8 @@ def main() -> None:
     print(
         f"MoE layer fwd+bwd, {args.dtype}, T={T} D={args.hidden} H={args.expert_width} "
         f"E={args.experts} K={args.top_k} +{args.shared} shared, {args.threads} threads, "
-        f"{args.iters} round-robin steps: median / best (best = least disturbed on a shared machine)"
+        f"{args.iters} round-robin steps, {'one fixed input' if args.fixed_input else 'a new input per step'}: "
+        "median / best (best = least disturbed on a shared machine)"
     )
     # ratio column: the reference's time / this implementation's time (> 1: faster than it)
     ref = next((r for r in ("hf_grouped_mm", "ours_loop") if r in sec), next(iter(sec)))

@@ -38,8 +38,8 @@ all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the co
   device-limited routing sends less) x D x dtype, dispatch + combine, forward + backward
   (+ the forward again with "full"), over MoE layers and micro-batches.
 Not counted: framework workspace (cuBLAS/NCCL, CUDA context: ~1-3 GB on a GPU; oneDNN's
-primitive cache on CPU), allocator fragmentation and host-heap retention, DeepSpeed's flat
-communication buckets.
+memory on CPU, which grows with depth in bf16), allocator fragmentation and host-heap
+retention, DeepSpeed's flat communication buckets.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ checkpointing, and the memory plan's prediction of the peak.
     python bench/bench_memory.py                        # tiny preset at seq 1024, micro-batch 8
     python bench/bench_memory.py --seq-len 512 --iters 3 --dtype bf16
     python bench/bench_memory.py --override num_layers=12   # deeper: blocks outweigh the logits
+    python bench/bench_memory.py --iters 0 --loss-chunk-tokens 1024   # the chunked LM loss
 
 Memory: each mode ("none", "full") runs in its own subprocess: build the model (AdamW in the
 parameters' dtype, no DeepSpeed), then 2 training steps (gradients zeroed, not freed, between
@@ -28,6 +29,9 @@ Speed: both modes stepped round-robin in ONE process (so load changes on a share
 both alike); tokens/s median and "full"'s cost (`--iters 0` skips it). Attention is forced to
 SDPA (the GPU path the plan accounts for); experts use the default path for the device.
 `--no-memory` skips the memory runs.
+`--loss-chunk-tokens N` (N > 0) runs every memory run and the plan with the chunked LM loss
+(`trainer.loss_chunk_tokens`); the speed loop then steps each mode with and without it,
+round-robin, and prints the chunked loss's tokens/s cost per mode.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def _cfg(args):
     return load_model_config(args.model, [f"max_seq_len={args.seq_len}", "attn_impl=sdpa", *args.override])
 
 
-def _build(args, mode: str):
+def _build(args, mode: str, loss_chunk_tokens: int):
     import torch
 
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
@@ -63,6 +67,7 @@ def _build(args, mode: str):
     torch.manual_seed(0)
     model = DeepSeekMoEForCausalLM(_cfg(args)).to(_torch_dtype(args))
     model.activation_checkpointing = mode
+    model.loss_chunk_tokens = loss_chunk_tokens
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -83,7 +88,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.backends.mkldnn.enabled = args.onednn == "on"
-    step = _build(args, args.worker)
+    step = _build(args, args.worker, args.loss_chunk_tokens)
     base = rss_mb()
     for _ in range(2):
         step()
@@ -106,10 +111,18 @@ def main() -> None:
         default=[],
         help="model field override, e.g. --override num_layers=12 (repeatable)",
     )
+    p.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=0,
+        help="0: the LM head's full logits; N > 0: the chunked LM loss, N tokens per chunk",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs (speed only)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--onednn", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.loss_chunk_tokens < 0:
+        p.error(f"--loss-chunk-tokens={args.loss_chunk_tokens} must be >= 0 (0 = no chunking)")
     if args.worker:
         worker(args)
         return
@@ -130,7 +143,7 @@ def main() -> None:
     for mode in [] if args.no_memory else MODES:
         flags = [
             f"--{k.replace('_', '-')}={getattr(args, k)}"
-            for k in ("model", "seq_len", "micro_batch", "dtype", "threads")
+            for k in ("model", "seq_len", "micro_batch", "dtype", "threads", "loss_chunk_tokens")
         ]
         flags += [f"--override={o}" for o in args.override]
         for run, (extra_env, onednn) in runs.items():
@@ -149,26 +162,29 @@ def main() -> None:
                 sys.exit(f"memory run {mode} ({run}) failed:\n{res.stderr[-2000:]}")
             measured[(mode, run)] = json.loads(lines[-1])["peak_over_build_mb"]
 
-    tps = {mode: float("nan") for mode in MODES}
+    chunks = sorted({0, args.loss_chunk_tokens})  # the plain loss as the speed baseline
+    tps = {(mode, c): float("nan") for mode in MODES for c in chunks}
     if args.iters:
         torch.set_num_threads(args.threads)
-        steps = {mode: _build(args, mode) for mode in MODES}
-        times = {mode: [] for mode in MODES}
+        steps = {key: _build(args, *key) for key in tps}
+        times = {key: [] for key in tps}
         for i in range(args.warmup + args.iters):
-            for mode, step in steps.items():
+            for key, step in steps.items():
                 t0 = time.perf_counter()
                 step()
                 if i >= args.warmup:
-                    times[mode].append(time.perf_counter() - t0)
+                    times[key].append(time.perf_counter() - t0)
         tokens = args.micro_batch * args.seq_len
-        tps = {mode: tokens / statistics.median(t) for mode, t in times.items()}
+        tps = {key: tokens / statistics.median(t) for key, t in times.items()}
+    chunk = args.loss_chunk_tokens
 
     # gradients + AdamW m and v, all in the parameters' dtype: what this plain torch run holds
     # (the plan's own grads/optimizer assume DeepSpeed's fp32 masters in bf16)
     n_bytes = cfg.num_params() * (2 if args.dtype == "bf16" else 4)
     print(
         f"{args.model} {' '.join(args.override)}, micro-batch {args.micro_batch} x seq {args.seq_len}, {args.dtype}, "
-        f"{args.threads} threads, experts {impl}, attention sdpa, {args.iters} round-robin steps"
+        f"{args.threads} threads, experts {impl}, attention sdpa, loss chunk tokens {chunk or 'off'}, "
+        f"{args.iters} round-robin steps"
     )
     print(
         "| activation checkpointing | peak over build MB, tensors (oneDNN off) | planned MB (grads + "
@@ -185,20 +201,26 @@ def main() -> None:
             activation_checkpointing=mode,
             zero_stage=0,
             experts_impl=impl,
+            loss_chunk_tokens=chunk,
         )["bytes"]
         planned = (3 * n_bytes + b["activations"] + b["logits_grad"] + b["recompute"]) / 2**20
         tensors, onednn, glibc = (measured.get((mode, r), float("nan")) for r in runs)
         print(
             f"| {mode} | {tensors:,.0f} | {planned:,.0f} | {tensors / planned:.2f} "
-            f"| {onednn:,.0f} | {glibc:,.0f} | {tps[mode]:,.0f} |"
+            f"| {onednn:,.0f} | {glibc:,.0f} | {tps[mode, chunk]:,.0f} |"
         )
     ratio = {
         r: measured.get(("full", r), float("nan")) / measured.get(("none", r), float("nan")) for r in runs
     }
     print(
         f"full vs none: peak tensors {ratio['tensors'] - 1:+.0%}, with oneDNN {ratio['onednn'] - 1:+.0%}, "
-        f"glibc default {ratio['glibc'] - 1:+.0%}, tokens/s {tps['full'] / tps['none'] - 1:+.0%}"
+        f"glibc default {ratio['glibc'] - 1:+.0%}, tokens/s {tps['full', chunk] / tps['none', chunk] - 1:+.0%}"
     )
+    if chunk:
+        print(
+            f"loss chunks of {chunk} vs the full logits, tokens/s (same loop): "
+            + ", ".join(f"{mode} {tps[mode, chunk] / tps[mode, 0] - 1:+.0%}" for mode in MODES)
+        )
 
 
 def _torch_dtype(args):

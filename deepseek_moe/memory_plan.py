@@ -26,8 +26,8 @@ all-to-all buffers, and the all-to-all bytes per step. Pure arithmetic on the co
   with all activations when the backward starts (T x vocab each: the peak for large
   vocabularies). Chunked: one chunk's recomputed fp32 logits turned into their gradient
   (+ its activation-dtype cast in bf16), N x vocab, next to the head's [T, D] input gradient
-  and [vocab, D] weight gradient, all alive during the head's backward (the forward's per-chunk
-  transient, the logits and their fp32 upcast, is no larger).
+  and [vocab, D] weight gradient (an fp32 sum in bf16), all alive during the head's backward
+  (the forward's per-chunk transient, the logits and their fp32 upcast, is no larger).
 - recompute ("full" only): what one block's recompute and backward add later in the backward,
   beyond the backward-start peak (see `recompute_bytes`; 0 when the logits' part is larger).
   The sum of the parts is the peak; validated against the allocator's live bytes of small
@@ -114,18 +114,32 @@ def recompute_bytes(
     NOTE: the two peaks never coexist. The head's tensors and the logits' gradient are freed
     before the backward reaches the last block; the block being recomputed then holds its
     saved tensors, which its backward frees as it creates the gradients of the same
-    intermediates, so one block's saved bytes bound the transient (validated against the
+    intermediates, so one block's saved bytes, plus the gradients alive before any of them is
+    freed (`_block_backward_grads_bytes`), bound the transient (validated against the
     allocator's live bytes in tests/test_memory_plan.py)."""
     if activation_checkpointing != "full":
         return 0
     T = micro_batch * seq_len
     b = 2 if precision in ("bf16", "fp16") else _F32
-    largest = max(_block_saved_bytes(cfg, i, T, b, experts_impl) for i in range(cfg.num_layers))
+    largest = max(
+        _block_saved_bytes(cfg, i, T, b, experts_impl) + _block_backward_grads_bytes(cfg, i, T, b)
+        for i in range(cfg.num_layers)
+    )
     # In bf16 the gradients of the block's fp32 upcasts (both RMSNorm inputs, the router input)
     # are fp32 [T, D] tensors, larger than the bf16 ones the saved-bytes bound pairs them with.
     upcast_grads = 3 * T * cfg.hidden_size * _F32 if b != _F32 else 0
     head = _head_bytes(cfg, T, b, loss_chunk_tokens) + _logits_grad_bytes(cfg, T, b, loss_chunk_tokens)
     return max(0, largest + upcast_grads - head)
+
+
+def _block_backward_grads_bytes(cfg: ModelConfig, layer: int, T: int, b: int) -> int:
+    """Gradients alive beside all of a block's saved tensors when its backward starts: the
+    residual stream's [T, D] gradient (held through the block for the skip connection) and the
+    first intermediate gradient the block makes before anything it saved is freed: the [T, K, D]
+    expert outputs' in a MoE block (the combine), the [T, intermediate] product's in a dense one."""
+    D = cfg.hidden_size
+    first = cfg.moe.top_k * D if cfg.is_moe_layer(layer) else cfg.intermediate_size
+    return T * (D + first) * b
 
 
 def _head_bytes(cfg: ModelConfig, T: int, b: int, loss_chunk_tokens: int = 0) -> int:
@@ -149,14 +163,18 @@ def _logits_grad_bytes(cfg: ModelConfig, T: int, b: int, loss_chunk_tokens: int 
     NOTE: both are fp32 in bf16 too (the loss upcasts the logits); the bf16 logits' gradient
     is made only after the log-softmax's gradient is freed.
 
-    Chunked (N = loss_chunk_tokens > 0): the head's backward holds one chunk's fp32 logits
-    gradient (+ its cast to the activation dtype in bf16), the [T, D] input gradient it fills
-    chunk by chunk and the [V, D] weight gradient it accumulates."""
+    Chunked (N = loss_chunk_tokens > 0): the head's backward holds the [T, D] input gradient it
+    fills chunk by chunk, the [V, D] weight gradient it accumulates, and one chunk's fp32 logits
+    gradient. In bf16 the weight gradient is an fp32 sum, and a chunk's logits gradient is cast
+    to bf16 (both alive during the cast; then the fp32 one is freed) before the chunk's bf16
+    [V, D] product is added to the sum."""
     D, V = cfg.hidden_size, cfg.vocab_size
     if loss_chunk_tokens <= 0:
         return T * V * 2 * _F32
     N = min(loss_chunk_tokens, T)
-    return N * V * (_F32 + (b if b != _F32 else 0)) + T * D * b + V * D * b
+    if b == _F32:
+        return T * D * b + V * D * _F32 + N * V * _F32
+    return T * D * b + V * D * _F32 + max(N * V * (_F32 + b), N * V * b + V * D * b)
 
 
 def memory_plan(

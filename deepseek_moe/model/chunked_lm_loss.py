@@ -25,8 +25,10 @@ Transients (what `deepseek_moe.memory_plan` counts for a chunked head):
   during the upcast (in fp32 these are one tensor); the log-sum-exp is then computed in place.
 - backward, per chunk: the recomputed fp32 logits, turned in place into the logits' gradient
   (softmax - onehot) * upstream / count, and its cast to the activation dtype (bf16 only); plus,
-  for the whole backward, the [T, D] hidden-state gradient and the [V, D] weight gradient, which
-  is accumulated over chunks in the weight's dtype (as Liger's fused linear cross-entropy does).
+  for the whole backward, the [T, D] hidden-state gradient and the [V, D] weight gradient. A
+  low-precision weight's gradient is summed over chunks in an fp32 [V, D] buffer and cast once
+  at the end (plus each chunk's [V, D] product in the weight's dtype): summing in bf16 would
+  round once per chunk where the plain head rounds once.
 """
 
 from __future__ import annotations
@@ -78,7 +80,11 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
         # d loss / d CE_t for every kept token (a tensor: no host sync)
         scale = grad_loss.float() / keep_T.sum().clamp_min(1)
         grad_h_TD = torch.empty_like(h_TD) if ctx.needs_input_grad[0] else None
-        grad_weight_VD = torch.zeros_like(weight_VD) if ctx.needs_input_grad[1] else None
+        grad_weight_VD = None
+        if ctx.needs_input_grad[1]:
+            grad_weight_VD = torch.zeros_like(
+                weight_VD, dtype=torch.promote_types(weight_VD.dtype, torch.float32)
+            )
         for start in range(0, T, N):
             end = min(start + N, T)
             h_ND = h_TD[start:end]
@@ -93,8 +99,13 @@ class ChunkedLMHeadCrossEntropy(torch.autograd.Function):
             if grad_h_TD is not None:
                 torch.mm(grad_NV, weight_VD, out=grad_h_TD[start:end])
             if grad_weight_VD is not None:
-                grad_weight_VD.addmm_(grad_NV.t(), h_ND)
+                if grad_weight_VD.dtype == weight_VD.dtype:
+                    grad_weight_VD.addmm_(grad_NV.t(), h_ND)
+                else:  # fp32 sum of each chunk's low-precision product
+                    grad_weight_VD += grad_NV.t() @ h_ND
             del grad_NV
+        if grad_weight_VD is not None:
+            grad_weight_VD = grad_weight_VD.to(weight_VD.dtype)
         return grad_h_TD, grad_weight_VD, None, None
 
 

@@ -32,7 +32,9 @@ def test_cuda_bf16_chunked_equals_plain_with_less_memory():
     loss, (grad_h, grad_w), peak = _loss_grads_and_peak(h_TD, weight_VD, labels_T, 1024)
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_h, plain_h, rtol=1.6e-2, atol=1e-5)
-    torch.testing.assert_close(grad_w, plain_w, rtol=0, atol=8 * 2**-8 * plain_w.abs().max().item())
-    # plain: >= 2 fp32 [T, V] gradients; chunked: one chunk's [1024, V] fp32 + bf16, + [V, D]
+    # the weight gradient: each chunk's product rounded once, summed in fp32, rounded once more
+    torch.testing.assert_close(grad_w, plain_w, rtol=0, atol=4 * 2**-8 * plain_w.abs().max().item())
+    # plain: >= 2 fp32 [T, V] gradients; chunked: one chunk's [1024, V] fp32 + bf16, the [T, D]
+    # gradient, the fp32 [V, D] weight-gradient sum and the bf16 gradient it is cast to
     assert plain_peak > 2 * T * V * 4
-    assert peak < 1024 * V * 6 + T * D * 2 + V * D * 2 + T * V // 4
+    assert peak < 1024 * V * 6 + T * D * 2 + V * D * (4 + 2) + T * V // 4

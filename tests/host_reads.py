@@ -54,9 +54,17 @@ def count_host_reads():
     reads = HostReads()
     original = torch.Tensor.tolist
 
+    depth = [0]
+
     def tolist(self):
-        reads.ops.append("tolist")
-        return original(self)
+        # a torch-function mode (e.g. a default-device context) calls it again from inside
+        if depth[0] == 0:
+            reads.ops.append("tolist")
+        depth[0] += 1
+        try:
+            return original(self)
+        finally:
+            depth[0] -= 1
 
     torch.Tensor.tolist = tolist
     try:
@@ -64,3 +72,11 @@ def count_host_reads():
             yield reads
     finally:
         torch.Tensor.tolist = original
+
+
+def created_on_meta_by_default():
+    """Within it, a tensor made without an explicit device lands on the meta device, so code that
+    mixes it with real tensors fails loudly. On a CUDA run such a tensor would be a CPU tensor: a
+    blocking host-to-device copy where it meets device tensors, or a crash in a NCCL collective.
+    CPU tests wrap the hot path in it to check that every tensor follows its inputs' device."""
+    return torch.device("meta")

@@ -30,6 +30,10 @@ dispatch(x_TD, ids_TK, weights_TK):
 combine(y_ND):
 5. receiver: y_RD[r] = sum of its copies' outputs times their gates (index_add);
 6. reverse all-to-all of y_RD; sender: y_TD = sum over the pairs of each token (index_add).
+   Steps 5 and 6 accumulate in fp32 and the partial sums travel in fp32 (bf16/fp16 runs), so
+   the output is the fp32 sum rounded ONCE, as with EP=1 (tests/parallel/test_dispatcher.py:
+   identical to EP=1 in bf16); the price is 4 instead of 2 bytes per element of the combine
+   exchange (and of its gradient).
 Dropped copies (id -1) are in no pair; a token with every copy dropped gets 0.
 Collectives per layer: 3 in forward (counts, packed rows, outputs), 2 in backward. Each is a
 point where the ranks wait for each other, so fewer of them is less time lost to skew.
@@ -42,7 +46,7 @@ skips a collective, which keeps an unlucky rank from hanging the group.
 Statistics (accumulated until `pop_stats()`; the trainer reduces/logs them):
 - `ranks_per_token`: distinct destination EP ranks per token (<= M with device-limited routing);
 - `a2a_bytes`: bytes this rank sent to OTHER ranks in forward dispatch + combine (packed rows
-  with gates and local ids, outputs; the backward moves the row and gate bytes again);
+  with gates and local ids, fp32 partial sums; the backward moves the same bytes again);
   self-sends are not counted;
 - `copy_bytes`: what a dispatcher sending one row per token COPY would have sent (comparison).
 """
@@ -67,6 +71,11 @@ def ids_fit_in(dtype: torch.dtype, num_local_experts: int) -> bool:
 
     Floats hold every integer up to 2 / eps exactly (bf16: 256, fp16: 2048, fp32: 2**24)."""
     return dtype.is_floating_point and num_local_experts <= round(2 / torch.finfo(dtype).eps)
+
+
+def _combine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the combine accumulates and sends its partial sums in (see `combine`)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 @dataclass
@@ -169,9 +178,9 @@ class AllToAllDispatcher:
             ids_TK[pair_t_P] - pair_w_P.unsqueeze(1) * L,
             torch.full_like(mask_PK, -1, dtype=ids_TK.dtype),
         )
-        w_PK = torch.where(
-            mask_PK, weights_TK.index_select(0, pair_t_P), torch.zeros((), dtype=weights_TK.dtype)
-        )
+        # masked_fill with a Python number: a 0-d CPU tensor in torch.where would be copied to
+        # the GPU (a blocking host-to-device transfer) on every call
+        w_PK = weights_TK.index_select(0, pair_t_P).masked_fill(~mask_PK, 0.0)
         # 3. one exchange for the rows, their gates and (when exact in x's dtype) their local ids
         parts = [gather_rows(x_TD, pair_t_P), w_PK.to(x_TD.dtype)]
         packed_ids = ids_fit_in(x_TD.dtype, L)
@@ -201,7 +210,7 @@ class AllToAllDispatcher:
         self._tokens += T
         self._ranks_sum += sum(send_splits)
         # dispatch: a packed row per sent pair; combine: one output row per received pair
-        self._a2a_bytes += remote_sent * sent_row + remote_recv * row
+        self._a2a_bytes += remote_sent * sent_row + remote_recv * D * _combine_dtype(x_TD.dtype).itemsize
         # a one-row-per-copy dispatcher: remote copies out, remote copies' outputs back
         self._copy_bytes += (sum(copies_sent) - copies_sent[me] + sum(copies_recv) - copies_recv[me]) * row
 
@@ -209,11 +218,16 @@ class AllToAllDispatcher:
         return x_ND, counts_L, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: EPContext) -> torch.Tensor:
+        # NOTE: the weighted sum runs in fp32 end to end (the partial sums travel in fp32) and is
+        # rounded to y's dtype once, as EP=1's batched product does. In bf16, index_add in y's
+        # dtype would round after every add, in an order that is nondeterministic on GPUs.
+        acc = _combine_dtype(y_ND.dtype)
         # 5. weighted sum of each received row's copies
         row_N = torch.div(ctx.copy_slot_N, ctx.top_k, rounding_mode="floor")
-        y_RD = y_ND.new_zeros(sum(ctx.recv_splits), y_ND.shape[-1]).index_add(
-            0, row_N, y_ND * ctx.w_N.unsqueeze(1)
+        y_RD = torch.zeros(sum(ctx.recv_splits), y_ND.shape[-1], dtype=acc, device=y_ND.device).index_add(
+            0, row_N, y_ND.to(acc) * ctx.w_N.to(acc).unsqueeze(1)
         )
         # 6. one row back per pair; sum the pairs of each token
         y_PD = all_to_all(y_RD, ctx.send_splits, ctx.recv_splits, self.group)
-        return y_PD.new_zeros(ctx.num_tokens, y_PD.shape[-1]).index_add(0, ctx.pair_t_P, y_PD)
+        y_TD = torch.zeros(ctx.num_tokens, y_PD.shape[-1], dtype=acc, device=y_PD.device)
+        return y_TD.index_add(0, ctx.pair_t_P, y_PD).to(y_ND.dtype)

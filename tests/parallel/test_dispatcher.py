@@ -11,7 +11,7 @@ import torch
 
 from deepseek_moe.parallel.dispatcher import AllToAllDispatcher, ids_fit_in
 from deepseek_moe.testing.distributed import run_distributed
-from tests.host_reads import count_host_reads
+from tests.host_reads import count_host_reads, created_on_meta_by_default
 
 D, K, E = 4, 2, 8
 
@@ -78,13 +78,14 @@ def _run(rank, world, packed_ids=True):
     A_local = A[rank * L : (rank + 1) * L].clone().requires_grad_(True)
     x = xs[rank].clone().requires_grad_(True)
     w = ws[rank].clone().requires_grad_(True)
-    with count_host_reads() as reads:
+    with count_host_reads() as reads, created_on_meta_by_default():
         x_ND, counts_L, ctx = disp.dispatch(x, ids[rank], w, E)
     chunks = torch.split(x_ND, counts_L.tolist())
     y_ND = torch.cat([c @ A_local[l] for l, c in enumerate(chunks)])  # every expert runs, even empty
-    with count_host_reads() as combine_reads:
+    with count_host_reads() as combine_reads, created_on_meta_by_default():
         y = disp.combine(y_ND, ctx)
-    (y * gs[rank]).sum().backward()
+    with count_host_reads() as backward_reads, created_on_meta_by_default():
+        (y * gs[rank]).sum().backward()
     return {
         "y": y.detach(),
         "gx": x.grad,
@@ -93,6 +94,7 @@ def _run(rank, world, packed_ids=True):
         "counts": counts_L,
         "stats": disp.pop_stats(),
         "host_reads": reads.ops + combine_reads.ops,
+        "backward_reads": backward_reads.ops,
     }
 
 
@@ -115,6 +117,7 @@ def test_dispatch_combine_matches_loop_reference(world, packed_ids):
         # one host read per layer call: the receiver's per-expert counts came with the split
         # sizes (counts_L stays a tensor), and combine reads nothing
         assert o["host_reads"] == ["tolist"], o["host_reads"]
+        assert o["backward_reads"] == [], o["backward_reads"]  # the backward reads nothing
     if world == 4:
         assert out[3]["counts"].sum() == 0 and out[2]["y"].shape == (0, D)
 
@@ -144,3 +147,70 @@ def test_ids_fit_in_exact_float_range():
     ids = torch.arange(-1, 256)
     assert torch.equal(ids.to(torch.bfloat16).round().long(), ids)
     assert not torch.equal(torch.tensor([257]).to(torch.bfloat16).long(), torch.tensor([257]))
+
+
+# ---- bf16: the combine rounds once, like EP=1 -------------------------------------------------
+BF_T, BF_D, BF_K, BF_E = 192, 64, 4, 8
+
+
+def _bf16_case(world):
+    """bf16 rows, gates and routing for each rank; the experts multiply by a power of two
+    (exact in bf16), so the combine is the only place that rounds."""
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(BF_T, BF_D, generator=g).to(torch.bfloat16) for _ in range(world)]
+    ids = [torch.stack([torch.randperm(BF_E, generator=g)[:BF_K] for _ in range(BF_T)]) for _ in range(world)]
+    ws = [torch.rand(BF_T, BF_K, generator=g) for _ in range(world)]
+    return xs, ids, ws
+
+
+def _bf16_expert(x_ND, counts_L, first):
+    scale_L = 2.0 ** (torch.arange(len(counts_L)) + first - 3).to(torch.bfloat16)
+    return x_ND * torch.repeat_interleave(scale_L, counts_L).unsqueeze(1)
+
+
+def _bf16_run(rank, world):
+    xs, ids, ws = _bf16_case(world)
+    disp = AllToAllDispatcher(None, BF_E)
+    with created_on_meta_by_default():
+        x_ND, counts_L, ctx = disp.dispatch(xs[rank], ids[rank], ws[rank], BF_E)
+    y_ND = _bf16_expert(x_ND, counts_L, rank * disp.num_local_experts)
+    with created_on_meta_by_default():
+        y_TD = disp.combine(y_ND, ctx)
+    return y_TD, disp.pop_stats()["a2a_bytes"]
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in units of the bf16 spacing at max(|a|, |b|) (1 = one rounding step)."""
+    a, b = a.double(), b.double()
+    mag = torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny)
+    ulp = 2.0 ** (torch.floor(torch.log2(mag)) - 7)
+    return float(((a - b).abs() / ulp).max())
+
+
+def test_bf16_combine_rounds_once_like_ep1():
+    """In bf16 the EP=2 output differs from EP=1's by at most one bf16 rounding of the same
+    fp32 sum (and both from the exactly rounded sum by at most one): the combine accumulates in
+    fp32 and rounds once, as EP=1's batched product does."""
+    from deepseek_moe.model.dispatch import LocalDispatcher
+
+    world = 2
+    xs, ids, ws = _bf16_case(world)
+    out = run_distributed(_bf16_run, world)
+    L = BF_E // world
+    for r in range(world):
+        # bytes: a sent pair is its bf16 row, K bf16 gates and K bf16 local ids; a received
+        # pair goes back as one fp32 row (the partial sum)
+        dest_T = [set((ids[r][t] // L).tolist()) for t in range(BF_T)]
+        sent = sum(len(d - {r}) for d in dest_T)
+        recv = sum(sum(r in set((ids[s][t] // L).tolist()) for t in range(BF_T)) for s in range(world) if s != r)
+        assert out[r][1] == sent * (BF_D + 2 * BF_K) * 2 + recv * BF_D * 4
+        local = LocalDispatcher()
+        x_ND, counts_E, ctx = local.dispatch(xs[r], ids[r], ws[r], BF_E)
+        ep1 = local.combine(_bf16_expert(x_ND, counts_E, 0), ctx)
+        # the exact sum of the same bf16 terms (gates rounded to bf16, as both paths use them)
+        gate_TK = ws[r].to(torch.bfloat16).double() * 2.0 ** (ids[r].double() - 3)
+        exact = (gate_TK.unsqueeze(-1) * xs[r].double().unsqueeze(1)).sum(1)
+        assert _bf16_ulps(ep1, exact) <= 1.0
+        diff, to_exact = _bf16_ulps(out[r][0], ep1), _bf16_ulps(out[r][0], exact)
+        print(f"rank {r}: EP=2 vs EP=1 {diff:.2f}, EP=2 vs exact {to_exact:.2f} bf16 rounding steps")
+        assert diff <= 1.0 and to_exact <= 1.0

@@ -132,7 +132,8 @@ def main() -> None:
     from deepseek_moe.model.experts import resolve_impl
 
     cfg = _cfg(args)
-    impl = resolve_impl(cfg.moe.experts_impl, torch.device("cpu")) if cfg.moe else "grouped_mm"
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    impl = resolve_impl(cfg.moe.experts_impl, torch.device("cpu"), dtype) if cfg.moe else "grouped_mm"
     measured: dict[tuple[str, str], float] = {}
     one_mapping_per_tensor = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     runs = {

@@ -6,14 +6,15 @@ E global routed experts, L local experts (E without expert parallelism).
 Contract (`MoELayer` calls exactly this; the EP helper's `AllToAllDispatcher` in
 `deepseek_moe/parallel/` implements the same protocol):
 
-    x_ND, counts_L, ctx = dispatcher.dispatch(x_TD, ids_TK, weights_TK, num_experts)
+    x_ND, counts_L, ctx = dispatcher.dispatch(x_TD, ids_TK, weights_TK, num_experts, may_drop=...)
     y_ND = experts(x_ND, counts_L)          # same row order as x_ND
     y_TD = dispatcher.combine(y_ND, ctx)
 
 - `ids_TK` (int64) holds GLOBAL expert ids in [0, num_experts), or -1 for a DROPPED copy
   (capacity overflow; the layer marks drops before dispatch). Dispatchers must not send or
   compute dropped copies; they contribute exactly 0 to y_TD. Without capacity (the default,
-  dropless) there is no -1.
+  dropless) there is no -1, and the layer says so with `may_drop=False`: then the local
+  dispatcher needs no host read at all (with drops it reads the kept count once).
 - `x_ND` holds the copies for this rank's local experts, grouped contiguously by local expert
   in ascending order (local expert l = global expert local_expert_offset + l); within an expert
   the order is unspecified (LocalDispatcher: ascending token-copy index t*K+k, i.e. stable).
@@ -38,7 +39,13 @@ import torch
 
 class Dispatcher(Protocol):
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
+        self,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        num_experts: int,
+        *,
+        may_drop: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
     def combine(self, y_ND: torch.Tensor, ctx: Any) -> torch.Tensor: ...
@@ -64,12 +71,17 @@ def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
-def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_expert(
+    ids_TK: torch.Tensor, num_experts: int, may_drop: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(order_N, counts_E): kept copy indices sorted stably by expert id, and copies per expert.
 
-    Dropped copies (id -1) are excluded from both.
+    Dropped copies (id -1) are excluded from both. `may_drop=False` promises there are none:
+    then nothing is read on the host (every copy is kept, N = T*K).
     """
     ids_N = ids_TK.reshape(-1)
+    if not may_drop:
+        return torch.argsort(ids_N, stable=True), count_ids(ids_N, num_experts)
     # Dropped copies get the sentinel id num_experts so a stable sort puts them last.
     key_N = torch.where(ids_N >= 0, ids_N, torch.full_like(ids_N, num_experts))
     order = torch.argsort(key_N, stable=True)
@@ -92,10 +104,16 @@ class LocalDispatcher:
     """Single-process dispatcher: a stable sort by expert, a gather and a scatter-back."""
 
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
+        self,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        num_experts: int,
+        *,
+        may_drop: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
         T, K = ids_TK.shape
-        order_N, counts_E = sort_by_expert(ids_TK, num_experts)
+        order_N, counts_E = sort_by_expert(ids_TK, num_experts, may_drop)
         x_ND = gather_rows(x_TD, order_N // K)
         return x_ND, counts_E, LocalContext(order_N, T, K, weights_TK)
 

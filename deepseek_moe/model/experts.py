@@ -15,14 +15,16 @@ storage; docs/design.md explains why this seam was chosen over DeepSpeed's AutoE
 Compute (`impl`, from `moe.experts_impl`):
 - "grouped_mm": one grouped GEMM per projection (`grouped_mm(x_ND, W^T, offs)` with the group
   ends `offs` built on the device from counts_L): the number of ops does not grow with L and
-  nothing waits for the host. The default on CUDA.
-- "loop": a per-expert loop tuned for CPU (`deepseek_moe/model/kernels/expert_loop.py`).
-- "auto": "grouped_mm" on CUDA, "loop" on CPU (faster there, see bench/reports/).
+  nothing waits for the host, where torch has a native kernel (see `grouped_mm_is_native`).
+- "loop": a per-expert loop with a hand-written backward (`deepseek_moe/model/kernels/
+  expert_loop.py`): one host read of the counts per forward, then plain matmuls.
+- "auto": "grouped_mm" where it is native, "loop" everywhere else (`resolve_impl`).
 Both compute the same function; every expert gets a gradient (zeros when it had no tokens).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -36,11 +38,37 @@ PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def resolve_impl(impl: str, device: torch.device, aligned: bool = True) -> str:
-    """The compute path actually run for `impl` on `device` ("grouped_mm" or "loop").
-    `aligned`: both widths are multiples of 8, as grouped_mm requires."""
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index: int) -> tuple[int, int]:
+    """(major, minor) compute capability of CUDA device `index` (cached: read once per device)."""
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_mm_is_native(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch runs grouped_mm on `device` as ONE kernel with no host sync.
+
+    NOTE: on CUDA, torch's kernel covers bf16 on sm90 and sm100 (Hopper, datacenter Blackwell)
+    only. Any other dtype or GPU takes torch's fallback, which copies the group offsets to the
+    host on every call (three calls per projection per step: six syncs per MoE layer) and loops
+    over the groups; its meta kernel also rejects non-bf16 inputs, so torch.compile cannot trace
+    it. On CPU it always loops over the groups."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    return cuda_capability(device.index if device.index is not None else torch.cuda.current_device())[0] in (
+        9,
+        10,
+    )
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, aligned: bool = True) -> str:
+    """The compute path actually run for `impl` ("grouped_mm" or "loop") on `device` in `dtype`.
+
+    "auto": grouped_mm where torch has a native kernel (`grouped_mm_is_native`), else the loop
+    kernel (one host read per forward instead of the fallback's six, and plain matmuls; on CPU
+    also the faster path in training, see bench/reports/). `aligned`: both widths are multiples
+    of 8, as grouped_mm requires."""
     if impl == "auto":
-        impl = "grouped_mm" if device.type == "cuda" and aligned else "loop"
+        impl = "grouped_mm" if aligned and grouped_mm_is_native(device, dtype) else "loop"
     if impl == "grouped_mm" and _grouped_mm is None:
         return "loop"  # fallback: this torch build has no grouped GEMM
     return impl
@@ -96,7 +124,8 @@ class RoutedExperts(nn.Module):
             raise ValueError(
                 f"counts_L has {counts_L.numel()} entries but this rank holds {len(self)} experts."
             )
-        if resolve_impl(self.impl, x_ND.device, self.dim % 8 == 0 and self.hidden % 8 == 0) == "loop":
+        aligned = self.dim % 8 == 0 and self.hidden % 8 == 0
+        if resolve_impl(self.impl, x_ND.device, self.gate_up_proj.dtype, aligned) == "loop":
             from deepseek_moe.model.kernels.expert_loop import expert_loop
 
             return expert_loop(x_ND, counts_L, self.gate_up_proj, self.down_proj)

@@ -177,7 +177,8 @@ class MoELayer(nn.Module):
         r = self.gate(x_TD, record_load=not replay)
         ids_TK = r.ids_TK
         kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        if cfg.capacity_factor is not None and self.training:
+        may_drop = cfg.capacity_factor is not None and self.training
+        if may_drop:
             capacity = math.ceil(cfg.capacity_factor * T * cfg.top_k / E)
             with torch.no_grad():
                 kept_TK = capacity_mask(
@@ -185,7 +186,7 @@ class MoELayer(nn.Module):
                 )
             ids_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, -1))
 
-        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK, E)
+        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK, E, may_drop=may_drop)
         y_ND = self.experts(x_ND, counts_L)
         y_TD = self.dispatcher.combine(y_ND, ctx)
         if self.shared_experts is not None:

@@ -135,8 +135,16 @@ class AllToAllDispatcher:
 
     # ---- protocol ------------------------------------------------------------------------
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
+        self,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        num_experts: int,
+        *,
+        may_drop: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, EPContext]:
+        """See the module docstring. `may_drop` changes nothing here: the one host read of the
+        exchanged counts (step 2) sizes every split, dropped copies or not."""
         if num_experts != self.num_experts:
             raise ValueError(
                 f"AllToAllDispatcher was built for {self.num_experts} experts, called with {num_experts}"

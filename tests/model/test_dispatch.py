@@ -70,3 +70,20 @@ def test_count_ids_equals_bincount():
     ids = torch.tensor([[3, 0], [3, 5], [0, 0]])
     assert torch.equal(count_ids(ids, 7), torch.bincount(ids.flatten(), minlength=7))
     assert count_ids(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]
+
+
+def test_dropless_dispatch_reads_nothing_and_equals_the_general_path():
+    """`may_drop=False` (no capacity, the presets): no host read at all, same rows and counts."""
+    from tests.host_reads import count_host_reads
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 6, (9, 3))
+    x, w = torch.randn(9, 4), torch.rand(9, 3)
+    d = LocalDispatcher()
+    x_ref, counts_ref, ctx_ref = d.dispatch(x, ids, w, 6)
+    with count_host_reads() as reads:
+        x_ND, counts, ctx = d.dispatch(x, ids, w, 6, may_drop=False)
+        y = d.combine(x_ND * 2, ctx)
+    assert reads.ops == [], reads.ops
+    assert torch.equal(x_ND, x_ref) and torch.equal(counts, counts_ref)
+    torch.testing.assert_close(y, d.combine(x_ref * 2, ctx_ref))

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deepseek_moe.model import experts as experts_mod
 from deepseek_moe.model.experts import RoutedExperts, resolve_impl
 from deepseek_moe.model.kernels import expert_loop as loop_mod
 from deepseek_moe.model.kernels.expert_loop import gemm_row_multiple
@@ -41,11 +42,30 @@ def test_row_multiple_pads_only_low_precision_on_cpu():
     assert gemm_row_multiple(torch.zeros(1)) == 1
 
 
-def test_auto_picks_grouped_on_cuda_and_loop_on_cpu():
-    assert resolve_impl("auto", torch.device("cuda")) == "grouped_mm"
-    assert resolve_impl("auto", torch.device("cuda"), aligned=False) == "loop"
-    assert resolve_impl("auto", torch.device("cpu")) == "loop"
-    assert resolve_impl("grouped_mm", torch.device("cpu")) == "grouped_mm"
+# torch's CUDA grouped_mm (aten/src/ATen/native/cuda/GroupedBlas.cpp): its kernel runs bf16 on
+# compute capability major 9 (Hopper) or 10 (datacenter Blackwell); everything else falls back to
+# a per-group loop that copies the offsets to the host on every call.
+_NATIVE = {(torch.bfloat16, 9), (torch.bfloat16, 10)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("major", [7, 8, 9, 10, 12])
+def test_auto_picks_grouped_mm_only_where_cuda_runs_it_natively(monkeypatch, dtype, major):
+    monkeypatch.setattr(experts_mod, "cuda_capability", lambda index: (major, 0))
+    cuda = torch.device("cuda", 0)
+    expected = "grouped_mm" if (dtype, major) in _NATIVE else "loop"
+    assert resolve_impl("auto", cuda, dtype) == expected
+    assert resolve_impl("auto", cuda, dtype, aligned=False) == "loop"
+    # an explicit choice is honoured on any device and dtype
+    assert resolve_impl("grouped_mm", cuda, dtype) == "grouped_mm"
+    assert resolve_impl("loop", cuda, dtype) == "loop"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_auto_is_the_loop_off_cuda(dtype):
+    for device in (torch.device("cpu"), torch.device("meta")):
+        assert resolve_impl("auto", device, dtype) == "loop"
+        assert resolve_impl("grouped_mm", device, dtype) == "grouped_mm"
 
 
 @pytest.mark.parametrize("impl, multiple", [("grouped_mm", 1), ("loop", 1), ("loop", 5), ("loop", 32)])

@@ -308,3 +308,39 @@ def test_parity_with_hf_deepseek_v3_moe_sigmoid_bias_norm():
     biased = layer.gate(x.view(-1, D)).ids_TK
     plain = torch.topk(torch.sigmoid(x.view(-1, D) @ layer.gate.weight.T), K).indices
     assert (biased.sort(-1).values != plain.sort(-1).values).any()
+
+
+@pytest.mark.parametrize(
+    "experts_impl,capacity_factor,expected",
+    [
+        ("grouped_mm", None, []),  # dropless: nothing waits for the host, forward or backward
+        ("grouped_mm", 1.0, ["_local_scalar_dense"]),  # the kept-copy count sizes x_ND
+        ("loop", None, ["tolist"]),  # the loop kernel reads its counts
+    ],
+)
+def test_moe_layer_host_reads_per_training_step(experts_impl, capacity_factor, expected):
+    """Host reads of one MoE layer's training forward + backward at EP=1 (each is a sync on a GPU),
+    with every tensor made on its inputs' device (default device = meta catches one that is not)."""
+    from tests.host_reads import count_host_reads, created_on_meta_by_default
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        n_routed_experts=8,
+        top_k=2,
+        moe_intermediate_size=16,
+        n_groups=2,
+        topk_groups=1,
+        aux_loss_alpha=0.01,
+        seq_aux=True,
+        device_aux_alpha=0.01,
+        comm_aux_alpha=0.01,
+        z_loss_coef=1e-3,
+        capacity_factor=capacity_factor,
+        experts_impl=experts_impl,
+    )
+    layer = MoELayer(32, cfg).train()
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    with count_host_reads() as reads, created_on_meta_by_default():
+        y, aux = layer(x)
+        (y.sum() + sum(aux.values())).backward()
+    assert reads.ops == expected

@@ -202,7 +202,9 @@ def test_bf16_combine_rounds_once_like_ep1():
         # pair goes back as one fp32 row (the partial sum)
         dest_T = [set((ids[r][t] // L).tolist()) for t in range(BF_T)]
         sent = sum(len(d - {r}) for d in dest_T)
-        recv = sum(sum(r in set((ids[s][t] // L).tolist()) for t in range(BF_T)) for s in range(world) if s != r)
+        recv = sum(
+            sum(r in set((ids[s][t] // L).tolist()) for t in range(BF_T)) for s in range(world) if s != r
+        )
         assert out[r][1] == sent * (BF_D + 2 * BF_K) * 2 + recv * BF_D * 4
         local = LocalDispatcher()
         x_ND, counts_E, ctx = local.dispatch(xs[r], ids[r], ws[r], BF_E)

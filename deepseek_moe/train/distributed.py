@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from deepseek_moe.errors import ConfigError
+
 _LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=\d+)?$")
 
 
@@ -48,7 +50,8 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits. `device` is cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    """Where this process sits. `device` is this process's GPU when CUDA is available
+    (`cuda_device_for`), else cpu."""
 
     rank: int
     world_size: int
@@ -76,6 +79,42 @@ def process_group_backend(device_type: str, cuda_backend: str = "nccl") -> str:
     return "gloo"
 
 
+# Launchers that name a process's rank within its node, in the order they are looked up.
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def local_rank_from_env(env: dict[str, str]) -> int:
+    """This process's rank within its node. Only a 1-process world may go without one: RANK is
+    no stand-in (on the second node RANK 8 is not GPU 8)."""
+    for name in _LOCAL_RANK_VARS:
+        if env.get(name, "") != "":
+            return int(env[name])
+    if int(env.get("WORLD_SIZE", "1")) == 1:
+        return 0
+    raise ConfigError(
+        f"RANK={env.get('RANK')} of WORLD_SIZE={env['WORLD_SIZE']} but LOCAL_RANK is not set: "
+        "launch with deepspeed, torchrun or srun (launch/train.sbatch), or export LOCAL_RANK"
+    )
+
+
+def cuda_device_for(local_rank: int, device_count: int, visible: Optional[str] = None) -> int:
+    """The CUDA device index for the process with `local_rank` that sees `device_count` GPUs.
+
+    One GPU per process of the node (deepspeed, torchrun, srun --gpus-per-node): GPU local_rank.
+    One GPU per task (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per process): each
+    process sees its GPU as device 0. Anything else names a GPU that is not there: a one-line
+    error instead of CUDA's "invalid device ordinal" later."""
+    if 0 <= local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise ConfigError(
+        f"LOCAL_RANK={local_rank} but this process sees {device_count} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'}): start at most "
+        f"{device_count} processes per node, one per GPU, or give each process one GPU"
+    )
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (see `process_group_backend`).
 
@@ -86,14 +125,16 @@ def init_distributed() -> DistInfo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = local_rank_from_env(dict(os.environ))
+    # DeepSpeed reads LOCAL_RANK too: give it the value chosen here
+    os.environ["LOCAL_RANK"] = str(local_rank)
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        index = cuda_device_for(local_rank, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
 

@@ -18,6 +18,11 @@ trainer's MFU (null where the device's peak is not in deepseek_moe/train/metrics
 memory (GPU: torch's max allocated; CPU: the process's max RSS) and the LM loss of the first
 and last step. DIR gets acceptance.md (the table with the versions and the command) and
 acceptance.json; run directories go to a temporary folder.
+
+Every case gets a row, whatever happens: passed, FAILED (with the last line of its output, the
+full output in DIR/acceptance.log) or skipped (the data preparation failed, or `--budget-s` ran
+out: the default-implementation cases run first, the "loop" comparisons last). The table is
+always written; the exit status is 0 only when the GPU tests and every case passed.
 """
 
 from __future__ import annotations
@@ -117,10 +122,23 @@ def worker(overrides: list[str], out: Path) -> None:
         def save_checkpoint(self):
             self.last_saved_step = self.step
 
+    from deepseek_moe.model.experts import RoutedExperts, resolve_impl
+    from deepseek_moe.train.distributed import shutdown_distributed
+
     register_schema()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = to_run_config(compose(config_name="config", overrides=overrides))
-    summary = NoSaveTrainer(cfg).fit()
+    trainer = NoSaveTrainer(cfg)
+    summary = trainer.fit()
+    resolved = None  # the path the experts ran: what "auto" became on this device and dtype
+    experts = next((m for m in trainer.model.modules() if isinstance(m, RoutedExperts)), None)
+    if experts is not None:
+        w = experts.gate_up_proj
+        aligned = experts.dim % 8 == 0 and experts.hidden % 8 == 0
+        resolved = resolve_impl(experts.impl, w.device, w.dtype, aligned)
+    # as train.py does after a successful run: a group left to interpreter exit can abort it
+    shutdown_distributed()
+    summary = {**summary, "experts_impl_resolved": resolved}
     out.write_text(
         json.dumps(
             {"summary": summary, "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -141,14 +159,27 @@ def prepare(data_overrides: list[str]) -> None:
 
 
 # ---- driver --------------------------------------------------------------------------------------
-def _run(args: list[str], log) -> None:
-    proc = subprocess.run([sys.executable, __file__, *args], cwd=REPO, capture_output=True, text=True)
+def _run(args: list[str], log, timeout_s: float) -> str | None:
+    """Run this script with `args` in a fresh process; None on success, else why it failed (the
+    last line of its output, which for our errors is the one-line message)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as err:
+        log.write(
+            f"$ {' '.join(args)}\nTIMEOUT after {timeout_s:.0f} s\n{err.stdout or ''}\n{err.stderr or ''}\n"
+        )
+        log.flush()
+        return f"timed out after {timeout_s:.0f} s"
     log.write(f"$ {' '.join(args)}\n{proc.stdout}\n{proc.stderr}\n")
     log.flush()
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{args[:2]} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
+    if proc.returncode == 0:
+        return None
+    # our errors end stderr with one line naming the problem (a traceback ends with it too)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = lines or [line for line in proc.stdout.splitlines() if line.strip()]
+    return f"exit {proc.returncode}: {lines[-1][:300] if lines else 'no output'}"
 
 
 def summarize(metrics_path: Path, warmup: int, max_rss_gb: float) -> dict:
@@ -183,8 +214,10 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "device": "cpu",
     }
+    env["capability"] = "n/a"
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)
+        env["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
     try:
         import deepspeed
 
@@ -195,20 +228,115 @@ def environment() -> dict:
 
 
 def table(results: list[dict]) -> str:
+    """One row per case, failed and skipped ones included (their numbers left empty)."""
     lines = [
-        "| case | experts_impl | tokens/step | steps (timed) | step time s | tokens/s | MFU | "
-        "peak memory GB | LM loss first -> last |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | experts_impl (ran) | status | tokens/step | steps (timed) | step time s | tokens/s | "
+        "MFU | peak memory GB | LM loss first -> last |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        impl = r["experts_impl"] or "n/a"
+        if r.get("experts_impl_resolved"):
+            impl += f" ({r['experts_impl_resolved']})"
+        if r["status"] != "passed":
+            lines.append(f"| {r['case']} | {impl} | {r['status']} |" + " |" * 7)
+            continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(
-            f"| {r['case']} | {r['experts_impl'] or 'n/a'} | {r['tokens_per_step']:,} | "
+            f"| {r['case']} | {impl} | passed | {r['tokens_per_step']:,} | "
             f"{r['steps']} ({r['timed_steps']}) | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
             f"{mfu} | {r['peak_mem_gb']:.2f} ({r['peak_mem_kind']}) | "
             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def plan_cases(cpu: bool) -> list[tuple[str, str, list[str]]]:
+    """(case, experts_impl, overrides) in the order they run: every case with the default
+    experts implementation first (the configuration users get), then the "loop" comparisons, so
+    a run cut short by the time budget loses the comparisons first."""
+    impls = experts_impls()
+    order = [(name, impls[0]) for name in CASES] + [(name, impl) for impl in impls[1:] for name in CASES]
+    return [(name, impl, CASES[name][1 if cpu else 0]) for name, impl in order]
+
+
+def run_cases(args, steps: int, log, tmp: str) -> list[dict]:
+    """Prepare the data, then every case in a fresh process. Each case is recorded whatever
+    happens: passed (with its numbers), FAILED (the last line of its output) or skipped (the
+    time budget ran out, or the data preparation failed)."""
+    t_start = time.time()
+    # data prepared beforehand (fetch_wheels.sh puts it next to the wheels): nothing to tokenize
+    data = [f"data.out_dir={args.data or Path(tmp) / 'data'}", *DATA]
+    prepare_error = _run(["--prepare", json.dumps(data)], log, timeout_s=args.budget_s)
+    results = []
+    for name, impl, case_overrides in plan_cases(args.cpu):
+        row = {"case": name, "experts_impl": impl}
+        left = args.budget_s - (time.time() - t_start)
+        if prepare_error is not None:
+            results.append({**row, "status": f"skipped: data preparation failed ({prepare_error})"})
+            continue
+        if left < 30:
+            results.append({**row, "status": f"skipped: time budget of {args.budget_s:.0f} s used"})
+            continue
+        run_dir = Path(tmp) / f"{name}_{impl or 'default'}"
+        overrides = [*case_overrides, *COMMON, *data, f"trainer.max_steps={steps}", f"run_dir={run_dir}"]
+        if impl:
+            overrides.append(f"model.moe.experts_impl={impl}")
+        if args.cpu:
+            overrides.append("trainer.reuse_host_memory=false")
+        out_json = Path(tmp) / f"{run_dir.name}.json"
+        t0 = time.time()
+        error = _run(["--worker", json.dumps(overrides), str(out_json)], log, timeout_s=left)
+        row["wall_s"] = round(time.time() - t0, 1)
+        if error is None:
+            info = json.loads(out_json.read_text())
+            row.update(status="passed", experts_impl_resolved=info["summary"].get("experts_impl_resolved"))
+            row.update(summarize(run_dir / "metrics.jsonl", args.warmup, info["max_rss_gb"]))
+            print(
+                f"{name} {impl}: {row['step_s']:.4f} s/step, {row['tokens_per_s']:,.0f} tok/s, "
+                f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}",
+                flush=True,
+            )
+        else:
+            row["status"] = f"FAILED: {error}"
+            print(f"{name} {impl}: {row['status']}", flush=True)
+        results.append(row)
+    return results
+
+
+def write_report(args, steps: int, results: list[dict], total_s: float) -> bool:
+    """acceptance.md and acceptance.json in args.out; True when the tests and every case passed."""
+    env = environment()
+    passed = all(r["status"] == "passed" for r in results) and args.tests_rc in (None, 0)
+    report = {
+        "environment": env,
+        "mode": "cpu dry run" if args.cpu else "gpu",
+        "steps": steps,
+        "warmup": args.warmup,
+        "budget_s": args.budget_s,
+        "gpu_tests_exit_code": args.tests_rc,
+        "passed": passed,
+        "results": results,
+        "total_s": total_s,
+    }
+    (args.out / "acceptance.json").write_text(json.dumps(report, indent=2) + "\n")
+    tests = {None: "not run", 0: "passed"}.get(args.tests_rc, f"FAILED (exit {args.tests_rc})")
+    if args.cpu and args.tests_rc == 0:
+        tests = "skipped (no CUDA)"
+    md = (
+        f"# GPU acceptance ({report['mode']}): {'PASSED' if passed else 'FAILED'}\n\n"
+        f"{env['date_utc']} UTC; device {env['device']} (compute capability {env['capability']}); "
+        f"python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}.\n\n"
+        f"Command: `bash bench/gpu/acceptance.sh OUT{' --cpu' if args.cpu else ''} --steps {steps}`; "
+        f"GPU tests (`pytest -m gpu tests/gpu`): {tests}.\n"
+        f"{steps} optimizer steps per run, timings over the steps after the first {args.warmup}; "
+        f"bf16, ZeRO-1, one device, 2 micro-batches per step. experts_impl (ran): the configured "
+        f"value and the path it resolved to on this device.\n\n{table(results)}\n\n"
+        f"Total {total_s:.0f} s (budget for the runs {args.budget_s:.0f} s).\n"
+    )
+    (args.out / "acceptance.md").write_text(md)
+    print(md)
+    return passed
 
 
 def main() -> None:
@@ -222,7 +350,23 @@ def main() -> None:
         "--warmup", type=int, default=None, help="untimed first steps (default 5, 1 with --cpu)"
     )
     parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=300.0,
+        help="seconds for data preparation and all runs; cases that would start later are "
+        "recorded as skipped (default 300: with the preflight and the GPU tests the whole script stays under 8 min)",
+    )
+    parser.add_argument(
         "--tests-rc", type=int, default=None, help="exit code of the GPU tests, for the report"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a data directory prepared beforehand with --prepare-data (default: prepare now)",
+    )
+    parser.add_argument(
+        "--prepare-data", type=Path, metavar="DIR", help="prepare the acceptance corpus into DIR and exit"
     )
     parser.add_argument("--worker", nargs=2, metavar=("OVERRIDES_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--prepare", metavar="OVERRIDES_JSON", help=argparse.SUPPRESS)
@@ -233,6 +377,9 @@ def main() -> None:
     if args.prepare:
         prepare(json.loads(args.prepare))
         return
+    if args.prepare_data:
+        prepare([f"data.out_dir={args.prepare_data.absolute()}", *DATA])
+        return
 
     if args.out is None:
         parser.error("--out is required")
@@ -241,72 +388,17 @@ def main() -> None:
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU machine, or pass --cpu for the dry run")
     steps = args.steps or (4 if args.cpu else 30)
-    warmup = args.warmup if args.warmup is not None else (1 if args.cpu else 5)
+    if args.warmup is None:
+        args.warmup = 1 if args.cpu else 5
+    args.warmup = min(args.warmup, max(steps - 1, 0))
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
     t_start = time.time()
     with (
         tempfile.TemporaryDirectory(prefix="acceptance_") as tmp,
         open(args.out / "acceptance.log", "w", encoding="utf-8") as log,
     ):
-        data = [f"data.out_dir={tmp}/data", *DATA]
-        _run(["--prepare", json.dumps(data)], log)
-        for name, (gpu_overrides, cpu_overrides) in CASES.items():
-            for impl in experts_impls():
-                run_dir = Path(tmp) / f"{name}_{impl or 'default'}"
-                overrides = [
-                    *(cpu_overrides if args.cpu else gpu_overrides),
-                    *COMMON,
-                    *data,
-                    f"trainer.max_steps={steps}",
-                    f"run_dir={run_dir}",
-                ]
-                if impl:
-                    overrides.append(f"model.moe.experts_impl={impl}")
-                if args.cpu:
-                    overrides.append("trainer.reuse_host_memory=false")
-                out_json = Path(tmp) / f"{run_dir.name}.json"
-                t0 = time.time()
-                _run(["--worker", json.dumps(overrides), str(out_json)], log)
-                info = json.loads(out_json.read_text())
-                row = {
-                    "case": name,
-                    "experts_impl": impl,
-                    "wall_s": time.time() - t0,
-                    **summarize(run_dir / "metrics.jsonl", warmup, info["max_rss_gb"]),
-                }
-                results.append(row)
-                print(
-                    f"{name} {impl}: {row['step_s']:.4f} s/step, {row['tokens_per_s']:,.0f} tok/s, "
-                    f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}",
-                    flush=True,
-                )
-    env = environment()
-    report = {
-        "environment": env,
-        "mode": "cpu dry run" if args.cpu else "gpu",
-        "steps": steps,
-        "warmup": warmup,
-        "gpu_tests_exit_code": args.tests_rc,
-        "results": results,
-        "total_s": time.time() - t_start,
-    }
-    (args.out / "acceptance.json").write_text(json.dumps(report, indent=2) + "\n")
-    tests = {None: "not run", 0: "passed"}.get(args.tests_rc, f"FAILED (exit {args.tests_rc})")
-    if args.cpu and args.tests_rc == 0:
-        tests = "skipped (no CUDA)"
-    md = (
-        f"# GPU acceptance ({report['mode']})\n\n"
-        f"{env['date_utc']} UTC; device {env['device']}; python {env['python']}, torch {env['torch']} "
-        f"(CUDA {env['cuda']}), DeepSpeed {env['deepspeed']}.\n\n"
-        f"Command: `bash bench/gpu/acceptance.sh{' OUT --cpu' if args.cpu else ''}`; "
-        f"GPU tests (`pytest -m gpu tests/gpu`): {tests}.\n"
-        f"{steps} optimizer steps per run, timings over the steps after the first {warmup}; "
-        f"bf16, ZeRO-1, one device, 2 micro-batches per step.\n\n{table(results)}\n\n"
-        f"Total {report['total_s']:.0f} s.\n"
-    )
-    (args.out / "acceptance.md").write_text(md)
-    print(md)
+        results = run_cases(args, steps, log, tmp)
+    sys.exit(0 if write_report(args, steps, results, time.time() - t_start) else 1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@
 #   hydra-core, omegaconf, antlr4-python3-runtime   the config (train.py)
 #   datasets, dill, multiprocess, sentencepiece     data preparation of the python_stdlib corpus
 # wandb is not needed: the acceptance runs with logger=none.
+# Then the acceptance corpus is prepared here into $DEST/acceptance_data (about 1 MB), so the GPU
+# machine tokenizes nothing: carry the one folder (`carry: [".whl"]` in a device call).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DEST=${1:-.whl}
@@ -32,6 +34,9 @@ TARGET=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_
 # Published as source only: build pure-Python wheels here (no compiler involved).
 "$PY" -m pip wheel -q --no-deps -w "$DEST" antlr4-python3-runtime==4.9.3
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps -w "$DEST" deepspeed==0.19.8
+
+"$PY" bench/gpu/acceptance.py --prepare-data "$DEST/acceptance_data"
+"$PY" bench/gpu/check_wheels.py "$DEST"   # here: checks the wheels against this machine's packages
 
 ls -1 "$DEST"/*.whl
 du -sh "$DEST"

@@ -78,8 +78,9 @@ class MoEConfig:
     """Std of Gaussian noise added to router logits in training (noisy gating, V-MoE). 0 = off."""
     experts_impl: str = "auto"
     """Routed expert compute on the stacked expert weights: "grouped_mm" (one grouped GEMM per
-    projection, no per-expert loop, no host sync: the CUDA path), "loop" (a per-expert loop
-    tuned for CPU, deepseek_moe/model/kernels/) or "auto" (grouped_mm on CUDA, loop on CPU)."""
+    projection, no per-expert loop, no host sync where torch's kernel is native), "loop" (a
+    per-expert loop with one host read per forward, deepseek_moe/model/kernels/) or "auto"
+    (grouped_mm for bf16 on sm90/sm100 GPUs, loop elsewhere: `model.experts.resolve_impl`)."""
 
     def __post_init__(self) -> None:
         E, K = self.n_routed_experts, self.top_k

@@ -30,7 +30,8 @@ def test_cuda_bf16_chunked_equals_plain_with_less_memory():
     labels_T[::5] = -100
     plain, (plain_h, plain_w), plain_peak = _loss_grads_and_peak(h_TD, weight_VD, labels_T, 0)
     loss, (grad_h, grad_w), peak = _loss_grads_and_peak(h_TD, weight_VD, labels_T, 1024)
-    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-5)
+    # cuBLAS may round some bf16 logits differently for 1024-row chunks than for all 8192 rows
+    torch.testing.assert_close(loss, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_h, plain_h, rtol=1.6e-2, atol=1e-5)
     # the weight gradient: each chunk's product rounded once, summed in fp32, rounded once more
     torch.testing.assert_close(grad_w, plain_w, rtol=0, atol=4 * 2**-8 * plain_w.abs().max().item())

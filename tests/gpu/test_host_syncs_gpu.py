@@ -3,6 +3,7 @@
 import warnings
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 
@@ -31,18 +32,19 @@ def test_counting_experts_does_not_sync():
     assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=8))
 
 
-def test_local_dispatch_syncs_once():
+def test_local_dispatch_syncs_once_with_drops_and_never_dropless():
     from deepseek_moe.model.dispatch import LocalDispatcher
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 8, (64, 2), generator=g).cuda()
     x, w = torch.randn(64, 16, device="cuda"), torch.rand(64, 2, device="cuda")
     d = LocalDispatcher()
-    with _count_syncs() as syncs:
-        x_ND, counts, ctx = d.dispatch(x, ids, w, 8)
-        d.combine(x_ND, ctx)
-    assert len(syncs) == 1, syncs
-    assert counts.device.type == "cuda"
+    for may_drop, expected in ((True, 1), (False, 0)):  # the kept-copy count, read only with drops
+        with _count_syncs() as syncs:
+            x_ND, counts, ctx = d.dispatch(x, ids, w, 8, may_drop=may_drop)
+            d.combine(x_ND, ctx)
+        assert len(syncs) == expected, (may_drop, syncs)
+        assert counts.device.type == "cuda"
 
 
 def test_train_step_syncs_once_per_step():
@@ -65,18 +67,27 @@ def test_train_step_syncs_once_per_step():
     assert len(syncs) == 1, syncs
 
 
-def test_moe_layer_forward_syncs():
-    """Report the syncs of one MoE layer forward at EP=1: the dispatcher's one, plus any the
-    experts' implementation adds (the per-expert loop reads its counts on the host)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layer_training_step_syncs(dtype):
+    """Syncs of one dropless MoE layer training forward + backward at EP=1: none where the grouped
+    GEMM is native (bf16 on sm90/sm100), one (the loop kernel reading its counts) elsewhere."""
     from deepseek_moe.config.model import MoEConfig
+    from deepseek_moe.model.experts import resolve_impl
     from deepseek_moe.model.moe import MoELayer
 
     torch.manual_seed(0)
-    layer = MoELayer(64, MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=32)).cuda()
-    x = torch.randn(2, 16, 64, device="cuda")
-    layer(x)  # warm-up (lazy inits)
+    layer = MoELayer(64, MoEConfig(n_routed_experts=8, top_k=2, moe_intermediate_size=32)).cuda().to(dtype)
+    x = torch.randn(2, 16, 64, device="cuda", dtype=dtype, requires_grad=True)
+    y, _ = layer(x)  # warm-up (lazy inits)
+    y.sum().backward()
     with _count_syncs() as syncs:
-        layer(x)
-    impl = layer.cfg.experts_impl
-    print(f"MoE layer forward syncs with experts_impl={impl}: {len(syncs)}")
-    assert len(syncs) <= (2 if impl == "loop" else 1), syncs
+        y, _ = layer(x)
+        y.float().sum().backward()
+    impl = resolve_impl(layer.cfg.experts_impl, x.device, dtype)
+    print(f"MoE layer training step syncs, {dtype}, experts_impl auto -> {impl}: {len(syncs)}")
+    assert impl == (
+        "grouped_mm"
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10)
+        else "loop"
+    )
+    assert len(syncs) == (1 if impl == "loop" else 0), syncs

@@ -323,23 +323,12 @@ def test_moe_layer_host_reads_per_training_step(experts_impl, capacity_factor, e
     with every tensor made on its inputs' device (default device = meta catches one that is not)."""
     from tests.host_reads import count_host_reads, created_on_meta_by_default
 
+    from tests.parallel._ep_common import tiny_config
+
     torch.manual_seed(0)
-    cfg = MoEConfig(
-        n_routed_experts=8,
-        top_k=2,
-        moe_intermediate_size=16,
-        n_groups=2,
-        topk_groups=1,
-        aux_loss_alpha=0.01,
-        seq_aux=True,
-        device_aux_alpha=0.01,
-        comm_aux_alpha=0.01,
-        z_loss_coef=1e-3,
-        capacity_factor=capacity_factor,
-        experts_impl=experts_impl,
-    )
-    layer = MoELayer(32, cfg).train()
-    x = torch.randn(2, 8, 32, requires_grad=True)
+    cfg = tiny_config(moe_intermediate_size=16, capacity_factor=capacity_factor, experts_impl=experts_impl)
+    layer = MoELayer(cfg.hidden_size, cfg.moe).train()
+    x = torch.randn(2, 8, cfg.hidden_size, requires_grad=True)
     with count_host_reads() as reads, created_on_meta_by_default():
         y, aux = layer(x)
         (y.sum() + sum(aux.values())).backward()

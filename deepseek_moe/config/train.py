@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from deepseek_moe.config.data import DataConfig
-from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.config.model import ACTIVATION_CHECKPOINTING, ModelConfig
 from deepseek_moe.config.parallel import validate_ep_size
 
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ACTIVATION_CHECKPOINTING = ("none", "full")
 LOGGER_KINDS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 

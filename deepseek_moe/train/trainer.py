@@ -205,7 +205,7 @@ class Trainer:
         import deepspeed
 
         from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-        from deepseek_moe.parallel import parallelize_moe
+        from deepseek_moe.parallel.expert_parallel import parallelize_moe
 
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same init on every rank, whatever the EP size
@@ -341,7 +341,7 @@ class Trainer:
             total += out.lm_loss.float() / n
         self.engine.train()
         if self.cfg.model.moe is not None:  # eval routing and traffic are not training statistics
-            from deepseek_moe.parallel import ep_metrics
+            from deepseek_moe.parallel.metrics import ep_metrics
 
             self.model.router_metrics(reset=True)
             ep_metrics(self.model, reset=True)
@@ -350,7 +350,7 @@ class Trainer:
     def _router_metrics(self) -> dict[str, float]:
         if self.cfg.model.moe is None:
             return {}
-        from deepseek_moe.parallel import ep_metrics
+        from deepseek_moe.parallel.metrics import ep_metrics
 
         # Router statistics of the GLOBAL batch: sum every rank's counts, then take the ratios
         # (a mean of per-rank ratios would hide an expert that is hot on every rank at once).

@@ -115,7 +115,7 @@ def worker(overrides: list[str], out: Path) -> None:
         """The real trainer, minus checkpoint files (see the module docstring)."""
 
         def save_checkpoint(self):
-            self.last_saved_step = self.step
+            self.checkpoints.last_saved_step = self.step
 
     register_schema()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -35,7 +35,6 @@ from omegaconf import OmegaConf
 from deepseek_moe.atomic import atomic_write_bytes
 from deepseek_moe.checkpoint.manager import CheckpointManager
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.errors import ConfigError
 from deepseek_moe.train.distributed import (
     DistInfo,
     all_reduce_max_flag,
@@ -49,7 +48,7 @@ from deepseek_moe.train.ds_config import build_ds_config
 from deepseek_moe.train.host_memory import keep_freed_host_memory
 from deepseek_moe.train.metrics import MetricsWriter, mfu, peak_flops_per_device
 from deepseek_moe.train.optimizer import build_optimizer
-from deepseek_moe.train.precision import cpu_bf16_is_native, resolve_precision
+from deepseek_moe.train.precision import resolve_precision, warn_if_bf16_is_emulated
 from deepseek_moe.train.rank_errors import on_all_ranks
 from deepseek_moe.train.rank_logging import setup_rank_logging
 from deepseek_moe.train.rng import rank_seed, seed_everything
@@ -165,15 +164,13 @@ class Trainer:
 
     # ---- setup steps ------------------------------------------------------------------------
     def _check_world_and_device(self) -> str:
-        """Checks that need the world size or the device; returns the resolved precision."""
-        try:
-            self.cfg.check_world(self.dist.world_size)
-            precision = resolve_precision(self.cfg.trainer.precision, self.dist.device.type)
-            # the DeepSpeed config's own checks, before anything is written
-            build_ds_config(self.cfg, self.dist.world_size, self.dist.device.type)
-            return precision
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        """Checks that need the world size or the device (ConfigErrors); returns the resolved
+        precision."""
+        self.cfg.check_world(self.dist.world_size)
+        precision = resolve_precision(self.cfg.trainer.precision, self.dist.device.type)
+        # the DeepSpeed config's own checks, before anything is written
+        build_ds_config(self.cfg, self.dist.world_size, self.dist.device.type)
+        return precision
 
     def _prepare_data(self):
         """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
@@ -270,11 +267,7 @@ class Trainer:
 
     def _print_run_line(self) -> None:
         cfg, dist = self.cfg, self.dist
-        if self.precision == "bf16" and dist.device.type == "cpu" and not cpu_bf16_is_native():
-            log.warning(
-                "trainer.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 "
-                "or AMX): they are emulated and slower than fp32; use trainer.precision=fp32"
-            )
+        warn_if_bf16_is_emulated(self.precision, dist.device.type)
         main_print(
             f"run_dir {self.run_dir} | world {dist.world_size} (ep {cfg.parallel.ep_size}, zero "
             f"{cfg.parallel.zero_stage}, {self.precision}) | params {cfg.model.num_params() / 1e6:.2f}M "

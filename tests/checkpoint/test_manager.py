@@ -215,3 +215,15 @@ def test_ranks_agree_on_the_resume_checkpoint(tmp_path):
     for rank in range(2):
         assert results[rank][0] == 1
         assert results[rank][1] == ["step_00000001", "step_00000002.damaged"]
+
+
+def test_the_manager_imports_without_deepspeed():
+    """Save, verify and resume checks need no DeepSpeed import; resharding imports it itself."""
+    import subprocess
+    import sys
+
+    code = "import sys, deepseek_moe.checkpoint.manager; print('deepspeed' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False"

@@ -65,9 +65,9 @@ def _build(args, mode: str, loss_chunk_tokens: int):
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
     torch.manual_seed(0)
-    model = DeepSeekMoEForCausalLM(_cfg(args)).to(_torch_dtype(args))
-    model.activation_checkpointing = mode
-    model.loss_chunk_tokens = loss_chunk_tokens
+    model = DeepSeekMoEForCausalLM(
+        _cfg(args), activation_checkpointing=mode, loss_chunk_tokens=loss_chunk_tokens
+    ).to(_torch_dtype(args))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)

@@ -7,7 +7,7 @@ which prints `<kind>: <message>` on stderr and exits with status 1, without a tr
 keeps its traceback.
 
 Under a multi-process launch the ranks that detect the same error agree on one reporter (the
-lowest such rank, see `Trainer._fail_together`); the others raise `ReportedByAnotherRank`, which
+lowest such rank, see `train/rank_errors.py`); the others raise `ReportedByAnotherRank`, which
 exits with status 1 and prints nothing, so a user error is one line, not one per rank. Before the
 process group exists (config errors, the same on every rank) rank 0 reports.
 """

@@ -47,6 +47,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.config.parallel import check_ep_world
 
 GB = 1024**3
 _F32 = 4
@@ -195,8 +196,7 @@ def memory_plan(
     `loss_chunk_tokens`: 0 = the LM head's full logits, N > 0 = the chunked head and loss."""
     if loss_chunk_tokens < 0:
         raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 0 (0 = no chunking)")
-    if world_size % ep_size:
-        raise ValueError(f"world_size={world_size} is not a multiple of ep_size={ep_size}")
+    check_ep_world(ep_size, world_size)
     S = cfg.max_seq_len if seq_len is None else seq_len
     m = cfg.moe
     expert = (

@@ -1,8 +1,10 @@
-"""Session-wide test setup."""
+"""Session-wide test setup, and the prepared tiny corpus that the training and checkpoint tests share."""
 
 import glob
 import os
 import time
+
+import pytest
 
 _SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*"
 _session_start = time.time()
@@ -39,3 +41,20 @@ def pytest_sessionfinish(session, exitstatus):
                 os.unlink(path)
         except OSError:
             pass
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Prepare a small python_stdlib corpus once per session; returns the data overrides."""
+    from omegaconf import OmegaConf
+
+    from data_prep.prepare import ensure_prepared
+    from deepseek_moe.config.data import DataConfig
+    from tests.train.helpers import REPO, tiny_data_overrides
+
+    overrides = tiny_data_overrides(tmp_path_factory.mktemp("data") / "stdlib_tiny")
+    base = OmegaConf.structured(DataConfig)
+    base.merge_with(OmegaConf.load(REPO / "conf" / "data" / "python_stdlib.yaml"))
+    base.merge_with(OmegaConf.from_dotlist([o.removeprefix("data.") for o in overrides]))
+    ensure_prepared(OmegaConf.to_object(base))
+    return overrides

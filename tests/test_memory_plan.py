@@ -47,12 +47,10 @@ def measured_forward_bytes(model, ids) -> int:
 
 def _training_model(cfg: ModelConfig, precision: str, mode: str, chunk: int = 0) -> DeepSeekMoEForCausalLM:
     torch.manual_seed(0)
-    model = DeepSeekMoEForCausalLM(cfg)
+    model = DeepSeekMoEForCausalLM(cfg, activation_checkpointing=mode, loss_chunk_tokens=chunk)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     model.train()
-    model.activation_checkpointing = mode
-    model.loss_chunk_tokens = chunk
     return model
 
 

@@ -120,7 +120,7 @@ def worker(overrides: list[str], out: Path) -> None:
         """The real trainer, minus checkpoint files (see the module docstring)."""
 
         def save_checkpoint(self):
-            self.last_saved_step = self.step
+            self.checkpoints.last_saved_step = self.step
 
     from deepseek_moe.model.experts import RoutedExperts, resolve_impl
     from deepseek_moe.train.distributed import shutdown_distributed

@@ -1,5 +1,7 @@
 """Checkpoints: the run directory's files, DeepSpeed shards to weights, resharding on resume.
 
+- `manager.py`      `CheckpointManager`: the protocol the trainer calls (save, verify, newest
+                    intact checkpoint, resume as saved or resharded)
 - `files.py`        checkpoint directory rules: tags, atomic writes, COMPLETE manifests with
                     CRC-32, damaged checkpoints set aside, pruning, per-rank trainer state paths
 - `keys.py`         state-dict key names: local expert ids under EP <-> global expert ids;

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deepseek_moe.errors import CheckpointError
 from deepseek_moe.parallel.deepspeed_experts import DS_EXPERTS_PREFIX, LOCAL_EXPERT_KEY, global_expert_key
 
 STACKED_EXPERT_PARAM = re.compile(
@@ -99,9 +100,9 @@ def load_consolidated_state_dict(model: nn.Module, state_dict: dict[str, torch.T
     }
     unexpected = [k for k in state_dict if k not in wanted and k not in expert_keys_elsewhere]
     if missing or unexpected:
-        raise KeyError(
-            f"load_consolidated_state_dict: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); is this checkpoint from "
-            "the same model config?"
+        raise CheckpointError(
+            f"the weights do not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); load them into a model "
+            "built with the model config they were saved with"
         )
     model.load_state_dict({wanted[g]: state_dict[g] for g in wanted}, strict=True)

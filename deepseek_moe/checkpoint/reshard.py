@@ -37,8 +37,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from deepseek_moe.checkpoint.keys import STACKED_EXPERT_PARAM, _layer_offsets
-from deepseek_moe.checkpoint.zero_shards import ZeroShards
 from deepseek_moe.config.model import MOE_PARAMETER_FIELDS, PARAMETER_FIELDS
 from deepseek_moe.errors import CheckpointError
 
@@ -115,8 +113,14 @@ def check_reshardable(saved: dict[str, Any], where: Path, *, zero_stage: int, pr
 def load_resharded(engine, model: nn.Module, tag_dir: Path, *, saved_ep_size: int) -> None:
     """Fill a freshly built engine (any world size, EP size, ZeRO stage 1/2) from `tag_dir`.
     Not collective: every rank reads what it holds. Steps in the module docstring."""
+    # Imported here: the checks above run without DeepSpeed (the key formats import it).
     from deepseek_moe.checkpoint.consolidate import consolidate_deepspeed_checkpoint
-    from deepseek_moe.checkpoint.keys import load_consolidated_state_dict
+    from deepseek_moe.checkpoint.keys import (
+        STACKED_EXPERT_PARAM,
+        _layer_offsets,
+        load_consolidated_state_dict,
+    )
+    from deepseek_moe.checkpoint.zero_shards import ZeroShards
 
     # 1. weights and buffers; of the experts only this rank's files, by global id
     offsets = _layer_offsets(model)  # MoE layers in module order, as DeepSpeed numbers them

@@ -16,6 +16,8 @@ from typing import Optional
 _SCORING_FUNCS = ("softmax", "sigmoid")
 _ATTN_IMPLS = ("auto", "sdpa", "bmm")
 EXPERTS_IMPLS = ("auto", "grouped_mm", "loop")
+ACTIVATION_CHECKPOINTING = ("none", "full")
+"""`activation_checkpointing` of the model and of `trainer.activation_checkpointing`."""
 
 
 # The fields that define the model's parameters (their names and shapes): a checkpoint loads only

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from deepseek_moe.config.data import DataConfig
-from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.config.model import ACTIVATION_CHECKPOINTING, ModelConfig
 from deepseek_moe.config.parallel import validate_ep_size
+from deepseek_moe.errors import ConfigError
 
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ACTIVATION_CHECKPOINTING = ("none", "full")
 LOGGER_KINDS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -280,7 +280,7 @@ class RunConfig:
         data-parallel world is the whole world)."""
         per_step = self.trainer.micro_batch_size * world_size
         if self.trainer.global_batch_size % per_step != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.global_batch_size={self.trainer.global_batch_size} is not divisible by "
                 f"trainer.micro_batch_size={self.trainer.micro_batch_size} x world_size={world_size} "
                 f"= {per_step}; pick a global batch that is a multiple of {per_step}"
@@ -288,7 +288,7 @@ class RunConfig:
         return self.trainer.global_batch_size // per_step
 
     def check_world(self, world_size: int) -> None:
-        """Checks that need the number of processes. Raises ValueError naming the fix."""
+        """Checks that need the number of processes: a ConfigError naming the fix."""
         # EP rules: ep | world, ep | experts, routing groups = EP ranks (config/parallel.py)
         validate_ep_size(
             self.parallel.ep_size,

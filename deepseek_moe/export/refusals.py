@@ -7,7 +7,10 @@ documented change for that difference:
 
 - `drop_group_limit`: device-limited routing (moe.topk_groups < moe.n_groups) becomes plain
   top-k over all experts at inference. Tokens whose top-k already lies in their best M groups
-  (most tokens of a balanced model) are unaffected; the others may pick other experts.
+  (most tokens of a balanced model) are unaffected; the others may pick other experts. Neither
+  target has a group limit (DeepSeek's release code and vLLM's `DeepseekForCausalLM` route with
+  plain top-k); DeepSeek-V2's `group_limited_greedy` exists only in the V2/V3 formats, whose MLA
+  attention (a normalised low-rank KV, a separate RoPE key) cannot represent ours.
 - `drop_router_bias`: the V3 selection bias (moe.bias_update_rate > 0) is left out, so experts
   are selected by affinity alone.
 

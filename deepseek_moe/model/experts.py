@@ -151,7 +151,7 @@ class _GradContiguous(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
     NOTE: grouped_mm's CPU backward rejects stride-0 (expanded) output grads, e.g. from
-    `y.sum().backward()` (reference, "Seen on this stack").
+    `y.sum().backward()` (tests/model/test_experts.py backpropagates exactly that).
     """
 
     @staticmethod

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from deepseek_moe.config.model import MoEConfig
+from deepseek_moe.config.parallel import check_ep_experts
 from deepseek_moe.model import losses
 from deepseek_moe.model.dispatch import Dispatcher, LocalDispatcher, count_ids
 from deepseek_moe.model.experts import RoutedExperts
@@ -57,12 +58,9 @@ from deepseek_moe.model.router_stats import RouterStats
 
 
 def check_ep_rank(ep_rank: int, ep_size: int, num_experts: int) -> None:
-    """ValueError unless EP rank `ep_rank` of `ep_size` can hold an equal share of the experts."""
-    if ep_size < 1 or num_experts % ep_size != 0:
-        raise ValueError(
-            f"n_routed_experts={num_experts} is not divisible by ep_size={ep_size}: "
-            "choose an expert-parallel size that divides the number of routed experts."
-        )
+    """ValueError unless EP rank `ep_rank` of `ep_size` can hold an equal share of the experts
+    (the share itself is the config rule `check_ep_experts`, a ConfigError)."""
+    check_ep_experts(ep_size, num_experts)
     if not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank={ep_rank} must be in [0, ep_size={ep_size}).")
 

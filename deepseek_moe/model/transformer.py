@@ -22,12 +22,13 @@ MoE, see moe.py), `model.norm.weight`, `lm_head.weight` (absent from parameters 
 Build big presets without memory: `with torch.device("meta"): DeepSeekMoEForCausalLM(cfg)`;
 after `model.to_empty(device=...)` call `model.init_weights()`.
 
-Activation checkpointing: `model.activation_checkpointing = "full"` keeps only each block's
-input during a training forward and recomputes the block in backward (see `_checkpointed`).
-
-Chunked loss: `model.loss_chunk_tokens = N` (N > 0) computes the LM head and the loss N tokens at
-a time when labels are given, never holding the micro-batch's [B, S, V] logits (see
-chunked_lm_loss.py); the output's `logits_BSV` is then None.
+Two ways to trade compute for memory, chosen when the model is built (the trainer passes
+`trainer.activation_checkpointing` and `trainer.loss_chunk_tokens`):
+- `DeepSeekMoEForCausalLM(cfg, activation_checkpointing="full")` keeps only each block's input
+  during a training forward and recomputes the block in backward (see `_checkpointed`);
+- `DeepSeekMoEForCausalLM(cfg, loss_chunk_tokens=N)` (N > 0) computes the LM head and the loss N
+  tokens at a time when labels are given, never holding the micro-batch's [B, S, V] logits (see
+  chunked_lm_loss.py); the output's `logits_BSV` is then None.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deepseek_moe.config.model import ModelConfig
-from deepseek_moe.config.train import ACTIVATION_CHECKPOINTING
+from deepseek_moe.config.model import ACTIVATION_CHECKPOINTING, ModelConfig
 from deepseek_moe.model.attention import Attention
 from deepseek_moe.model.chunked_lm_loss import IGNORE_INDEX, chunked_lm_cross_entropy
 from deepseek_moe.model.dispatch import Dispatcher
@@ -141,18 +141,34 @@ class DeepSeekMoEModel(nn.Module):
 class DeepSeekMoEForCausalLM(nn.Module):
     """`ep_rank`/`ep_size` (keyword-only, default no EP) make each MoE layer hold only its
     E/ep_size local experts (a build that never materialises other ranks' experts); `apply_ep`
-    then installs the all-to-all dispatchers."""
+    then installs the all-to-all dispatchers. `activation_checkpointing` and
+    `loss_chunk_tokens` trade compute for memory (see the module docstring); neither changes
+    the loss or the gradients."""
 
-    def __init__(self, cfg: ModelConfig, *, ep_rank: int = 0, ep_size: int = 1) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        ep_rank: int = 0,
+        ep_size: int = 1,
+        activation_checkpointing: str = "none",
+        loss_chunk_tokens: int = 0,
+    ) -> None:
         super().__init__()
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r} must be one of {ACTIVATION_CHECKPOINTING}"
+            )
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} must be >= 0 (0 = no chunking)")
         self.cfg = cfg
         self.ep_size = ep_size
         """Expert-parallel size the MoE layers are split for (set by `apply_ep`)."""
-        self.activation_checkpointing = "none"
-        """"none" or "full" (recompute every block in backward); set by the trainer."""
-        self.loss_chunk_tokens = 0
+        self.activation_checkpointing = activation_checkpointing
+        """"none" or "full" (recompute every block in backward during training)."""
+        self.loss_chunk_tokens = loss_chunk_tokens
         """0: the loss reads the full logits; N > 0: with labels, the head and the loss run N
-        tokens at a time (chunked_lm_loss.py) and `logits_BSV` is None; set by the trainer."""
+        tokens at a time (chunked_lm_loss.py) and `logits_BSV` is None."""
         self.model = DeepSeekMoEModel(cfg, ep_rank, ep_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -190,13 +206,6 @@ class DeepSeekMoEForCausalLM(nn.Module):
     def forward(self, input_ids_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None) -> CausalLMOutput:
         x_BSD = self.model.embed_tokens(input_ids_BS)
         aux_losses: dict[str, torch.Tensor] = {}
-        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(
-                f"activation_checkpointing={self.activation_checkpointing!r} must be "
-                f"one of {ACTIVATION_CHECKPOINTING}"
-            )
-        if self.loss_chunk_tokens < 0:
-            raise ValueError(f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0 = no chunking)")
         recompute = self.activation_checkpointing == "full" and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             x_BSD, aux = _checkpointed(block, x_BSD) if recompute else block(x_BSD)

@@ -78,8 +78,10 @@ def unknown_keys(cfg: DictConfig, schema: type, prefix: str = "") -> list[str]:
             bad.append(dotted)
             continue
         sub_schema = _dataclass_of(hints[key])
-        value = cfg._get_node(key)
-        if sub_schema is not None and isinstance(value, DictConfig) and not value._is_none():
+        if sub_schema is None or OmegaConf.is_missing(cfg, key):
+            continue
+        value = cfg[key]  # a nested config, or None (e.g. model.moe: null)
+        if isinstance(value, DictConfig):
             bad.extend(unknown_keys(value, sub_schema, f"{dotted}."))
     return bad
 

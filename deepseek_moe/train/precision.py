@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from deepseek_moe.errors import ConfigError
+
+log = logging.getLogger("deepseek_moe.train")
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
@@ -15,7 +21,7 @@ def resolve_precision(precision: str, device_type: str) -> str:
     if precision == "auto":
         return "bf16" if device_type == "cuda" else "fp32"
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             f"trainer.precision={precision} needs a GPU; on {device_type} use trainer.precision=fp32 "
             "(or bf16)"
         )
@@ -29,3 +35,12 @@ def cpu_bf16_is_native() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def warn_if_bf16_is_emulated(precision: str, device_type: str) -> None:
+    """One warning when a bf16 run on this CPU would be slower than fp32."""
+    if precision == "bf16" and device_type == "cpu" and not cpu_bf16_is_native():
+        log.warning(
+            "trainer.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 "
+            "or AMX): they are emulated and slower than fp32; use trainer.precision=fp32"
+        )

@@ -7,47 +7,39 @@
  3. model built from the seed on every rank (so weights do not depend on the EP size), then
     `parallelize_moe` keeps this rank's experts; AdamW over MoE-aware param groups; our LR
     schedule; `deepspeed.initialize` with the generated config;
- 4. resume from the newest complete checkpoint whose files match its manifest (DeepSpeed
-    state + our per-rank state; damaged ones are set aside, see `checkpoint/files.py`); one
-    written with another world size, EP size or ZeRO stage is resharded on load
-    (`checkpoint/reshard.py`);
+ 4. resume from the newest intact checkpoint (`checkpoint/manager.py`: verified against its
+    manifest, damaged ones set aside; one written with another world size, EP size or ZeRO
+    stage is resharded on load);
  5. the loop: accumulate micro-batches, step, log one metrics line per step (rank 0), eval,
     checkpoint, and stop cleanly on SIGTERM/SIGUSR1;
  6. print where the run directory, metrics and checkpoint are.
 
 User errors (config, data, checkpoints) are raised as `deepseek_moe.errors` classes at points
-every rank reaches together (`_on_all_ranks`, `_fail_together`): the lowest rank that saw the
-error reports it as one line, every rank exits, none is left waiting in a collective.
+every rank reaches together (`rank_errors.py`): the lowest rank that saw the error reports it as
+one line, every rank exits, none is left waiting in a collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from deepseek_moe.checkpoint import files as ckpt
-from deepseek_moe.checkpoint import reshard
+from deepseek_moe.atomic import atomic_write_bytes
+from deepseek_moe.checkpoint.manager import CheckpointManager
 from deepseek_moe.config.train import RunConfig
-from deepseek_moe.errors import CheckpointError, ConfigError, ReportedByAnotherRank
 from deepseek_moe.train.distributed import (
-    all_gather_objects,
+    DistInfo,
     all_reduce_max_flag,
     all_reduce_mean_dict,
-    barrier,
-    broadcast_object,
     init_distributed,
-    lowest_rank_with,
     main_print,
     reduce_sum_,
     to_device,
@@ -55,8 +47,11 @@ from deepseek_moe.train.distributed import (
 from deepseek_moe.train.ds_config import build_ds_config
 from deepseek_moe.train.host_memory import keep_freed_host_memory
 from deepseek_moe.train.metrics import MetricsWriter, mfu, peak_flops_per_device
-from deepseek_moe.train.precision import cpu_bf16_is_native, resolve_precision
-from deepseek_moe.train.rng import get_rng_state, rank_seed, seed_everything, set_rng_state
+from deepseek_moe.train.optimizer import build_optimizer
+from deepseek_moe.train.precision import resolve_precision, warn_if_bf16_is_emulated
+from deepseek_moe.train.rank_errors import on_all_ranks
+from deepseek_moe.train.rank_logging import setup_rank_logging
+from deepseek_moe.train.rng import rank_seed, seed_everything
 from deepseek_moe.train.schedule import build_lr_scheduler
 from deepseek_moe.train.signals import PreemptionFlag
 
@@ -84,35 +79,98 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class Trainer:
-    """One training run described by a validated `RunConfig`."""
+    """One training run described by a validated `RunConfig`.
+
+    All of its state is declared in `__init__`; `_setup` builds it in the order listed there."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).absolute()
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        # Progress: what a checkpoint restores.
         self.step = 0  # optimizer steps completed
         self.tokens_seen = 0
         self.wandb_run_id: Optional[str] = None
+        # Built by `_setup`, in this order.
+        self.dist: Optional[DistInfo] = None
+        self.precision: Optional[str] = None  # "fp32" / "bf16" / "fp16" (trainer.precision resolved)
+        self.checkpoints: Optional[CheckpointManager] = None  # saves and resumes (how; we say when)
+        self.model: Optional[torch.nn.Module] = None  # the module inside the engine
+        self.engine = None  # DeepSpeed engine: forward, backward, step, its own save/load
+        self.scheduler = None
+        self.train_loader = None
+        self.val_loader = None
+        self.metrics: Optional[MetricsWriter] = None
+        self.wandb = None  # WandbLogger on rank 0 with logger=wandb, else None
+        self.tokens_per_step = cfg.trainer.global_batch_size * cfg.seq_len
+        self.flops_per_token: Optional[float] = None  # for MFU, once the vocab is known
+        self.peak_flops_total: Optional[float] = None  # over all devices; None: unknown device
+        # Installed by `fit` before anything else.
+        self.preempt: Optional[PreemptionFlag] = None
 
-    # ---- setup ------------------------------------------------------------------------------
-    def _setup_logging(self) -> None:
-        level = logging.INFO if self.dist.is_main else logging.WARNING
-        logging.basicConfig(
-            level=level, format="[%(asctime)s rank%(rank)s] %(message)s", datefmt="%H:%M:%S", force=True
+    # ---- main -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Set up, train to max_steps (or until a signal / max_steps_per_launch), save, report."""
+        # Installed first: a SIGTERM during setup still ends in one step, a save and exit 0.
+        self.preempt = PreemptionFlag()
+        try:
+            self._setup()
+            return self._loop()
+        finally:
+            self.preempt.restore()
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+    def _setup(self) -> None:
+        """Build the state declared in `__init__`. A user error on any rank stops every rank
+        before the run directory is written."""
+        cfg = self.cfg
+        self.dist = dist = init_distributed()
+        setup_rank_logging(dist)
+        if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
+            log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")
+        self.precision = on_all_ranks(dist, self._check_world_and_device)
+        meta = self._prepare_data()
+        on_all_ranks(dist, self._set_vocab, meta)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            dist=dist,
+            keep=cfg.checkpoint.keep,
+            model_cfg=cfg.model,  # its vocab is final now
+            ep_size=cfg.parallel.ep_size,
+            zero_stage=cfg.parallel.zero_stage,
+            precision=self.precision,
+            seed=cfg.trainer.seed,
         )
-        rank = self.dist.rank
-        old_factory = logging.getLogRecordFactory()
+        self.model, self.engine, self.scheduler, ds_config = self._build_engine()
+        self.train_loader, self.val_loader = on_all_ranks(dist, self._build_loaders, meta)
+        if cfg.checkpoint.resume:
+            self._resume()
+        if dist.is_main:  # only now: a config, data or resume error leaves the run dir as it was
+            self._write_run_files(ds_config)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
+        self.metrics.truncate_after(self.step)
+        if dist.is_main and cfg.logger.kind == "wandb":
+            from deepseek_moe.train.wandb_logger import start_wandb
 
-        def factory(*args, **kwargs):
-            record = old_factory(*args, **kwargs)
-            record.rank = rank
-            return record
+            self.wandb = start_wandb(cfg.logger, self.run_dir, dataclasses.asdict(cfg), self.wandb_run_id)
+            if self.wandb is not None:  # stored in every checkpoint; only rank 0's is read back
+                self.wandb_run_id = self.wandb.run_id
+        self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
+        peak = peak_flops_per_device(dist.device, self.precision)
+        self.peak_flops_total = peak * dist.world_size if peak else None
+        self._print_run_line()
 
-        logging.setLogRecordFactory(factory)
-        # DeepSpeed logs every engine detail at INFO on every rank: keep its warnings only.
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
+    # ---- setup steps ------------------------------------------------------------------------
+    def _check_world_and_device(self) -> str:
+        """Checks that need the world size or the device (ConfigErrors); returns the resolved
+        precision."""
+        self.cfg.check_world(self.dist.world_size)
+        precision = resolve_precision(self.cfg.trainer.precision, self.dist.device.type)
+        # the DeepSpeed config's own checks, before anything is written
+        build_ds_config(self.cfg, self.dist.world_size, self.dist.device.type)
+        return precision
 
     def _prepare_data(self):
         """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
@@ -121,37 +179,11 @@ class Trainer:
         def on_main(main: bool):
             return ensure_prepared(self.cfg.data) if self.dist.is_main == main else None
 
-        # The collective in _on_all_ranks doubles as the barrier, and a failure on rank 0
+        # The collective in on_all_ranks doubles as the barrier, and a failure on rank 0
         # stops every rank instead of leaving them waiting for a barrier that never comes.
-        meta = self._on_all_ranks(on_main, True)  # rank 0 prepares
-        other = self._on_all_ranks(on_main, False)  # then the others read what it wrote
+        meta = on_all_ranks(self.dist, on_main, True)  # rank 0 prepares
+        other = on_all_ranks(self.dist, on_main, False)  # then the others read what it wrote
         return meta if self.dist.is_main else other
-
-    # ---- errors -----------------------------------------------------------------------------
-    def _fail_together(
-        self, error: Optional[BaseException], cleanup: Optional[Callable[[], None]] = None
-    ) -> None:
-        """Call on every rank at the same point. If any rank holds an error, all stop: rank 0
-        runs `cleanup`, the lowest failing rank raises its error (a user error is reported as
-        one line), the others raise ReportedByAnotherRank (exit status 1, nothing printed)."""
-        reporter = lowest_rank_with(error is not None, self.dist.device)
-        if reporter is None:
-            return
-        if cleanup is not None and self.dist.is_main:
-            cleanup()
-        if reporter == self.dist.rank:
-            raise error
-        raise ReportedByAnotherRank(f"rank {reporter} reports the error")
-
-    def _on_all_ranks(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) on every rank; an error on any rank stops every rank (`_fail_together`)."""
-        result, error = None, None
-        try:
-            result = fn(*args)
-        except Exception as err:  # noqa: BLE001 - re-raised by _fail_together on its rank
-            error = err
-        self._fail_together(error)
-        return result
 
     def _set_vocab(self, meta) -> None:
         """model.vocab_size = tokenizer vocab padded to a multiple of 64, unless set explicitly."""
@@ -165,55 +197,46 @@ class Trainer:
             check_init_from(self.cfg)  # a ConfigError naming each mismatching field
         check_model_vocab(meta, self.cfg.model.vocab_size)
 
-    def _build_engine(self) -> None:
+    def _build_engine(self) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+        """(model, DeepSpeed engine, LR scheduler, the DeepSpeed config it was given)."""
         import deepspeed
 
         from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-        from deepseek_moe.parallel import optimizer_param_groups, parallelize_moe
+        from deepseek_moe.parallel.expert_parallel import parallelize_moe
 
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same init on every rank, whatever the EP size
-        model = DeepSeekMoEForCausalLM(cfg.model)
-        model.activation_checkpointing = cfg.trainer.activation_checkpointing
-        model.loss_chunk_tokens = cfg.trainer.loss_chunk_tokens
+        model = DeepSeekMoEForCausalLM(
+            cfg.model,
+            activation_checkpointing=cfg.trainer.activation_checkpointing,
+            loss_chunk_tokens=cfg.trainer.loss_chunk_tokens,
+        )
         if cfg.model.moe is not None:
             model = parallelize_moe(model, cfg.parallel.ep_size)
-        if cfg.model.init_from and not (cfg.checkpoint.resume and ckpt.latest_complete(self.ckpt_dir)):
+        if cfg.model.init_from and not (cfg.checkpoint.resume and self.checkpoints.newest_complete()):
             from deepseek_moe.export.importer import load_init_from
 
             load_init_from(model, cfg.model)  # a new run: continued pretraining from these weights
-        self.model = model
-        groups = optimizer_param_groups(model, cfg.optim.weight_decay)
-        for group in groups:
-            group["lr"] = cfg.optim.lr
-        # NOTE: fused=True runs the whole AdamW update as one vectorised kernel per tensor (CPU
-        # and CUDA) instead of a Python loop over parameters.
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=cfg.optim.lr,
-            betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-            fused=self.dist.device.type in ("cpu", "cuda"),
-        )
+        optimizer = build_optimizer(model, cfg.optim, self.dist.device.type)
         scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.decay_steps)
-        self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device.type)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device.type)
+        engine, _, _, scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=self.ds_config,
+            config=ds_config,
             dist_init_required=False,
         )
         # The build seed was the same on every rank (same weights); from here on each rank draws
         # its own random numbers (router noise), else every rank would add the same noise.
         seed_everything(rank_seed(cfg.trainer.seed, self.dist.rank))
+        return model, engine, scheduler, ds_config
 
-    def _build_loaders(self, meta) -> None:
+    def _build_loaders(self, meta) -> tuple[Any, Any]:
         from deepseek_moe.data import build_eval_loader, build_train_loader
 
         cfg, dist = self.cfg, self.dist
-        self.train_loader = build_train_loader(
+        train_loader = build_train_loader(
             meta,
             seq_len=cfg.seq_len,
             global_batch_size=cfg.trainer.global_batch_size,
@@ -222,7 +245,7 @@ class Trainer:
             dp_world=dist.world_size,
             seed=cfg.trainer.seed,
         )
-        self.val_loader = build_eval_loader(
+        val_loader = build_eval_loader(
             meta,
             seq_len=cfg.seq_len,
             micro_batch_size=cfg.trainer.micro_batch_size,
@@ -230,216 +253,48 @@ class Trainer:
             dp_world=dist.world_size,
             num_batches=cfg.trainer.eval_batches,
         )
-        if self.val_loader.shortfall and cfg.trainer.eval_every and dist.is_main:
-            log.warning("small validation split: %s", self.val_loader.shortfall)
+        if val_loader.shortfall and cfg.trainer.eval_every and dist.is_main:
+            log.warning("small validation split: %s", val_loader.shortfall)
+        return train_loader, val_loader
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    def _rank_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "rng": get_rng_state(),
-            "loader": self.train_loader.state_dict(),
-            "wandb_run_id": self.wandb_run_id,
-            "world_size": self.dist.world_size,
-            "ep_size": self.cfg.parallel.ep_size,
-            "zero_stage": self.cfg.parallel.zero_stage,
-            "precision": self.precision,
-            "architecture": reshard.architecture(self.cfg.model),
-        }
+    def _write_run_files(self, ds_config: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # the resolved config (vocab included), for humans and reruns
+        config_yaml = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+        atomic_write_bytes(self.run_dir / "config.yaml", config_yaml.encode())
+        # exactly what the DeepSpeed engine was given, for humans
+        atomic_write_bytes(self.run_dir / "ds_config.json", (json.dumps(ds_config, indent=2) + "\n").encode())
+
+    def _print_run_line(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        warn_if_bf16_is_emulated(self.precision, dist.device.type)
+        main_print(
+            f"run_dir {self.run_dir} | world {dist.world_size} (ep {cfg.parallel.ep_size}, zero "
+            f"{cfg.parallel.zero_stage}, {self.precision}) | params {cfg.model.num_params() / 1e6:.2f}M "
+            f"total, {cfg.model.num_active_params() / 1e6:.2f}M active | vocab {cfg.model.vocab_size} | "
+            f"{self.tokens_per_step} tokens/step, accum {self.engine.gradient_accumulation_steps()} | "
+            f"steps {self.step}->{cfg.trainer.max_steps}"
+        )
+
+    # ---- checkpoints (the protocol is CheckpointManager's) -----------------------------------
+    def _resume(self) -> None:
+        """Continue from the newest intact checkpoint, if any. The loader's position is checked
+        (another data set or batch order is a DataError) and set before any state is loaded."""
+        state = self.checkpoints.resume(
+            self.engine, self.model, check=lambda saved: self.train_loader.load_state_dict(saved["loader"])
+        )
+        if state is not None:
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.wandb_run_id = state["wandb_run_id"]
 
     def save_checkpoint(self) -> Path:
-        """Every rank writes its files, checksums its share (`ckpt.share`), rank 0 writes the
-        manifest as COMPLETE, then prunes. A write that fails on any rank (disk full, quota)
-        stops the run with a CheckpointError; the partial directory is deleted and the previous
-        checkpoint stays the resume point."""
-        tag = ckpt.tag_for_step(self.step)
-        tag_dir = self.ckpt_dir / tag
-        if self.dist.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if tag_dir.exists():  # a partial save of this step from an interrupted launch
-                shutil.rmtree(tag_dir)
-        barrier()
-        t0 = time.time()
-        discard = functools.partial(ckpt.discard_partial, tag_dir)
-        error = None
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"step": self.step})
-        except (OSError, RuntimeError) as err:
-            error = self._save_error(tag_dir, err)
-            # NOTE: after its first write, DeepSpeed's save has one collective left, the barrier
-            # it ends with; ranks whose writes succeeded wait in it. Join it, so that every rank
-            # then reaches the agreement below instead of waiting forever.
-            barrier()
-        if error is None:
-            try:
-                ckpt.atomic_torch_save(self._rank_state(), ckpt.rank_state_path(tag_dir, self.dist.rank))
-            except (OSError, RuntimeError) as err:
-                error = self._save_error(tag_dir, err)
-        self._fail_together(error, cleanup=discard)  # also the barrier: every rank's files exist
-        sizes = broadcast_object(ckpt.checkpoint_files(tag_dir) if self.dist.is_main else None)
-        mine = ckpt.share(sizes, self.dist.rank, self.dist.world_size)
-        files = dict(
-            itertools.chain.from_iterable(
-                part.items() for part in all_gather_objects(ckpt.describe_files(tag_dir, mine))
-            )
-        )
-        if self.dist.is_main:
-            try:
-                ckpt.mark_complete(tag_dir, self.step, self.dist.world_size, files)
-            except OSError as err:
-                error = self._save_error(tag_dir, err)
-        self._fail_together(error, cleanup=discard)
-        if self.dist.is_main:
-            for path in ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep, self.step):
-                log.info("deleted old checkpoint %s", path.name)
-            log.info("saved checkpoint %s in %.1fs", tag_dir, time.time() - t0)
-        barrier()
-        self.last_saved_step = self.step
-        return tag_dir
-
-    def _save_error(self, tag_dir: Path, err: Exception) -> Exception:
-        """A failed checkpoint write as a CheckpointError naming the file and the way out.
-        torch.save reports a failed write as a RuntimeError from its zip writer; other
-        RuntimeErrors are bugs and keep their traceback."""
-        if isinstance(err, RuntimeError) and "write" not in str(err).lower():
-            return err
-        what = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.strerror else err
-        previous = ckpt.latest_complete(self.ckpt_dir)
-        resume = f"{previous[1]}, which is intact" if previous else "the start (no checkpoint yet)"
-        return CheckpointError(
-            f"saving checkpoint {tag_dir} failed on rank {self.dist.rank}: {what}; the partial "
-            f"checkpoint is deleted. Free space (or fix permissions) under {self.ckpt_dir} and "
-            f"relaunch: the run resumes from {resume}"
-        )
-
-    def _verify(self, tag_dir: Path) -> list[str]:
-        """Problems of a complete checkpoint against its manifest (empty: intact). Every rank
-        checks its share of the files; every rank gets the full list."""
-        manifest = ckpt.read_manifest(tag_dir)
-        if manifest is None:  # marker from before manifests: nothing to check against
-            return []
-        mine = ckpt.share(
-            {rel: e["size"] for rel, e in manifest.items()}, self.dist.rank, self.dist.world_size
-        )
-        problems = ckpt.find_damage(tag_dir, {rel: manifest[rel] for rel in mine})
-        return sorted(itertools.chain.from_iterable(all_gather_objects(problems)))
-
-    def _newest_intact(self) -> Optional[tuple[int, Path]]:
-        """The newest complete checkpoint that passes `_verify`. Newer damaged ones are set
-        aside (renamed to `<tag>.damaged`, files untouched) after a warning naming the file, so
-        that neither this resume, the next save of that step nor pruning touches their files;
-        none intact among complete ones is a CheckpointError."""
-        listing = ckpt.list_checkpoints(self.ckpt_dir) if self.dist.is_main else None
-        complete = [(s, p) for s, p, c in broadcast_object(listing) if c]
-        damaged, found = [], None
-        for step, tag_dir in reversed(complete):
-            problems = self._verify(tag_dir)
-            if not problems:
-                found = (step, tag_dir)
-                break
-            damaged.append((tag_dir, problems))
-        if found is None and damaged:
-            first = damaged[0][1][0]
-            self._fail_together(
-                CheckpointError(
-                    f"no intact checkpoint in {self.ckpt_dir}: all {len(damaged)} complete ones are "
-                    f"damaged ({first}); restore the files from a copy, or start over with another "
-                    "run_dir or checkpoint.resume=false"
-                )
-            )
-        if self.dist.is_main:
-            for tag_dir, problems in damaged:
-                aside = ckpt.set_aside(tag_dir)
-                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                log.warning(
-                    "checkpoint %s is damaged: %s%s. Set aside as %s with its files "
-                    "untouched; resuming from %s",
-                    tag_dir.name,
-                    problems[0],
-                    more,
-                    aside.name,
-                    found[1].name,
-                )
-        barrier()
-        return found
-
-    def _maybe_resume(self) -> None:
-        """Resume from the newest intact checkpoint. With the layout it was saved with:
-        DeepSpeed's own load and each rank's own state. With another world size, EP size or
-        ZeRO stage: `reshard.load_resharded` and rank 0's state (step, loader position, wandb
-        id; the loader's position counts global batches, which do not depend on the layout).
-        Everything that cannot resume is refused before any state is loaded."""
-        found = self._newest_intact() if self.cfg.checkpoint.resume else None
-        if found is None:
-            return
-        step, tag_dir = found
-        state, change = self._on_all_ranks(self._read_rank_state, tag_dir)
-        self._on_all_ranks(self._check_resumable, state, tag_dir, change)
-        if change is None:
-            load_path, _ = self.engine.load_checkpoint(
-                str(self.ckpt_dir),
-                tag=tag_dir.name,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-            )
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
-        else:
-            log.info("resuming %s with another layout: %s", tag_dir.name, change)
-            self._on_all_ranks(
-                lambda: reshard.load_resharded(
-                    self.engine, self.model, tag_dir, saved_ep_size=state["ep_size"]
-                )
-            )
-        self._load_rank_state(state, same_layout=change is None)
-        log.info("resumed from %s (step %d)", tag_dir, self.step)
-
-    def _read_rank_state(self, tag_dir: Path) -> tuple[dict[str, Any], Optional[str]]:
-        """(trainer state, layout change): this rank's own state when the layout is the saved
-        one, else rank 0's (every rank reads rank 0's first, so all agree on the change)."""
-
-        def read(rank: int) -> dict[str, Any]:
-            path = ckpt.rank_state_path(tag_dir, rank)
-            if not path.exists():
-                raise CheckpointError(
-                    f"{tag_dir} has no trainer state for rank {rank} ({path}): the save did not "
-                    "finish on every rank; restore the file from a copy, or use a new run_dir"
-                )
-            return torch.load(path, weights_only=False)
-
-        state = read(0)
-        parallel = self.cfg.parallel
-        change = reshard.layout_change(
-            state, world_size=self.dist.world_size, ep_size=parallel.ep_size, zero_stage=parallel.zero_stage
-        )
-        if change is None and self.dist.rank != 0:
-            state = read(self.dist.rank)
-        return state, change
-
-    def _check_resumable(self, state: dict[str, Any], tag_dir: Path, change: Optional[str]) -> None:
-        """What cannot resume, before anything is loaded: another model (CheckpointError),
-        other data or batch order (DataError, from the loader), a layout change that cannot
-        be resharded. Also sets the loader's position."""
-        reshard.check_same_model(state, self.cfg.model, tag_dir)
-        self.train_loader.load_state_dict(state["loader"])
-        if change is not None:
-            reshard.check_reshardable(
-                state, tag_dir, zero_stage=self.cfg.parallel.zero_stage, precision=self.precision
-            )
-
-    def _load_rank_state(self, state: dict[str, Any], *, same_layout: bool) -> None:
-        self.step = state["step"]
-        self.tokens_seen = state["tokens_seen"]
-        self.wandb_run_id = state["wandb_run_id"]
-        if same_layout:
-            set_rng_state(state["rng"])
-        else:
-            # RNG states are per rank and do not map onto another set of ranks: each rank
-            # starts a stream of its own from the seed, the step and its rank (router noise is
-            # the only draw in training; its values then differ from an unchanged layout's).
-            seed_everything(rank_seed(self.cfg.trainer.seed + self.step, self.dist.rank))
-        self.last_saved_step = self.step
+        """Checkpoint this step (a CheckpointError on every rank when a write fails)."""
+        state = {
+            "tokens_seen": self.tokens_seen,
+            "loader": self.train_loader.state_dict(),
+            "wandb_run_id": self.wandb_run_id,
+        }
+        return self.checkpoints.save(self.engine, step=self.step, state=state)
 
     # ---- steps ------------------------------------------------------------------------------
     def _train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -479,7 +334,7 @@ class Trainer:
             total += out.lm_loss.float() / n
         self.engine.train()
         if self.cfg.model.moe is not None:  # eval routing and traffic are not training statistics
-            from deepseek_moe.parallel import ep_metrics
+            from deepseek_moe.parallel.metrics import ep_metrics
 
             self.model.router_metrics(reset=True)
             ep_metrics(self.model, reset=True)
@@ -488,7 +343,7 @@ class Trainer:
     def _router_metrics(self) -> dict[str, float]:
         if self.cfg.model.moe is None:
             return {}
-        from deepseek_moe.parallel import ep_metrics
+        from deepseek_moe.parallel.metrics import ep_metrics
 
         # Router statistics of the GLOBAL batch: sum every rank's counts, then take the ratios
         # (a mean of per-rank ratios would hide an expert that is hot on every rank at once).
@@ -506,98 +361,7 @@ class Trainer:
             values[key] = value * self.dist.world_size if key.endswith("a2a_bytes") else value
         return values
 
-    # ---- main -------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        """Set up, train to max_steps (or until a signal / max_steps_per_launch), save, report."""
-        # Installed first: a SIGTERM during setup still ends in one step, a save and exit 0.
-        self.preempt = PreemptionFlag()
-        self.metrics: Optional[MetricsWriter] = None
-        self.wandb = None
-        try:
-            self._setup()
-            return self._loop()
-        finally:
-            self.preempt.restore()
-            if self.metrics is not None:
-                self.metrics.close()
-            if self.wandb is not None:
-                self.wandb.finish()
-
-    def _setup(self) -> None:
-        cfg = self.cfg
-        self.dist = dist = init_distributed()
-        self._setup_logging()
-        if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
-            log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")
-        self.precision = self._on_all_ranks(self._check_world_and_device)
-        meta = self._prepare_data()
-        self._on_all_ranks(self._set_vocab, meta)
-        self._build_engine()
-        self._on_all_ranks(self._build_loaders, meta)
-        self.last_saved_step = -1
-        self._maybe_resume()
-        if dist.is_main:  # only now: a config, data or resume error leaves the run dir as it was
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # the resolved config (vocab included), for humans and reruns
-            ckpt.atomic_write_bytes(
-                self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
-            )
-            # exactly what the DeepSpeed engine was given, for humans
-            ckpt.atomic_write_bytes(
-                self.run_dir / "ds_config.json", (json.dumps(self.ds_config, indent=2) + "\n").encode()
-            )
-
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
-        self.metrics.truncate_after(self.step)
-        if dist.is_main and cfg.logger.kind == "wandb":
-            from deepseek_moe.train.wandb_logger import WandbLogger
-
-            try:
-                self.wandb = WandbLogger(cfg.logger, self.run_dir, dataclasses.asdict(cfg), self.wandb_run_id)
-            except Exception as err:  # noqa: BLE001 - the tracker must not block training
-                log.warning(
-                    "wandb.init failed (%s: %s); training without wandb (metrics.jsonl "
-                    "is still written; logger=none silences this)",
-                    type(err).__name__,
-                    err,
-                )
-            else:
-                # Stored in every checkpoint from now on; only rank 0's copy is ever read back.
-                self.wandb_run_id = self.wandb.run_id
-
-        if self.precision == "bf16" and dist.device.type == "cpu" and not cpu_bf16_is_native():
-            log.warning(
-                "trainer.precision=bf16 on a CPU without native bf16 matmuls (AVX512-BF16 "
-                "or AMX): they are emulated and slower than fp32; use trainer.precision=fp32"
-            )
-        peak = peak_flops_per_device(dist.device, self.precision)
-        self.peak_flops_total = peak * dist.world_size if peak else None
-        self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
-        self.tokens_per_step = cfg.trainer.global_batch_size * cfg.seq_len
-        main_print(
-            f"run_dir {self.run_dir} | world {dist.world_size} (ep {cfg.parallel.ep_size}, zero "
-            f"{cfg.parallel.zero_stage}, {self.precision}) | params {cfg.model.num_params() / 1e6:.2f}M "
-            f"total, {cfg.model.num_active_params() / 1e6:.2f}M active | vocab {cfg.model.vocab_size} | "
-            f"{self.tokens_per_step} tokens/step, accum {self.engine.gradient_accumulation_steps()} | "
-            f"steps {self.step}->{cfg.trainer.max_steps}"
-        )
-
-    def _check_world_and_device(self) -> str:
-        """Checks that need the world size or the device; returns the resolved precision."""
-        try:
-            self.cfg.check_world(self.dist.world_size)
-            precision = resolve_precision(self.cfg.trainer.precision, self.dist.device.type)
-            # the DeepSpeed config's own checks, before anything is written
-            build_ds_config(self.cfg, self.dist.world_size, self.dist.device.type)
-            return precision
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-    def _log(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
-
+    # ---- the loop ---------------------------------------------------------------------------
     def _loop(self) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg.trainer
         batches = iter(self.train_loader)
@@ -605,58 +369,70 @@ class Trainer:
         if tcfg.max_steps_per_launch is not None:
             stop_at = min(stop_at, self.step + tcfg.max_steps_per_launch)
         last_val: Optional[float] = None
-        start_step, t_start = self.step, time.time()
+        start = (self.step, time.time())
         stopped_by_signal = False
         while self.step < stop_at:
-            lr = self.scheduler.get_last_lr()[0]  # the LR this step's update uses
-            t0 = time.time()
-            values = self._train_step(batches)
-            dt = time.time() - t0
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
-            grad_norm = self.engine.get_global_grad_norm()
-            tok_s = self.tokens_per_step / dt
-            record = {
-                "step": self.step,
-                **values,
-                "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tok_s,
-                "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops_total),
-                "tokens_seen": self.tokens_seen,
-                "step_time_s": dt,
-                "max_memory_gb": (
-                    torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-                    if self.dist.device.type == "cuda"
-                    else None
-                ),
-            }
-            record.update(self._router_metrics())
-            self._log(record)
-            check_finite(self.step, values["loss"], record["grad_norm"])
-            if self.step % tcfg.log_every == 0 or self.step in (start_step + 1, stop_at):
-                eta = (time.time() - t_start) / (self.step - start_step) * (tcfg.max_steps - self.step)
-                main_print(
-                    f"step {self.step:>6}/{tcfg.max_steps} | loss {values['loss']:.4f} "
-                    f"(lm {values['lm_loss']:.4f}, aux {values['aux_loss']:.4f}) | lr {lr:.2e} | "
-                    f"grad {record['grad_norm'] or 0:.3f} | {tok_s:,.0f} tok/s | eta {_fmt_duration(eta)}"
-                )
-
+            self._step_and_log(batches, start, stop_at)
             if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.max_steps):
                 last_val = self.evaluate()
                 self._log({"step": self.step, "val_loss": last_val})
                 main_print(f"step {self.step:>6} | val_loss {last_val:.4f}")
-
             if all_reduce_max_flag(self.preempt.requested, self.dist.device):
                 stopped_by_signal = True
                 main_print(f"step {self.step}: stop requested by signal, saving and exiting")
                 break
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
-
-        if self.last_saved_step != self.step:
+        if self.checkpoints.last_saved_step != self.step:
             self.save_checkpoint()
-        newest = ckpt.latest_complete(self.ckpt_dir)
+        return self._finish(last_val, stopped_by_signal)
+
+    def _step_and_log(self, batches, start: tuple[int, float], stop_at: int) -> None:
+        """One optimizer step; its metrics line (rank 0), a progress line every log_every."""
+        lr = self.scheduler.get_last_lr()[0]  # the LR this step's update uses
+        t0 = time.time()
+        values = self._train_step(batches)
+        dt = time.time() - t0
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        grad_norm = self.engine.get_global_grad_norm()
+        tok_s = self.tokens_per_step / dt
+        device = self.dist.device
+        record = {
+            "step": self.step,
+            **values,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": tok_s,
+            "mfu": mfu(tok_s, self.flops_per_token, self.peak_flops_total),
+            "tokens_seen": self.tokens_seen,
+            "step_time_s": dt,
+            "max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else None,
+        }
+        record.update(self._router_metrics())
+        self._log(record)
+        check_finite(self.step, values["loss"], record["grad_norm"])
+        start_step, t_start = start
+        if self.step % self.cfg.trainer.log_every == 0 or self.step in (start_step + 1, stop_at):
+            max_steps = self.cfg.trainer.max_steps
+            eta = (time.time() - t_start) / (self.step - start_step) * (max_steps - self.step)
+            main_print(
+                f"step {self.step:>6}/{max_steps} | loss {values['loss']:.4f} "
+                f"(lm {values['lm_loss']:.4f}, aux {values['aux_loss']:.4f}) | lr {lr:.2e} | "
+                f"grad {record['grad_norm'] or 0:.3f} | {tok_s:,.0f} tok/s | eta {_fmt_duration(eta)}"
+            )
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def _finish(self, last_val: Optional[float], stopped_by_signal: bool) -> dict[str, Any]:
+        """The run's summary, printed (rank 0) and returned."""
+        max_steps = self.cfg.trainer.max_steps
+        newest = self.checkpoints.newest_complete()
         summary = {
             "run_dir": str(self.run_dir),
             "metrics": str(self.run_dir / "metrics.jsonl"),
@@ -664,10 +440,10 @@ class Trainer:
             "step": self.step,
             "val_loss": last_val,
             "stopped_by_signal": stopped_by_signal,
-            "finished": self.step >= tcfg.max_steps,
+            "finished": self.step >= max_steps,
         }
         lines = [
-            f"done at step {self.step}/{tcfg.max_steps}"
+            f"done at step {self.step}/{max_steps}"
             + (f" | val_loss {last_val:.4f}" if last_val is not None else ""),
             f"  run dir:    {summary['run_dir']}",
             f"  metrics:    {summary['metrics']}",

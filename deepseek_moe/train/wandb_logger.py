@@ -84,3 +84,20 @@ class WandbLogger:
         except Exception as err:  # noqa: BLE001
             log.warning("wandb.finish failed (%s: %s)", type(err).__name__, err)
         self.run = None
+
+
+def start_wandb(
+    cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], run_id: Optional[str]
+) -> Optional[WandbLogger]:
+    """The logger, or None with a warning when wandb cannot start: the tracker must not block
+    training (metrics.jsonl is written either way)."""
+    try:
+        return WandbLogger(cfg, run_dir, config, run_id)
+    except Exception as err:  # noqa: BLE001 - the tracker must not block training
+        log.warning(
+            "wandb.init failed (%s: %s); training without wandb (metrics.jsonl "
+            "is still written; logger=none silences this)",
+            type(err).__name__,
+            err,
+        )
+        return None

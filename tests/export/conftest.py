@@ -59,7 +59,8 @@ def _train_and_save(rank, world, run_cfgs, import_dir):
     from omegaconf import OmegaConf
 
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
-    from deepseek_moe.parallel import optimizer_param_groups, parallelize_moe
+    from deepseek_moe.parallel.expert_parallel import parallelize_moe
+    from deepseek_moe.parallel.param_groups import optimizer_param_groups
     from deepseek_moe.checkpoint import files as ckpt
     from deepseek_moe.train.ds_config import build_ds_config
 

@@ -178,10 +178,15 @@ def _model_cfg(tie: bool) -> ModelConfig:
     return dataclasses.replace(tiny_config(), tie_embeddings=tie)
 
 
-def _loss_and_grads(model, ids_BS, labels_BS, chunk_tokens, checkpointing):
-    model.zero_grad(set_to_none=True)
-    model.loss_chunk_tokens = chunk_tokens
-    model.activation_checkpointing = checkpointing
+def _training_model(tie: bool, chunk_tokens: int, checkpointing: str) -> DeepSeekMoEForCausalLM:
+    torch.manual_seed(0)  # the same weights for every setting
+    model = DeepSeekMoEForCausalLM(
+        _model_cfg(tie), loss_chunk_tokens=chunk_tokens, activation_checkpointing=checkpointing
+    )
+    return model.train()
+
+
+def _loss_and_grads(model, ids_BS, labels_BS):
     out = model(ids_BS, labels_BS)
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -191,16 +196,15 @@ def _loss_and_grads(model, ids_BS, labels_BS, chunk_tokens, checkpointing):
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("checkpointing", ["none", "full"])
 def test_model_chunked_equals_plain(tie, checkpointing):
-    torch.manual_seed(0)
-    model = DeepSeekMoEForCausalLM(_model_cfg(tie))
-    model.train()
+    plain_model = _training_model(tie, 0, "none")
+    model = _training_model(tie, 7, checkpointing)
     g = torch.Generator().manual_seed(5)
     vocab, seq = model.cfg.vocab_size, model.cfg.max_seq_len
     ids_BS = torch.randint(0, vocab, (3, seq), generator=g)
     labels_BS = torch.randint(0, vocab, (3, seq), generator=g)
     labels_BS[1, 3:] = -100  # 24 tokens in chunks of 7: the short last chunk, ignored labels
-    plain, plain_grads = _loss_and_grads(model, ids_BS, labels_BS, 0, "none")
-    chunked, chunked_grads = _loss_and_grads(model, ids_BS, labels_BS, 7, checkpointing)
+    plain, plain_grads = _loss_and_grads(plain_model, ids_BS, labels_BS)
+    chunked, chunked_grads = _loss_and_grads(model, ids_BS, labels_BS)
     assert plain.logits_BSV.shape == (3, seq, vocab) and chunked.logits_BSV is None
     assert plain.aux_loss > 0  # the aux losses' gradients are in the comparison too
     torch.testing.assert_close(chunked.lm_loss, plain.lm_loss, rtol=1e-6, atol=1e-6)
@@ -211,11 +215,11 @@ def test_model_chunked_equals_plain(tie, checkpointing):
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
     # without labels the model still returns the logits; eval (no_grad) takes the chunked path
     model.eval()
+    plain_model.eval()
     with torch.no_grad():
         assert torch.equal(model(ids_BS).logits_BSV, model.lm_head(model.model.norm(_body(model, ids_BS))))
         evaluated = model(ids_BS, labels_BS)
-        model.loss_chunk_tokens = 0
-        evaluated_plain = model(ids_BS, labels_BS)
+        evaluated_plain = plain_model(ids_BS, labels_BS)
     assert evaluated.logits_BSV is None
     torch.testing.assert_close(evaluated.lm_loss, evaluated_plain.lm_loss, rtol=1e-6, atol=1e-6)
 
@@ -227,9 +231,8 @@ def _body(model, ids_BS):
     return x_BSD
 
 
-def test_model_rejects_negative_chunk():
-    model = DeepSeekMoEForCausalLM(_model_cfg(False))
-    model.loss_chunk_tokens = -1
-    ids_BS = torch.zeros(1, 4, dtype=torch.long)
+def test_model_rejects_bad_settings_when_built():
     with pytest.raises(ValueError, match="loss_chunk_tokens=-1 must be >= 0"):
-        model(ids_BS, ids_BS)
+        DeepSeekMoEForCausalLM(_model_cfg(False), loss_chunk_tokens=-1)
+    with pytest.raises(ValueError, match="activation_checkpointing='some' must be one of"):
+        DeepSeekMoEForCausalLM(_model_cfg(False), activation_checkpointing="some")

@@ -201,3 +201,27 @@ def test_bf16_cast_keeps_router_and_rope_buffers_fp32():
     assert out.logits_BSV.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert layer.gate.pending_load_E.dtype == torch.float32 and layer.gate.pending_load_E.sum() == 32
+
+
+def test_model_code_imports_no_training_config():
+    """The model is configured when it is built (its options are constructor arguments), so the
+    model package reads no training config: no import of deepseek_moe.config.train anywhere."""
+    import ast
+    from pathlib import Path
+
+    import deepseek_moe.model
+
+    offenders = []
+    for path in sorted(Path(deepseek_moe.model.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "deepseek_moe.config.train" for n in names):
+                offenders.append(path.name)
+    assert offenders == []
+    # configured at build time; the forward does not re-check the options
+    model = DeepSeekMoEForCausalLM(_tiny(), activation_checkpointing="full", loss_chunk_tokens=8)
+    assert (model.activation_checkpointing, model.loss_chunk_tokens) == ("full", 8)

@@ -43,9 +43,10 @@ def tiny_config(**moe_overrides) -> ModelConfig:
     )
 
 
-def build_full_model(cfg: ModelConfig, seed: int = SEED) -> DeepSeekMoEForCausalLM:
+def build_full_model(cfg: ModelConfig, seed: int = SEED, **options) -> DeepSeekMoEForCausalLM:
+    """The model from `seed` (the same weights whatever the `options`, e.g. loss_chunk_tokens)."""
     torch.manual_seed(seed)
-    return DeepSeekMoEForCausalLM(cfg)
+    return DeepSeekMoEForCausalLM(cfg, **options)
 
 
 def micro_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 and EP=2, with router noise (the recompute must replay the same noise, hence the same routing and
 all-to-all splits) and the V3 bias loads / router statistics recorded once."""
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -12,13 +14,14 @@ from tests.parallel._ep_common import build_full_model, grads_by_state_key, micr
 MOE = dict(router_noise_std=0.5, bias_update_rate=1e-3)
 
 
-def _step(model, mode: str, rank: int):
+def _model(mode: str, ep_size: Optional[int] = None):
+    """The same weights for every mode, in training mode; parallelized when `ep_size` is given."""
+    model = build_full_model(tiny_config(**MOE), activation_checkpointing=mode)
+    return (model if ep_size is None else parallelize_moe(model, ep_size)).train()
+
+
+def _step(model, rank: int):
     """One forward/backward on `rank`'s micro-batch from a fixed RNG state."""
-    model.zero_grad(set_to_none=True)
-    model.activation_checkpointing = mode
-    for layer in model.moe_layers():
-        layer.gate.pending_load_E.zero_()
-        layer.stats.reset()
     torch.manual_seed(77 + rank)  # the router noise
     ids, labels = micro_batch(0, rank)
     out = model(ids, labels)
@@ -42,9 +45,7 @@ def _compare(plain, full):
 
 
 def _run(rank, world, ep_size):
-    model = parallelize_moe(build_full_model(tiny_config(**MOE)), ep_size)
-    model.train()
-    return _step(model, "none", rank), _step(model, "full", rank)
+    return _step(_model("none", ep_size), rank), _step(_model("full", ep_size), rank)
 
 
 def test_full_recompute_equals_plain_ep1():
@@ -64,13 +65,11 @@ def test_noise_differs_without_rng_replay():
     differently and the gradients differ."""
     import deepseek_moe.model.transformer as transformer
 
-    model = build_full_model(tiny_config(**MOE))
-    model.train()
-    plain = _step(model, "none", 0)
+    plain = _step(_model("none"), 0)
     original = transformer.checkpoint
     transformer.checkpoint = lambda *a, **kw: original(*a, **{**kw, "preserve_rng_state": False})
     try:
-        full = _step(model, "full", 0)
+        full = _step(_model("full"), 0)
     finally:
         transformer.checkpoint = original
     assert any(

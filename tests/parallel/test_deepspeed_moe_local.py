@@ -5,6 +5,7 @@ import torch
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
 from deepseek_moe.config.model import ModelConfig
+from deepseek_moe.errors import CheckpointError
 from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 from deepseek_moe.parallel.deepspeed_experts import DeepSpeedExperts
 from deepseek_moe.checkpoint.keys import consolidated_state_dict, load_consolidated_state_dict
@@ -56,11 +57,11 @@ def test_load_consolidated_checks_keys():
     model = parallelize_moe(build_full_model(tiny_config()), 1)
     sd = consolidated_state_dict(model)
     sd.pop("model.layers.1.mlp.experts.3.up_proj.weight")
-    with pytest.raises(KeyError, match="1 missing keys"):
+    with pytest.raises(CheckpointError, match="1 missing keys"):
         load_consolidated_state_dict(model, sd)
     sd = consolidated_state_dict(model)
     sd["model.layers.1.mlp.bogus.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match="1 unexpected keys"):
+    with pytest.raises(CheckpointError, match="1 unexpected keys"):
         load_consolidated_state_dict(model, sd)
 
 

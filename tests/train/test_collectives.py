@@ -61,7 +61,7 @@ def _fit(rank, world, overrides, backend):
     out["router"] = trainer._router_metrics()
     # the layout is recorded in every rank's trainer state (read before the relaunches prune it)
     saved = torch.load(
-        trainer.ckpt_dir / "step_00000002" / "trainer_state" / f"rank{rank:05d}.pt", weights_only=False
+        trainer.checkpoints.dir / "step_00000002" / "trainer_state" / f"rank{rank:05d}.pt", weights_only=False
     )
     out["saved_layout"] = (saved["world_size"], saved["ep_size"], saved["zero_stage"])
     # relaunching with another model: refused with what differs, before anything is loaded

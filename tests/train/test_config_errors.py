@@ -93,13 +93,13 @@ def test_ep_size_must_divide_world_size():
     )
     cfg.check_world(2)
     cfg.check_world(4)
-    with pytest.raises(ValueError, match="parallel.ep_size=2 must divide the world size 3"):
+    with pytest.raises(ConfigError, match="parallel.ep_size=2 must divide the world size 3"):
         cfg.check_world(3)
 
 
 def test_ep_size_must_divide_experts():
     cfg = OmegaConf.to_object(_compose(["parallel.ep_size=3", "trainer.global_batch_size=24"]))
-    with pytest.raises(ValueError, match="n_routed_experts=16 is not divisible by parallel.ep_size=3"):
+    with pytest.raises(ConfigError, match="n_routed_experts=16 is not divisible by parallel.ep_size=3"):
         cfg.check_world(3)
 
 
@@ -109,7 +109,7 @@ def test_zero0_with_ep_and_clipping_is_refused():
     OmegaConf.to_object(_compose(overrides + ["parallel.zero_stage=1"])).check_world(2)
     OmegaConf.to_object(_compose(overrides + ["parallel.zero_stage=0", "optim.grad_clip=0"])).check_world(2)
     cfg = OmegaConf.to_object(_compose(overrides + ["parallel.zero_stage=0"]))
-    with pytest.raises(ValueError, match="use parallel.zero_stage=1 or 2"):
+    with pytest.raises(ConfigError, match="use parallel.zero_stage=1 or 2"):
         cfg.check_world(2)
 
 
@@ -117,7 +117,7 @@ def test_batch_sizes_must_divide():
     cfg = OmegaConf.to_object(_compose(["trainer.global_batch_size=24", "trainer.micro_batch_size=8"]))
     assert cfg.grad_accum_steps(1) == 3 and cfg.grad_accum_steps(3) == 1
     with pytest.raises(
-        ValueError,
+        ConfigError,
         match=r"global_batch_size=24 is not divisible by "
         r"trainer.micro_batch_size=8 x world_size=2 = 16",
     ):
@@ -173,7 +173,7 @@ def test_device_balance_loss_needs_groups_equal_to_ep_ranks():
     overrides = ["model=deepseek_moe_145b", "trainer.micro_batch_size=1", "trainer.global_batch_size=8"]
     cfg = OmegaConf.to_object(_compose(overrides + ["parallel.ep_size=8"]))
     with pytest.raises(
-        ValueError,
+        ConfigError,
         match=r"model.moe.device_aux_alpha balance load over "
         r"model.moe.n_groups=4 .* Set model.moe.n_groups=8",
     ):

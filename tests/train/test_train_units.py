@@ -5,6 +5,7 @@ import json
 import pytest
 
 from deepseek_moe.config.train import RunConfig, TrainerConfig
+from deepseek_moe.errors import ConfigError
 from deepseek_moe.train.distributed import strip_launcher_args
 from deepseek_moe.train.ds_config import build_ds_config
 from deepseek_moe.train.precision import resolve_precision
@@ -49,7 +50,7 @@ def test_precision_auto():
     assert resolve_precision("auto", "cuda") == "bf16"
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"  # DeepSpeed's bf16 path runs on CPU
-    with pytest.raises(ValueError, match="trainer.precision=fp32"):
+    with pytest.raises(ConfigError, match="trainer.precision=fp32"):
         resolve_precision("fp16", "cpu")
 
 

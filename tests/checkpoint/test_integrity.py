@@ -56,6 +56,16 @@ def reference(tiny_data, tmp_path_factory):
     return run_dir
 
 
+FULL_DISK_TRAIN = "tests/checkpoint/full_disk_train.py"
+
+
+def _full_disk_run(cmd, env):
+    """`cmd` (train.py through full_disk_train.py) from the repository root, output captured."""
+    return subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
+
+
 def _copy(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -101,15 +111,7 @@ def test_failed_save_keeps_the_previous_checkpoint(reference, tiny_data, tmp_pat
     ckpts = run_dir / "checkpoints"
     before = sorted(p.name for p in ckpts.iterdir())
     env = train_env() | {"FULL_DISK_AT": "step_00000008"}
-    proc = subprocess.run(
-        [sys.executable, "tests/train/full_disk_train.py", *_args(tiny_data, run_dir, 8)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = _full_disk_run([sys.executable, FULL_DISK_TRAIN, *_args(tiny_data, run_dir, 8)], env)
     line = check_one_line(
         proc,
         "Checkpoint error: saving checkpoint",
@@ -150,8 +152,8 @@ def test_failed_save_on_one_rank_stops_both(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     env = train_env() | {"FULL_DISK_AT": "step_00000002", "FULL_DISK_RANK": "1"}
     cmd = command(2, "torchrun")
-    cmd[-1] = "tests/train/full_disk_train.py"
-    proc = subprocess.run(
+    cmd[-1] = FULL_DISK_TRAIN
+    proc = _full_disk_run(
         cmd
         + TINY
         + tiny_data
@@ -165,12 +167,7 @@ def test_failed_save_on_one_rank_stops_both(tiny_data, tmp_path):
             "parallel.ep_size=2",
             "trainer.micro_batch_size=2",
         ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
+        env,
     )
     assert proc.returncode != 0
     ours = [

@@ -4,7 +4,6 @@ the manifest in COMPLETE catches damage."""
 import os
 import zlib
 
-import pytest
 import torch
 
 from deepseek_moe.checkpoint import files as ckpt
@@ -106,32 +105,3 @@ def test_prune_never_deletes_the_fallback_for_a_newer_checkpoint(tmp_path):
     assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path)] == [20, 30, 40]
     assert aside.is_dir()
     assert ckpt.set_aside(_make(tmp_path, 50, False)).name == "step_00000050.damaged-2"
-
-
-def test_resume_candidates_when_every_checkpoint_is_damaged(tmp_path, capsys):
-    """One process, no process group: the collectives pass through."""
-    from deepseek_moe.errors import CheckpointError
-    from deepseek_moe.train.distributed import DistInfo
-    from deepseek_moe.train.trainer import Trainer
-
-    trainer = Trainer.__new__(Trainer)
-    trainer.ckpt_dir = tmp_path
-    trainer.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    for step in (10, 20, 30):
-        _make(tmp_path, step, True)
-    (tmp_path / "step_00000030" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    assert trainer._newest_intact() == (20, tmp_path / "step_00000020")
-    assert [p.name for p in sorted(tmp_path.iterdir())] == [
-        "step_00000010",
-        "step_00000020",
-        "step_00000030.damaged",
-    ]
-    for step in (10, 20):
-        (tmp_path / ckpt.tag_for_step(step) / "mp_rank_00_model_states.pt").write_bytes(b"y")
-    with pytest.raises(
-        CheckpointError,
-        match=r"no intact checkpoint.*all 2 complete ones are "
-        r"damaged.*checkpoint.resume=false",
-    ):
-        trainer._newest_intact()
-    assert (tmp_path / "step_00000020").is_dir()  # nothing set aside when nothing is intact

@@ -216,21 +216,15 @@ def test_bf16_master_weights_and_moments_survive_resharding_exactly(tiny_data, t
 
     run_dir = tmp_path / "run"
     base = ELASTIC + tiny_data + ["trainer.precision=bf16", f"run_dir={run_dir}"]
-    saved = run_distributed(
-        _bf16_train_or_resume,
-        2,
-        base + ["parallel.ep_size=2", "trainer.max_steps_per_launch=3"],
-        False,
-        timeout=300,
-        init_process_group=False,
+    launches = (
+        (2, ["parallel.ep_size=2", "trainer.max_steps_per_launch=3"], False),  # saved
+        (4, ["parallel.ep_size=4", "parallel.zero_stage=2"], True),  # resumed
     )
-    resumed = run_distributed(
-        _bf16_train_or_resume,
-        4,
-        base + ["parallel.ep_size=4", "parallel.zero_stage=2"],
-        True,
-        timeout=300,
-        init_process_group=False,
+    saved, resumed = (
+        run_distributed(
+            _bf16_train_or_resume, world, base + extra, stop, timeout=300, init_process_group=False
+        )
+        for world, extra, stop in launches
     )
     assert [r["step"] for r in saved + resumed] == [3] * 6
     assert all(r["steps"] == {3.0} for r in saved + resumed)

@@ -1,6 +1,6 @@
 """Run train.py on a disk that fills up while a given checkpoint is written (test helper).
 
-    FULL_DISK_AT=step_00000008 python tests/train/full_disk_train.py <train.py overrides>
+    FULL_DISK_AT=step_00000008 python tests/checkpoint/full_disk_train.py <train.py overrides>
 
 Every torch.save into a path containing FULL_DISK_AT (DeepSpeed's files and ours) writes a
 partial file and raises ENOSPC, as a full filesystem does; with FULL_DISK_RANK=r only on rank r.

@@ -136,6 +136,9 @@ def test_resume_rejects_other_data_or_order(make_prepared):
         build_train_loader(meta, seq_len=S, global_batch_size=8, micro_batch_size=4, seed=3).load_state_dict(
             state
         )
+    # a state from the code whose order was a shuffled arange: another order, refused
+    with pytest.raises(ValueError, match="version 1"):
+        build_train_loader(meta, **kw, seed=3).load_state_dict({**state, "version": 1})
 
 
 def test_eval_loader_is_fixed_and_split_over_ranks(make_prepared):

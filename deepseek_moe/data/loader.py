@@ -197,8 +197,9 @@ class TrainLoader:
 class EvalLoader:
     """A fixed, deterministic sequence of validation micro-batches; re-iterable.
 
-    Step i uses windows [i*B*W, (i+1)*B*W) of the split in file order; rank r takes the r-th
-    run of B. `len()` is the same on every rank (so collective ops after each batch never
+    The sample is spread evenly over the whole split (not its head): with N windows and
+    M = num_batches*B*W sample slots, slot j is window j*N // M. Step i uses slots
+    [i*B*W, (i+1)*B*W); rank r takes the r-th run of B. `len()` is the same on every rank (so collective ops after each batch never
     hang): `num_batches`, capped at what the split holds. A split too small for one batch of
     B windows per rank (a small local corpus) is evaluated with what it has: B shrinks to the
     windows per rank, and when there are fewer windows than ranks, ranks share windows (the
@@ -247,7 +248,12 @@ class EvalLoader:
         b, w = self.micro_batch_size, self.dp_world
         for i in range(self.num_batches):
             start = (i * w + self.dp_rank) * b
-            idx = np.arange(start, start + b) % self.num_windows  # wraps only when W > windows
+            slots = np.arange(start, start + b)
+            total = self.num_batches * b * w
+            if total <= self.num_windows:
+                idx = slots * self.num_windows // total
+            else:  # more ranks than windows: they share windows
+                idx = slots % self.num_windows
             yield _to_batch(self.tokens.windows(idx, self.seq_len))
 
 

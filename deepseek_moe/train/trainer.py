@@ -115,7 +115,12 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
 
     def _prepare_data(self):
-        """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
+        """Rank 0 prepares (no-op when complete) while the others wait; then all read meta.
+        A mixture (data.sources) is prepared beforehand: every rank reads its sources."""
+        if self.cfg.data.sources:
+            from deepseek_moe.data.mixture import load_sources
+
+            return self._on_all_ranks(load_sources, self.cfg.data.sources)
         from data_prep.prepare import ensure_prepared  # datasets/sentencepiece: lazy
 
         def on_main(main: bool):
@@ -156,6 +161,9 @@ class Trainer:
     def _set_vocab(self, meta) -> None:
         """model.vocab_size = tokenizer vocab padded to a multiple of 64, unless set explicitly."""
         from deepseek_moe.data import check_model_vocab, padded_vocab_size
+
+        if isinstance(meta, list):  # mixture sources share one tokenizer (checked)
+            meta = meta[0].meta
 
         if self.cfg.vocab_from_tokenizer:
             self.cfg.model.vocab_size = padded_vocab_size(meta.vocab_size)
@@ -213,6 +221,10 @@ class Trainer:
         from deepseek_moe.data import build_eval_loader, build_train_loader
 
         cfg, dist = self.cfg, self.dist
+        self.mixture_eval = None
+        if isinstance(meta, list):
+            self._build_mixture_loaders(meta)
+            return
         self.train_loader = build_train_loader(
             meta,
             seq_len=cfg.seq_len,
@@ -232,6 +244,34 @@ class Trainer:
         )
         if self.val_loader.shortfall and cfg.trainer.eval_every and dist.is_main:
             log.warning("small validation split: %s", self.val_loader.shortfall)
+
+    def _build_mixture_loaders(self, sources) -> None:
+        """Loaders of a weighted mixture (`data/mixture.py`); the repetition caps are checked
+        against trainer.max_steps here, before anything is written."""
+        from deepseek_moe.data.mixture import MixtureEvalLoaders, MixtureLoader
+
+        cfg, dist = self.cfg, self.dist
+        self.train_loader = MixtureLoader(
+            sources,
+            seq_len=cfg.seq_len,
+            global_batch_size=cfg.trainer.global_batch_size,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=dist.rank,
+            dp_world=dist.world_size,
+            seed=cfg.trainer.seed,
+            max_steps=cfg.trainer.max_steps,
+        )
+        self.mixture_eval = MixtureEvalLoaders(
+            sources,
+            seq_len=cfg.seq_len,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=dist.rank,
+            dp_world=dist.world_size,
+            num_batches=cfg.trainer.eval_batches,
+        )
+        for name, loader in self.mixture_eval.items():
+            if loader.shortfall and cfg.trainer.eval_every and dist.is_main:
+                log.warning("small validation split of source %s: %s", name, loader.shortfall)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
@@ -469,12 +509,14 @@ class Trainer:
             self.model.update_router_bias(reduce_sum_)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean LM loss over the fixed validation micro-batches (eval mode: no token dropping)."""
+    def evaluate(self, loader=None) -> float:
+        """Mean LM loss over the fixed validation micro-batches of `loader` (default: the run's
+        validation split) in eval mode (no token dropping)."""
         device = self.dist.device
+        loader = self.val_loader if loader is None else loader
         self.engine.eval()
-        total, n = torch.zeros((), device=device), len(self.val_loader)  # the same n on every rank
-        for batch in self.val_loader:
+        total, n = torch.zeros((), device=device), len(loader)  # the same n on every rank
+        for batch in loader:
             out = self.engine(to_device(batch["input_ids"], device), to_device(batch["labels"], device))
             total += out.lm_loss.float() / n
         self.engine.train()
@@ -484,6 +526,24 @@ class Trainer:
             self.model.router_metrics(reset=True)
             ep_metrics(self.model, reset=True)
         return all_reduce_mean_dict({"val_loss": total}, device)["val_loss"]
+
+    def _eval_metrics(self) -> dict[str, float]:
+        """`val_loss`; for a mixture also `val_loss/<source>` (each source's own validation
+        sample), and `val_loss` is their mean weighted by the mixture weights."""
+        if self.mixture_eval is None:
+            return {"val_loss": self.evaluate()}
+        per_source = {name: self.evaluate(loader) for name, loader in self.mixture_eval.items()}
+        return {
+            "val_loss": self.mixture_eval.overall(per_source),
+            **{f"val_loss/{name}": value for name, value in per_source.items()},
+        }
+
+    def _data_metrics(self) -> dict[str, int]:
+        """For a mixture: `tokens_seen/<source>`, the training tokens drawn from each source
+        since the start of the run (the same on every rank: the quotas are deterministic)."""
+        if self.mixture_eval is None:
+            return {}
+        return {f"tokens_seen/{name}": n for name, n in self.train_loader.tokens_by_source().items()}
 
     def _router_metrics(self) -> dict[str, float]:
         if self.cfg.model.moe is None:
@@ -631,6 +691,7 @@ class Trainer:
                     else None
                 ),
             }
+            record.update(self._data_metrics())
             record.update(self._router_metrics())
             self._log(record)
             check_finite(self.step, values["loss"], record["grad_norm"])
@@ -643,8 +704,9 @@ class Trainer:
                 )
 
             if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.max_steps):
-                last_val = self.evaluate()
-                self._log({"step": self.step, "val_loss": last_val})
+                evals = self._eval_metrics()
+                last_val = evals["val_loss"]
+                self._log({"step": self.step, **evals})
                 main_print(f"step {self.step:>6} | val_loss {last_val:.4f}")
 
             if all_reduce_max_flag(self.preempt.requested, self.dist.device):

@@ -35,6 +35,10 @@ SOURCES = ("python_stdlib", "local_text", "json", "csv", "parquet", "hf_hub")
 # generated data; the default corpus is the library code itself.
 STDLIB_EXCLUDE_DIRS = ["site-packages", "test", "tests", "idle_test", "__pycache__"]
 
+# DataConfig fields that only training reads: they never change the prepared files, so the
+# preparation neither records nor compares them (data_prep/prepare.py).
+TRAINING_ONLY_FIELDS = ("sources", "prepare_in_job_max_mb")
+
 # sentencepiece reserves these ids (unk, bos, eos, pad) and one piece per byte (byte_fallback);
 # a BPE vocab needs room for the corpus' characters on top, which sentencepiece checks itself.
 MIN_VOCAB_SIZE = 4 + 256 + 1
@@ -128,6 +132,11 @@ class DataConfig:
     force: bool = False
     """`python -m data_prep.prepare`: rebuild even if `out_dir` holds a complete preparation
     (needed after changing a data.* value). Training ignores it and never rebuilds."""
+    prepare_in_job_max_mb: int = 200
+    """Training only: a corpus that is not prepared yet is prepared by the training job itself
+    (rank 0, while the other ranks wait) only when its source files are estimated at most this
+    many MB (python_stdlib: ~12 MB, seconds); a larger one, or any hf_hub dataset, stops with
+    one line printing the `python -m data_prep.prepare ...` command to run first."""
     sources: list[MixtureSource] = field(default_factory=list)
     """Empty (default): train on the corpus above (`out_dir`). Otherwise train on a weighted
     mixture of these prepared directories, e.g. `data.sources='[{out_dir: data/web, weight:
@@ -180,6 +189,8 @@ class DataConfig:
                 f"data.max_documents={self.max_documents} must be >= 2 (one train "
                 "and one val document) or null for all"
             )
+        if self.prepare_in_job_max_mb < 0:
+            raise ValueError(f"data.prepare_in_job_max_mb={self.prepare_in_job_max_mb} must be >= 0")
         for key in ("num_proc", "tokenizer_threads", "tokenizer_sentences", "tokenizer_max_sentence_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")

@@ -122,9 +122,14 @@ class Trainer:
 
             return self._on_all_ranks(load_sources, self.cfg.data.sources)
         from data_prep.prepare import ensure_prepared  # datasets/sentencepiece: lazy
+        from deepseek_moe.train.prepare_budget import check_in_job_budget
 
         def on_main(main: bool):
-            return ensure_prepared(self.cfg.data) if self.dist.is_main == main else None
+            if self.dist.is_main != main:
+                return None
+            if main:  # only a small corpus is prepared in-job (the others wait in a collective)
+                check_in_job_budget(self.cfg.data)
+            return ensure_prepared(self.cfg.data)
 
         # The collective in _on_all_ranks doubles as the barrier, and a failure on rank 0
         # stops every rank instead of leaving them waiting for a barrier that never comes.
@@ -585,7 +590,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.dist = dist = init_distributed()
+        self.dist = dist = init_distributed(cfg.parallel.process_group_timeout_min)
         self._setup_logging()
         if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
             log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")

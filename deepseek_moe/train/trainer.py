@@ -2,8 +2,9 @@
 
 `Trainer(cfg).fit()` does, in order:
  1. process setup (any launcher, see `distributed.py`) and the checks that need the world size;
- 2. data: rank 0 prepares the corpus if needed while the others wait; the model vocab follows
-    the tokenizer (padded to a multiple of 64) unless set explicitly;
+ 2. data: rank 0 prepares the corpus if needed (a small one only, `prepare_budget.py`) while
+    the others wait, or every rank reads the prepared sources of a mixture (`data.sources`);
+    the model vocab follows the tokenizer (padded to a multiple of 64) unless set explicitly;
  3. model built from the seed on every rank (so weights do not depend on the EP size), then
     `parallelize_moe` keeps this rank's experts; AdamW over MoE-aware param groups; our LR
     schedule; `deepspeed.initialize` with the generated config;

@@ -1,4 +1,4 @@
-"""Training-time data: prepared-directory metadata (`meta`), memmapped token windows (`packed`)
+"""Training-time data: prepared-directory metadata (`meta`), memmapped token windows (`packed`),
 the deterministic resumable loaders (`loader`), their window order (`order`) and weighted
 mixtures of prepared directories (`mixture`). Preparation lives in `data_prep/`, which
 depends on this package, never the other way round.

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from data_prep.sources import Source, load_documents
 from data_prep.train_tokenizer import sample_lines, train_sentencepiece
 from deepseek_moe.atomic import replace_dir
-from deepseek_moe.config.data import DataConfig
+from deepseek_moe.config.data import TRAINING_ONLY_FIELDS, DataConfig
 from deepseek_moe.data.meta import (
     DTYPES,
     FORMAT_VERSION,
@@ -70,7 +70,7 @@ OUR_FILES = {META_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE} | {f"{s}.bin" for s i
 # An HF tokenizer must give back every one of this many training documents byte for byte.
 ROUND_TRIP_DOCUMENTS = 256
 # Fields that do not change the output files (so a no-op re-run may differ in them).
-_NOT_CONTENT = {"name", "out_dir", "force", "num_proc"}
+_NOT_CONTENT = {"name", "out_dir", "force", "num_proc", *TRAINING_ONLY_FIELDS}
 
 
 def _prepare_config(cfg: DataConfig) -> dict:

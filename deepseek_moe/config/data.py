@@ -17,11 +17,17 @@ Sources (`source`):
 - "json" (also .jsonl), "csv", "parquet": local files read by `datasets.load_dataset(<source>)`;
   `path` is a file, a directory or a glob; each row's `text_column` is one document.
 - "hf_hub": `datasets.load_dataset(path, hf_name, split=hf_split)` (needs internet).
+
+Mixtures (`sources`, preset `data=mixture`): training reads several prepared directories that
+share one tokenizer, each with a weight and an optional repetition cap (see
+`deepseek_moe/data/mixture.py`). The single-corpus fields above then only matter to
+`python -m data_prep.prepare`; each source is prepared by its own prepare command first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 SOURCES = ("python_stdlib", "local_text", "json", "csv", "parquet", "hf_hub")
@@ -29,11 +35,38 @@ SOURCES = ("python_stdlib", "local_text", "json", "csv", "parquet", "hf_hub")
 # generated data; the default corpus is the library code itself.
 STDLIB_EXCLUDE_DIRS = ["site-packages", "test", "tests", "idle_test", "__pycache__"]
 
+# DataConfig fields that only training reads: they never change the prepared files, so the
+# preparation neither records nor compares them (data_prep/prepare.py).
+TRAINING_ONLY_FIELDS = ("sources", "prepare_in_job_max_mb")
+
 # sentencepiece reserves these ids (unk, bos, eos, pad) and one piece per byte (byte_fallback);
 # a BPE vocab needs room for the corpus' characters on top, which sentencepiece checks itself.
 MIN_VOCAB_SIZE = 4 + 256 + 1
 # ids must fit the uint32 shards and a model embedding; beyond this nothing sensible is trained.
 MAX_VOCAB_SIZE = 1 << 20
+
+
+@dataclass(kw_only=True)
+class MixtureSource:
+    """One prepared dataset of a mixture (an element of `data.sources`)."""
+
+    out_dir: str
+    """A prepared directory (what `python -m data_prep.prepare` wrote: meta.json, train/val
+    tokens, tokenizer); relative paths resolve against the launch directory."""
+    weight: float = 1.0
+    """Relative share of the training tokens; weights are divided by their sum, so [7, 3] and
+    [0.7, 0.3] mean the same mix."""
+    max_repetitions: Optional[float] = None
+    """The most times the run may read this source's training windows (1.0: each at most once,
+    2.5: two and a half epochs); a mix that would need more within trainer.max_steps fails at
+    launch. None: no cap."""
+    name: Optional[str] = None
+    """Label in the metrics (`tokens_seen/<name>`, `val_loss/<name>`); None = the name of
+    out_dir's last directory."""
+
+    @property
+    def label(self) -> str:
+        return self.name or os.path.basename(os.path.normpath(self.out_dir))
 
 
 @dataclass(kw_only=True)
@@ -99,6 +132,16 @@ class DataConfig:
     force: bool = False
     """`python -m data_prep.prepare`: rebuild even if `out_dir` holds a complete preparation
     (needed after changing a data.* value). Training ignores it and never rebuilds."""
+    prepare_in_job_max_mb: int = 200
+    """Training only: a corpus that is not prepared yet is prepared by the training job itself
+    (rank 0, while the other ranks wait) only when its source files are estimated at most this
+    many MB (python_stdlib: ~12 MB, seconds); a larger one, or any hf_hub dataset, stops with
+    one line printing the `python -m data_prep.prepare ...` command to run first."""
+    sources: list[MixtureSource] = field(default_factory=list)
+    """Empty (default): train on the corpus above (`out_dir`). Otherwise train on a weighted
+    mixture of these prepared directories, e.g. `data.sources='[{out_dir: data/web, weight:
+    0.7}, {out_dir: data/code, weight: 0.3, max_repetitions: 2}]'` (preset `data=mixture`);
+    they must share one tokenizer, and each must already be prepared."""
 
     def excluded_dirs(self) -> list[str]:
         """`exclude_dirs`, or the source's default when it is None."""
@@ -146,8 +189,32 @@ class DataConfig:
                 f"data.max_documents={self.max_documents} must be >= 2 (one train "
                 "and one val document) or null for all"
             )
+        if self.prepare_in_job_max_mb < 0:
+            raise ValueError(f"data.prepare_in_job_max_mb={self.prepare_in_job_max_mb} must be >= 0")
         for key in ("num_proc", "tokenizer_threads", "tokenizer_sentences", "tokenizer_max_sentence_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")
         if not self.text_column:
             raise ValueError("data.text_column must name the column holding the text")
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        labels = []
+        for i, src in enumerate(self.sources):
+            if not src.out_dir:
+                raise ValueError(f"data.sources[{i}].out_dir is empty; name a prepared directory")
+            if not src.weight > 0:
+                raise ValueError(f"data.sources[{i}].weight={src.weight} must be > 0")
+            if src.max_repetitions is not None and not src.max_repetitions > 0:
+                raise ValueError(
+                    f"data.sources[{i}].max_repetitions={src.max_repetitions} must be > 0 "
+                    "(1.0 = each window at most once) or null for no cap"
+                )
+            if not src.label or "/" in src.label:
+                raise ValueError(f"data.sources[{i}].name={src.label!r} must be a non-empty name without '/'")
+            labels.append(src.label)
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(
+                f"data.sources has several sources named {dupes}; give each a distinct data.sources[i].name"
+            )

@@ -112,8 +112,16 @@ class ParallelConfig:
     mantissa bits (relative error up to 2^-9 per element per reduction, growing with the number
     of ranks summed), on top of the bf16 forward/backward."""
 
+    process_group_timeout_min: float = 30.0
+    """How long a collective (or a barrier) may wait for the slowest rank before the job fails,
+    in minutes: torch's own default for process groups. A rank that waits longer than this is
+    taken for a hang (the job then ends instead of holding the allocation). The longest
+    planned wait is rank 0 preparing a small corpus in-job (data.prepare_in_job_max_mb) or
+    writing a checkpoint; raise it for very slow checkpoint storage."""
+
     def __post_init__(self) -> None:
         _check_positive("parallel.ep_size", self.ep_size)
+        _check_positive("parallel.process_group_timeout_min", self.process_group_timeout_min)
         _check_choice("parallel.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(

@@ -1,5 +1,6 @@
-"""Training-time data: prepared-directory metadata (`meta`), memmapped token windows (`packed`)
-and the deterministic resumable loaders (`loader`). Preparation lives in `data_prep/`, which
+"""Training-time data: prepared-directory metadata (`meta`), memmapped token windows (`packed`),
+the deterministic resumable loaders (`loader`), their window order (`order`) and weighted
+mixtures of prepared directories (`mixture`). Preparation lives in `data_prep/`, which
 depends on this package, never the other way round.
 
     from data_prep.prepare import ensure_prepared

@@ -14,9 +14,9 @@ Trainer API:
                                    dp_world=W, num_batches=n):   # same n batches every time
         ...
 
-Order: epoch e is `rng([seed, e]).shuffle(arange(num_windows))` of the train windows (see
-`packed.py`); global batch j of the epoch is permutation[j*G:(j+1)*G] (the incomplete last
-batch is dropped). Rank r takes the contiguous slice [r*G/W, (r+1)*G/W) of it and yields it as
+Order: epoch e is a seeded pseudo-random permutation `order(e, .)` of the train windows (see
+`packed.py`), computed per position (`order.py`: no per-rank array of every window); global
+batch j of the epoch is order(e, [j*G, (j+1)*G)) (the incomplete last batch is dropped). Rank r takes the contiguous slice [r*G/W, (r+1)*G/W) of it and yields it as
 accum_steps micro-batches of B windows, in order. So the set of windows in every global batch
 depends only on (data, seed, S, G), never on W, B or the EP layout. `labels` are the inputs
 shifted by one (never -100: packing has no padding).
@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 from deepseek_moe.data.meta import DataMeta, load_meta, resolve_out_dir
+from deepseek_moe.data.order import WindowOrder
 from deepseek_moe.data.packed import PackedTokens
 from deepseek_moe.errors import DataError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# 1: the order was a shuffled arange of every window (np.random), 2: `WindowOrder`.
 
 
 def _as_meta(data: Union[DataMeta, str, os.PathLike, Any]) -> DataMeta:
@@ -104,30 +106,18 @@ class TrainLoader:
                 "lower the batch size or seq_len, or prepare a larger corpus"
             )
         self.epoch = self.step_in_epoch = self.micro_step = 0
-        self._perm_epoch: Optional[int] = None
-        self._perm: Optional[np.ndarray] = None
+        self.order = WindowOrder(self.num_windows, seed)
 
     # -- order ---------------------------------------------------------------------------
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The window order of `epoch` (cached for the current epoch)."""
-        if self._perm_epoch != epoch:
-            # uint32 halves the memory of a long corpus' order (100B tokens / 2048 = 49M
-            # windows = 195 MB per rank); shuffling in place avoids an int64 intermediate.
-            dtype = np.uint32 if self.num_windows < 1 << 32 else np.int64
-            perm = np.arange(self.num_windows, dtype=dtype)
-            np.random.default_rng([self.seed, epoch]).shuffle(perm)
-            self._perm, self._perm_epoch = perm, epoch
-        return self._perm
-
     def global_batch_windows(self, epoch: int, step: int) -> np.ndarray:
         """All G window ids of global batch `step` of `epoch` (identical on every rank)."""
         g = self.global_batch_size
-        return self.permutation(epoch)[step * g : (step + 1) * g]
+        return self.order(epoch, np.arange(step * g, (step + 1) * g))
 
     def _micro_windows(self, epoch: int, step: int, micro: int) -> np.ndarray:
         per_rank = self.global_batch_size // self.dp_world
-        start = self.dp_rank * per_rank + micro * self.micro_batch_size
-        return self.global_batch_windows(epoch, step)[start : start + self.micro_batch_size]
+        start = step * self.global_batch_size + self.dp_rank * per_rank + micro * self.micro_batch_size
+        return self.order(epoch, np.arange(start, start + self.micro_batch_size))
 
     # -- iteration -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -167,6 +157,12 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"loader state version {state.get('version')} comes from another version of the "
+                f"code, whose window order differs from this one's (version {STATE_VERSION}); "
+                "resume with the code that wrote it, or start a new run (another run_dir)"
+            )
         if state.get("fingerprint") != self.meta.fingerprint:
             raise DataError(
                 f"the checkpoint was trained on data with fingerprint {state.get('fingerprint')!r}"
@@ -201,8 +197,9 @@ class TrainLoader:
 class EvalLoader:
     """A fixed, deterministic sequence of validation micro-batches; re-iterable.
 
-    Step i uses windows [i*B*W, (i+1)*B*W) of the split in file order; rank r takes the r-th
-    run of B. `len()` is the same on every rank (so collective ops after each batch never
+    The sample is spread evenly over the whole split (not its head): with N windows and
+    M = num_batches*B*W sample slots, slot j is window j*N // M. Step i uses slots
+    [i*B*W, (i+1)*B*W); rank r takes the r-th run of B. `len()` is the same on every rank (so collective ops after each batch never
     hang): `num_batches`, capped at what the split holds. A split too small for one batch of
     B windows per rank (a small local corpus) is evaluated with what it has: B shrinks to the
     windows per rank, and when there are fewer windows than ranks, ranks share windows (the
@@ -251,7 +248,12 @@ class EvalLoader:
         b, w = self.micro_batch_size, self.dp_world
         for i in range(self.num_batches):
             start = (i * w + self.dp_rank) * b
-            idx = np.arange(start, start + b) % self.num_windows  # wraps only when W > windows
+            slots = np.arange(start, start + b)
+            total = self.num_batches * b * w
+            if total <= self.num_windows:
+                idx = slots * self.num_windows // total
+            else:  # more ranks than windows: they share windows
+                idx = slots % self.num_windows
             yield _to_batch(self.tokens.windows(idx, self.seq_len))
 
 

@@ -8,6 +8,7 @@ LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Plain `python train.py` sets none: we fi
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -115,10 +116,12 @@ def cuda_device_for(local_rank: int, device_count: int, visible: Optional[str] =
     )
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_min: Optional[float] = None) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (see `process_group_backend`).
 
-    Idempotent. For a plain `python train.py` the env vars are set to a 1-process world first."""
+    Idempotent. For a plain `python train.py` the env vars are set to a 1-process world first.
+    `timeout_min`: the process group's timeout (`parallel.process_group_timeout_min`); None
+    keeps DeepSpeed's default."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise RuntimeError("WORLD_SIZE > 1 but RANK is not set: launch with deepspeed, torchrun or srun")
@@ -141,8 +144,12 @@ def init_distributed() -> DistInfo:
     import deepspeed  # slow import: keep it out of module import time
 
     if not torch.distributed.is_initialized():
+        timeout = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
         deepspeed.init_distributed(
-            dist_backend=process_group_backend(device.type), auto_mpi_discovery=False, verbose=False
+            dist_backend=process_group_backend(device.type),
+            auto_mpi_discovery=False,
+            verbose=False,
+            **timeout,
         )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 

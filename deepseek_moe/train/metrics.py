@@ -4,6 +4,8 @@ Train lines carry `step`, `loss`, `lm_loss`, `aux_loss`, one key per aux loss
 (`aux/<name>`), `lr`, `grad_norm`, `tokens_per_s`, `mfu` (null when the device peak is unknown,
 e.g. on CPU), `max_memory_gb` (peak GPU memory allocated by torch on rank 0 since the start;
 null on CPU) and the per-MoE-layer router metrics. Eval lines carry `step` and `val_loss`.
+A mixture run (`data.sources`) adds `tokens_seen/<source>` to train lines and
+`val_loss/<source>` to eval lines, whose `val_loss` is then the weighted mean of those.
 Every line is flushed as it is written.
 
 Router metrics (`moe/layer{L}/<name>`) are GLOBAL-batch values: every rank's counts are summed

@@ -2,8 +2,9 @@
 
 `Trainer(cfg).fit()` does, in order:
  1. process setup (any launcher, see `distributed.py`) and the checks that need the world size;
- 2. data: rank 0 prepares the corpus if needed while the others wait; the model vocab follows
-    the tokenizer (padded to a multiple of 64) unless set explicitly;
+ 2. data: rank 0 prepares the corpus if needed (a small one only, `prepare_budget.py`) while
+    the others wait, or every rank reads the prepared sources of a mixture (`data.sources`);
+    the model vocab follows the tokenizer (padded to a multiple of 64) unless set explicitly;
  3. model built from the seed on every rank (so weights do not depend on the EP size), then
     `parallelize_moe` keeps this rank's experts; AdamW over MoE-aware param groups; our LR
     schedule; `deepspeed.initialize` with the generated config;
@@ -35,6 +36,7 @@ from omegaconf import OmegaConf
 from deepseek_moe.atomic import atomic_write_bytes
 from deepseek_moe.checkpoint.manager import CheckpointManager
 from deepseek_moe.config.train import RunConfig
+from deepseek_moe.data.mixture import MixtureEvalLoaders, MixtureLoader
 from deepseek_moe.train.distributed import (
     DistInfo,
     all_reduce_max_flag,
@@ -98,7 +100,7 @@ class Trainer:
         self.engine = None  # DeepSpeed engine: forward, backward, step, its own save/load
         self.scheduler = None
         self.train_loader = None
-        self.val_loader = None
+        self.val_loader = None  # an eval loader; for a mixture, one per source (MixtureEvalLoaders)
         self.metrics: Optional[MetricsWriter] = None
         self.wandb = None  # WandbLogger on rank 0 with logger=wandb, else None
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.seq_len
@@ -126,7 +128,7 @@ class Trainer:
         """Build the state declared in `__init__`. A user error on any rank stops every rank
         before the run directory is written."""
         cfg = self.cfg
-        self.dist = dist = init_distributed()
+        self.dist = dist = init_distributed(cfg.parallel.process_group_timeout_min)
         setup_rank_logging(dist)
         if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
             log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")
@@ -173,11 +175,21 @@ class Trainer:
         return precision
 
     def _prepare_data(self):
-        """Rank 0 prepares (no-op when complete) while the others wait; then all read meta."""
+        """Rank 0 prepares (no-op when complete) while the others wait; then all read meta.
+        A mixture (data.sources) is prepared beforehand: every rank reads its sources."""
+        if self.cfg.data.sources:
+            from deepseek_moe.data.mixture import load_sources
+
+            return on_all_ranks(self.dist, load_sources, self.cfg.data.sources)
         from data_prep.prepare import ensure_prepared  # datasets/sentencepiece: lazy
+        from deepseek_moe.train.prepare_budget import check_in_job_budget
 
         def on_main(main: bool):
-            return ensure_prepared(self.cfg.data) if self.dist.is_main == main else None
+            if self.dist.is_main != main:
+                return None
+            if main:  # only a small corpus is prepared in-job (the others wait in a collective)
+                check_in_job_budget(self.cfg.data)
+            return ensure_prepared(self.cfg.data)
 
         # The collective in on_all_ranks doubles as the barrier, and a failure on rank 0
         # stops every rank instead of leaving them waiting for a barrier that never comes.
@@ -188,6 +200,9 @@ class Trainer:
     def _set_vocab(self, meta) -> None:
         """model.vocab_size = tokenizer vocab padded to a multiple of 64, unless set explicitly."""
         from deepseek_moe.data import check_model_vocab, padded_vocab_size
+
+        if isinstance(meta, list):  # mixture sources share one tokenizer (checked)
+            meta = meta[0].meta
 
         if self.cfg.vocab_from_tokenizer:
             self.cfg.model.vocab_size = padded_vocab_size(meta.vocab_size)
@@ -236,6 +251,8 @@ class Trainer:
         from deepseek_moe.data import build_eval_loader, build_train_loader
 
         cfg, dist = self.cfg, self.dist
+        if isinstance(meta, list):  # a mixture's sources (data.sources)
+            return self._build_mixture_loaders(meta)
         train_loader = build_train_loader(
             meta,
             seq_len=cfg.seq_len,
@@ -287,6 +304,34 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.wandb_run_id = state["wandb_run_id"]
 
+    def _build_mixture_loaders(self, sources) -> tuple[Any, Any]:
+        """Loaders of a weighted mixture (`data/mixture.py`): the mixed training loader and one
+        validation sample per source. The repetition caps are checked against
+        trainer.max_steps here, before anything is written."""
+        cfg, dist = self.cfg, self.dist
+        train_loader = MixtureLoader(
+            sources,
+            seq_len=cfg.seq_len,
+            global_batch_size=cfg.trainer.global_batch_size,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=dist.rank,
+            dp_world=dist.world_size,
+            seed=cfg.trainer.seed,
+            max_steps=cfg.trainer.max_steps,
+        )
+        val_loaders = MixtureEvalLoaders(
+            sources,
+            seq_len=cfg.seq_len,
+            micro_batch_size=cfg.trainer.micro_batch_size,
+            dp_rank=dist.rank,
+            dp_world=dist.world_size,
+            num_batches=cfg.trainer.eval_batches,
+        )
+        for name, loader in val_loaders.items():
+            if loader.shortfall and cfg.trainer.eval_every and dist.is_main:
+                log.warning("small validation split of source %s: %s", name, loader.shortfall)
+        return train_loader, val_loaders
+
     def save_checkpoint(self) -> Path:
         """Checkpoint this step (a CheckpointError on every rank when a write fails)."""
         state = {
@@ -324,12 +369,14 @@ class Trainer:
             self.model.update_router_bias(reduce_sum_)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean LM loss over the fixed validation micro-batches (eval mode: no token dropping)."""
+    def evaluate(self, loader=None) -> float:
+        """Mean LM loss over the fixed validation micro-batches of `loader` (default: the run's
+        validation split) in eval mode (no token dropping)."""
         device = self.dist.device
+        loader = self.val_loader if loader is None else loader
         self.engine.eval()
-        total, n = torch.zeros((), device=device), len(self.val_loader)  # the same n on every rank
-        for batch in self.val_loader:
+        total, n = torch.zeros((), device=device), len(loader)  # the same n on every rank
+        for batch in loader:
             out = self.engine(to_device(batch["input_ids"], device), to_device(batch["labels"], device))
             total += out.lm_loss.float() / n
         self.engine.train()
@@ -339,6 +386,24 @@ class Trainer:
             self.model.router_metrics(reset=True)
             ep_metrics(self.model, reset=True)
         return all_reduce_mean_dict({"val_loss": total}, device)["val_loss"]
+
+    def _eval_metrics(self) -> dict[str, float]:
+        """`val_loss`; for a mixture also `val_loss/<source>` (each source's own validation
+        sample), and `val_loss` is their mean weighted by the mixture weights."""
+        if not isinstance(self.val_loader, MixtureEvalLoaders):
+            return {"val_loss": self.evaluate()}
+        per_source = {name: self.evaluate(loader) for name, loader in self.val_loader.items()}
+        return {
+            "val_loss": self.val_loader.overall(per_source),
+            **{f"val_loss/{name}": value for name, value in per_source.items()},
+        }
+
+    def _data_metrics(self) -> dict[str, int]:
+        """For a mixture: `tokens_seen/<source>`, the training tokens drawn from each source
+        since the start of the run (the same on every rank: the quotas are deterministic)."""
+        if not isinstance(self.train_loader, MixtureLoader):
+            return {}
+        return {f"tokens_seen/{name}": n for name, n in self.train_loader.tokens_by_source().items()}
 
     def _router_metrics(self) -> dict[str, float]:
         if self.cfg.model.moe is None:
@@ -374,8 +439,9 @@ class Trainer:
         while self.step < stop_at:
             self._step_and_log(batches, start, stop_at)
             if tcfg.eval_every and (self.step % tcfg.eval_every == 0 or self.step == tcfg.max_steps):
-                last_val = self.evaluate()
-                self._log({"step": self.step, "val_loss": last_val})
+                evals = self._eval_metrics()
+                last_val = evals["val_loss"]
+                self._log({"step": self.step, **evals})
                 main_print(f"step {self.step:>6} | val_loss {last_val:.4f}")
             if all_reduce_max_flag(self.preempt.requested, self.dist.device):
                 stopped_by_signal = True
@@ -411,6 +477,7 @@ class Trainer:
             if device.type == "cuda"
             else None,
         }
+        record.update(self._data_metrics())
         record.update(self._router_metrics())
         self._log(record)
         check_finite(self.step, values["loss"], record["grad_norm"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from deepseek_moe.config.data import STDLIB_EXCLUDE_DIRS, DataConfig
+from deepseek_moe.config.data import STDLIB_EXCLUDE_DIRS, DataConfig, MixtureSource
 
 
 def test_defaults_are_the_stdlib_preset_and_structured_config_compatible():
@@ -27,6 +27,15 @@ def test_defaults_are_the_stdlib_preset_and_structured_config_compatible():
         (dict(max_documents=1), r"data.max_documents=1 must be >= 2"),
         (dict(num_proc=0), r"data.num_proc=0 must be >= 1"),
         (dict(name="a/b"), r"data.name='a/b'"),
+        (dict(sources=[MixtureSource(out_dir="d/a", weight=0)]), r"data.sources\[0\].weight=0 must be > 0"),
+        (
+            dict(sources=[MixtureSource(out_dir="a"), MixtureSource(out_dir="b", max_repetitions=-1)]),
+            r"data.sources\[1\].max_repetitions=-1 must be > 0",
+        ),
+        (
+            dict(sources=[MixtureSource(out_dir="x/web"), MixtureSource(out_dir="y/web/")]),
+            r"several sources named \['web'\]; give each a distinct data.sources\[i\].name",
+        ),
     ],
 )
 def test_bad_values_are_rejected(kwargs, match):

@@ -136,6 +136,9 @@ def test_resume_rejects_other_data_or_order(make_prepared):
         build_train_loader(meta, seq_len=S, global_batch_size=8, micro_batch_size=4, seed=3).load_state_dict(
             state
         )
+    # a state from the code whose order was a shuffled arange: another order, refused
+    with pytest.raises(ValueError, match="version 1"):
+        build_train_loader(meta, **kw, seed=3).load_state_dict({**state, "version": 1})
 
 
 def test_eval_loader_is_fixed_and_split_over_ranks(make_prepared):
@@ -159,6 +162,22 @@ def test_eval_loader_is_fixed_and_split_over_ranks(make_prepared):
     assert sorted(itertools.chain(*parts)) == list(range(30))
 
 
+def test_eval_sample_is_spread_over_the_whole_split(make_prepared):
+    meta = make_prepared(100, 1000 * S + 1)  # 1000 val windows
+    got = [
+        window_id(b)
+        for r in range(2)
+        for b in build_eval_loader(meta, seq_len=S, micro_batch_size=5, dp_rank=r, dp_world=2, num_batches=2)
+    ]
+    # 20 slots over 1000 windows: every 50th; step 0 is slots 0-9 (rank 0: 0-4, rank 1: 5-9)
+    assert got == [
+        [0, 50, 100, 150, 200],
+        [500, 550, 600, 650, 700],
+        [250, 300, 350, 400, 450],
+        [750, 800, 850, 900, 950],
+    ]
+
+
 def test_bad_batch_shapes_and_tiny_corpus_fail_clearly(make_prepared):
     meta = make_prepared(10 * S + 1, 2 * S)
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
@@ -175,7 +194,7 @@ def test_bad_batch_shapes_and_tiny_corpus_fail_clearly(make_prepared):
     "world, micro, expected",
     [
         (2, 4, [[[0, 1]], [[2, 3]]]),  # B shrinks to the 2 windows per rank
-        (3, 2, [[[0]], [[1]], [[2]]]),  # one window per rank
+        (3, 2, [[[0]], [[1]], [[3]]]),  # one window per rank, spread: j*5//3
         (8, 2, [[[r % 5]] for r in range(8)]),  # more ranks than windows: they share
     ],
 )

@@ -96,14 +96,14 @@ def _setup_data(overrides):
 
     trainer = Trainer(OmegaConf.to_object(compose_config(overrides)))
     trainer.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer._build_loaders(trainer._prepare_data())
+    trainer.train_loader, trainer.val_loader = trainer._build_loaders(trainer._prepare_data())
     return trainer
 
 
 def test_repetition_cap_and_another_tokenizer_fail_at_setup(mixture, tmp_path):
     root, base = mixture
     trainer = _setup_data(base + ["data.sources.1.max_repetitions=1"])  # 4 steps: far below one epoch
-    assert set(trainer.mixture_eval.loaders) == {"stdlib", "code"}
+    assert set(trainer.val_loader.loaders) == {"stdlib", "code"}
     with pytest.raises(DataError, match=r"^mixture source 'code' would be read .* max_repetitions=0.01;"):
         _setup_data(base + ["data.sources.1.max_repetitions=0.01", "trainer.max_steps=400"])
 

@@ -25,20 +25,29 @@ Contract (`MoELayer` calls exactly this; the EP helper's `AllToAllDispatcher` in
   `weights_TK` is fp32 from the router; the sum is done in y's dtype. Gradients flow to y_ND
   and to weights_TK (the router learns through the gates). The gates are given to `dispatch`
   (not `combine`) so an all-to-all dispatcher can send them in the same exchange as the rows.
+- `counts_E` (optional, int64 [num_experts]): the kept copies per global expert, when the caller
+  has counted them already (`MoELayer` counts once per forward and hands the histogram to the
+  dispatcher, the balance losses, the V3 bias and the statistics); a dispatcher counts itself
+  when it is None.
 - Nothing here touches torch.distributed; `LocalDispatcher` is the single-process case.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
 
 class Dispatcher(Protocol):
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
+        self,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        num_experts: int,
+        counts_E: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
 
     def combine(self, y_ND: torch.Tensor, ctx: Any) -> torch.Tensor: ...
@@ -64,19 +73,23 @@ def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
-def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_expert(
+    ids_TK: torch.Tensor, num_experts: int, counts_E: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(order_N, counts_E): kept copy indices sorted stably by expert id, and copies per expert.
 
-    Dropped copies (id -1) are excluded from both.
+    Dropped copies (id -1) are excluded from both. `counts_E`: the kept copies per expert when
+    the caller has counted them already (then they are not counted again).
     """
     ids_N = ids_TK.reshape(-1)
     # Dropped copies get the sentinel id num_experts so a stable sort puts them last.
     key_N = torch.where(ids_N >= 0, ids_N, torch.full_like(ids_N, num_experts))
     order = torch.argsort(key_N, stable=True)
-    counts_E1 = count_ids(key_N, num_experts + 1)
+    if counts_E is None:
+        counts_E = count_ids(key_N, num_experts + 1)[:num_experts]
     # the one host read (no boolean indexing: on a GPU that would be a second sync)
-    n_kept = ids_N.numel() - int(counts_E1[num_experts])
-    return order[:n_kept], counts_E1[:num_experts]
+    n_kept = int(counts_E.sum())
+    return order[:n_kept], counts_E
 
 
 def gather_rows(x_TD: torch.Tensor, src_N: torch.Tensor) -> torch.Tensor:
@@ -92,10 +105,15 @@ class LocalDispatcher:
     """Single-process dispatcher: a stable sort by expert, a gather and a scatter-back."""
 
     def dispatch(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
+        self,
+        x_TD: torch.Tensor,
+        ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        num_experts: int,
+        counts_E: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
         T, K = ids_TK.shape
-        order_N, counts_E = sort_by_expert(ids_TK, num_experts)
+        order_N, counts_E = sort_by_expert(ids_TK, num_experts, counts_E)
         x_ND = gather_rows(x_TD, order_N // K)
         return x_ND, counts_E, LocalContext(order_N, T, K, weights_TK)
 

@@ -55,6 +55,7 @@ from deepseek_moe.train.distributed import (
 from deepseek_moe.train.ds_config import build_ds_config
 from deepseek_moe.train.host_memory import keep_freed_host_memory
 from deepseek_moe.train.metrics import MetricsWriter, mfu, peak_flops_per_device
+from deepseek_moe.train.moe_health import MoEHealth
 from deepseek_moe.train.precision import cpu_bf16_is_native, resolve_precision
 from deepseek_moe.train.rng import get_rng_state, rank_seed, seed_everything, set_rng_state
 from deepseek_moe.train.schedule import build_lr_scheduler
@@ -478,33 +479,8 @@ class Trainer:
             out = self.engine(to_device(batch["input_ids"], device), to_device(batch["labels"], device))
             total += out.lm_loss.float() / n
         self.engine.train()
-        if self.cfg.model.moe is not None:  # eval routing and traffic are not training statistics
-            from deepseek_moe.parallel import ep_metrics
-
-            self.model.router_metrics(reset=True)
-            ep_metrics(self.model, reset=True)
+        # eval forwards (no_grad) count in no router statistic or all-to-all traffic
         return all_reduce_mean_dict({"val_loss": total}, device)["val_loss"]
-
-    def _router_metrics(self) -> dict[str, float]:
-        if self.cfg.model.moe is None:
-            return {}
-        from deepseek_moe.parallel import ep_metrics
-
-        # Router statistics of the GLOBAL batch: sum every rank's counts, then take the ratios
-        # (a mean of per-rank ratios would hide an expert that is hot on every rank at once).
-        reduce_sum_(
-            [
-                t
-                for layer in self.model.moe_layers()
-                for t in (layer.stats.tokens_per_expert_E, layer.stats.counters)
-            ]
-        )
-        values = self.model.router_metrics(reset=True)
-        # all-to-all traffic (empty at EP=1): bytes total over ranks, ranks/token mean over ranks
-        traffic = all_reduce_mean_dict(ep_metrics(self.model, reset=True), self.dist.device)
-        for key, value in traffic.items():
-            values[key] = value * self.dist.world_size if key.endswith("a2a_bytes") else value
-        return values
 
     # ---- main -------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -512,6 +488,7 @@ class Trainer:
         # Installed first: a SIGTERM during setup still ends in one step, a save and exit 0.
         self.preempt = PreemptionFlag()
         self.metrics: Optional[MetricsWriter] = None
+        self.health: Optional[MoEHealth] = None
         self.wandb = None
         try:
             self._setup()
@@ -520,6 +497,8 @@ class Trainer:
             self.preempt.restore()
             if self.metrics is not None:
                 self.metrics.close()
+            if self.health is not None:
+                self.health.close()
             if self.wandb is not None:
                 self.wandb.finish()
 
@@ -549,6 +528,21 @@ class Trainer:
 
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
         self.metrics.truncate_after(self.step)
+        self.health = MoEHealth(
+            cfg.health,
+            self.model,
+            run_dir=self.run_dir,
+            is_main=dist.is_main,
+            device=dist.device,
+            world_size=dist.world_size,
+            ep_size=cfg.parallel.ep_size,
+            log_every=cfg.trainer.log_every,
+            checkpoint_every=cfg.checkpoint.every,
+            tokens_per_step=cfg.trainer.global_batch_size * cfg.seq_len,
+            start_step=self.step,
+            reduce_sum=reduce_sum_,
+        )
+        self.health.truncate_after(self.step)  # expert_loads.bin, as metrics.jsonl
         if dist.is_main and cfg.logger.kind == "wandb":
             from deepseek_moe.train.wandb_logger import WandbLogger
 
@@ -598,6 +592,27 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
+    # ---- MoE health hooks (the logic is in moe_health.py) -----------------------------------
+    def _collect_health(self, record: dict[str, Any], stop_at: int) -> bool:
+        """On logging steps: the router statistics of the interval (one collective, every rank)
+        into `record`; rank 0 appends the expert loads to expert_loads.bin and wandb's heatmap."""
+        if not self.health.due(self.step, stop_at):
+            return False
+        record.update(self.health.collect(self.step))
+        if self.wandb is not None and self.health.snapshot is not None:
+            self.wandb.log_expert_loads(
+                self.health.snapshot.layers, self.health.snapshot.counts_LE, self.step
+            )
+        return True
+
+    def _raise_alarms(self, record: dict[str, Any], collected: bool) -> None:
+        """Rank 0: each alarm of this step as a warning line, a metrics.jsonl line, a wandb alert."""
+        for alarm in self.health.alarms(self.step, record, collected):
+            log.warning("ALARM step %d %s: %s", alarm.step, alarm.kind, alarm.message)
+            self.metrics.write(alarm.record())
+            if self.wandb is not None:
+                self.wandb.alert(f"{alarm.kind} at step {alarm.step}", alarm.message)
+
     def _loop(self) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg.trainer
         batches = iter(self.train_loader)
@@ -631,8 +646,9 @@ class Trainer:
                     else None
                 ),
             }
-            record.update(self._router_metrics())
+            collected = self._collect_health(record, stop_at)
             self._log(record)
+            self._raise_alarms(record, collected)
             check_finite(self.step, values["loss"], record["grad_norm"])
             if self.step % tcfg.log_every == 0 or self.step in (start_step + 1, stop_at):
                 eta = (time.time() - t_start) / (self.step - start_step) * (tcfg.max_steps - self.step)
@@ -655,6 +671,10 @@ class Trainer:
                 self.save_checkpoint()
 
         if self.last_saved_step != self.step:
+            if self.health.due(self.step, self.step):  # a signal stopped it between logging steps
+                record = {"step": self.step}
+                self._collect_health(record, self.step)
+                self._log(record)
             self.save_checkpoint()
         newest = ckpt.latest_complete(self.ckpt_dir)
         summary = {

@@ -389,3 +389,43 @@ def test_sidecar_survives_a_kill_and_a_resume_without_duplicates(tiny_data, tmp_
     # metrics.jsonl, truncated the same way, has the router metrics on exactly those steps
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "moe/layer1/load_imbalance" in r] == steps
+
+
+def test_stats_steps_are_logging_checkpoint_and_last_steps(tmp_path):
+    """The statistics are reduced on logging steps, on checkpoint steps (so a resume loses no
+    interval) and on a launch's last step; a signal between them makes the trainer flush with
+    due(step, step)."""
+    from deepseek_moe.config.model import MoEConfig
+    from deepseek_moe.model.moe import MoELayer
+    from deepseek_moe.train.moe_health import MoEHealth
+
+    class Model:
+        layers = [MoELayer(8, MoEConfig(n_routed_experts=4, top_k=2, moe_intermediate_size=4), layer_idx=1)]
+
+        def moe_layers(self):
+            return iter(self.layers)
+
+    def health(cfg=HealthConfig(), start=0):
+        return MoEHealth(
+            cfg,
+            Model(),
+            run_dir=tmp_path,
+            is_main=True,
+            device=torch.device("cpu"),
+            world_size=1,
+            ep_size=1,
+            log_every=10,
+            checkpoint_every=25,
+            tokens_per_step=100,
+            start_step=start,
+            reduce_sum=lambda ts: None,
+        )
+
+    h = health()
+    assert [s for s in range(1, 48) if h.due(s, 47)] == [10, 20, 25, 30, 40, 47]
+    h.truncate_after(33)  # resumed at 33: nothing up to it is due again
+    assert not h.due(30, 47) and h.due(34, 34) and not h.due(34, 47)
+    off = health(HealthConfig(expert_stats=False))
+    assert not any(off.due(s, 47) for s in range(1, 48))
+    assert not Model.layers[0].stats.enabled  # the layers stop counting too
+    h.close()

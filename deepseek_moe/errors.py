@@ -52,6 +52,10 @@ class ExportError(UserError):
     kind = "Export error"
 
 
+class ReportError(UserError):
+    kind = "Report error"
+
+
 class ReportedByAnotherRank(UserError):
     """This rank stops because of a user error that another rank reports (one line per job)."""
 

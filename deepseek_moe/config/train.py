@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from deepseek_moe.config.data import DataConfig
+from deepseek_moe.config.health import HealthConfig
 from deepseek_moe.config.model import ACTIVATION_CHECKPOINTING, ModelConfig
 from deepseek_moe.config.parallel import validate_ep_size
 from deepseek_moe.errors import ConfigError
@@ -150,7 +151,8 @@ class TrainerConfig:
     eval_batches: int = 4
     """Micro-batches per rank in one evaluation."""
     log_every: int = 10
-    """Print a progress line every this many steps (metrics.jsonl gets every step)."""
+    """Print a progress line every this many steps (metrics.jsonl gets every step; the MoE
+    router statistics and expert loads are reduced over the ranks and logged on these steps)."""
     precision: str = "auto"
     """"auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16" or "fp16"."""
     max_steps_per_launch: Optional[int] = None
@@ -254,6 +256,8 @@ class RunConfig:
     """Save cadence, retention, resume (conf/config.yaml)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """wandb or none (conf/logger/*.yaml)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Expert-load statistics and alarms (conf/health/*.yaml)."""
 
     def __post_init__(self) -> None:
         if not self.run_dir:

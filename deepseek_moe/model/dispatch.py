@@ -26,13 +26,17 @@ Contract (`MoELayer` calls exactly this; the EP helper's `AllToAllDispatcher` in
   `weights_TK` is fp32 from the router; the sum is done in y's dtype. Gradients flow to y_ND
   and to weights_TK (the router learns through the gates). The gates are given to `dispatch`
   (not `combine`) so an all-to-all dispatcher can send them in the same exchange as the rows.
+- `counts_E` (optional, int64 [num_experts]): the kept copies per global expert, when the caller
+  has counted them already (`MoELayer` counts once per forward and hands the histogram to the
+  dispatcher, the balance losses, the V3 bias and the statistics); a dispatcher counts itself
+  when it is None.
 - Nothing here touches torch.distributed; `LocalDispatcher` is the single-process case.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -44,6 +48,7 @@ class Dispatcher(Protocol):
         ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         num_experts: int,
+        counts_E: Optional[torch.Tensor] = None,
         *,
         may_drop: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]: ...
@@ -72,23 +77,26 @@ def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sort_by_expert(
-    ids_TK: torch.Tensor, num_experts: int, may_drop: bool = True
+    ids_TK: torch.Tensor, num_experts: int, counts_E: Optional[torch.Tensor] = None, may_drop: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(order_N, counts_E): kept copy indices sorted stably by expert id, and copies per expert.
 
-    Dropped copies (id -1) are excluded from both. `may_drop=False` promises there are none:
-    then nothing is read on the host (every copy is kept, N = T*K).
+    Dropped copies (id -1) are excluded from both. `counts_E`: the kept copies per expert when
+    the caller has counted them already (then they are not counted again). `may_drop=False`
+    promises there are no dropped copies: then nothing is read on the host (N = T*K).
     """
     ids_N = ids_TK.reshape(-1)
     if not may_drop:
-        return torch.argsort(ids_N, stable=True), count_ids(ids_N, num_experts)
+        counts_E = count_ids(ids_N, num_experts) if counts_E is None else counts_E
+        return torch.argsort(ids_N, stable=True), counts_E
     # Dropped copies get the sentinel id num_experts so a stable sort puts them last.
     key_N = torch.where(ids_N >= 0, ids_N, torch.full_like(ids_N, num_experts))
     order = torch.argsort(key_N, stable=True)
-    counts_E1 = count_ids(key_N, num_experts + 1)
+    if counts_E is None:
+        counts_E = count_ids(key_N, num_experts + 1)[:num_experts]
     # the one host read (no boolean indexing: on a GPU that would be a second sync)
-    n_kept = ids_N.numel() - int(counts_E1[num_experts])
-    return order[:n_kept], counts_E1[:num_experts]
+    n_kept = int(counts_E.sum())
+    return order[:n_kept], counts_E
 
 
 def gather_rows(x_TD: torch.Tensor, src_N: torch.Tensor) -> torch.Tensor:
@@ -109,11 +117,12 @@ class LocalDispatcher:
         ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         num_experts: int,
+        counts_E: Optional[torch.Tensor] = None,
         *,
         may_drop: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
         T, K = ids_TK.shape
-        order_N, counts_E = sort_by_expert(ids_TK, num_experts, may_drop)
+        order_N, counts_E = sort_by_expert(ids_TK, num_experts, counts_E, may_drop)
         x_ND = gather_rows(x_TD, order_N // K)
         return x_ND, counts_E, LocalContext(order_N, T, K, weights_TK)
 

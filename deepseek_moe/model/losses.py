@@ -7,12 +7,15 @@ token may reach, B sequences of S tokens.
 
 - `probs_TE` are the affinities s_{i,t} that carry the router gradient. For softmax scoring
   they are the softmax; for sigmoid scoring (V3) the caller passes s / sum_j s_j (V3 eq. 19).
-- `ids_TK` are the SELECTED experts (before any capacity dropping): f_i counts selections.
+- `ids_TK` are the SELECTED experts (before any capacity dropping): f_i counts selections. The
+  expert and device losses also take those counts (`counts_E`) from a caller that has them.
 - The statistics are over the tokens given, i.e. the local micro-batch on this rank (what the
   paper computes per device). Each function returns alpha * loss as a scalar tensor.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -24,14 +27,21 @@ def expert_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return count_ids(ids_TK, num_experts).to(torch.float32)
 
 
-def expert_balance_loss(*, probs_TE: torch.Tensor, ids_TK: torch.Tensor, alpha: float) -> torch.Tensor:
+def _counts(ids_TK: torch.Tensor, num_experts: int, counts_E: Optional[torch.Tensor]) -> torch.Tensor:
+    return expert_counts(ids_TK, num_experts) if counts_E is None else counts_E.to(torch.float32)
+
+
+def expert_balance_loss(
+    *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, alpha: float, counts_E: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """alpha * sum_i f_i P_i, f_i = E/(K T) * #selections of i, P_i = mean_t s_{i,t}.
 
-    Equals alpha when routing is perfectly balanced and probs are uniform.
+    Equals alpha when routing is perfectly balanced and probs are uniform. `counts_E`: the
+    selections per expert when the caller has counted them (`count_ids(ids_TK, E)`).
     """
     T, E = probs_TE.shape
     K = ids_TK.shape[1]
-    f_E = expert_counts(ids_TK, E) * (E / (K * T))
+    f_E = _counts(ids_TK, E, counts_E) * (E / (K * T))
     P_E = probs_TE.mean(dim=0)
     return alpha * (f_E * P_E).sum()
 
@@ -50,12 +60,17 @@ def seq_expert_balance_loss(*, probs_BSE: torch.Tensor, ids_BSK: torch.Tensor, a
 
 
 def device_balance_loss(
-    *, probs_TE: torch.Tensor, ids_TK: torch.Tensor, n_groups: int, alpha: float
+    *,
+    probs_TE: torch.Tensor,
+    ids_TK: torch.Tensor,
+    n_groups: int,
+    alpha: float,
+    counts_E: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """alpha * sum_d f'_d P'_d, f'_d = mean of f_j over group d, P'_d = sum of P_j over group d."""
     T, E = probs_TE.shape
     K = ids_TK.shape[1]
-    f_E = expert_counts(ids_TK, E) * (E / (K * T))
+    f_E = _counts(ids_TK, E, counts_E) * (E / (K * T))
     P_E = probs_TE.mean(dim=0)
     f_G = f_E.view(n_groups, -1).mean(dim=1)
     P_G = P_E.view(n_groups, -1).sum(dim=1)

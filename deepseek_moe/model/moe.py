@@ -29,11 +29,18 @@ Interface (stable; the EP helper and the trainer build on it):
   per expert over the local T tokens; the lowest-affinity copies of an overfull expert get id -1
   before dispatch (the dispatcher skips them; their output is 0). Balance losses and load stats
   use the selections BEFORE dropping (that is what the router chose).
-- Statistics for logging accumulate in `self.stats` (training forwards only):
-  `self.stats.compute_metrics(reset=True)`. `self.last_counts_E` keeps the selections per
-  expert of the last forward (detached, this rank's local tokens).
-- The router accumulates loads for the V3 bias and applies them in `self.gate.update_bias()`
-  (the model's `update_router_bias()` calls it on every MoE layer).
+- Tokens per expert are counted ONCE per forward (`count_ids(ids_TK, E)`, the selections
+  before dropping) and that histogram is handed to whoever needs it: the dispatcher (the kept
+  copies: the same counts, capped at the capacity when there is one), the expert and device
+  balance losses, the V3 bias loads and the statistics.
+- Statistics for logging accumulate in `self.stats` (training forwards that build a graph, i.e.
+  not under `model.eval()` nor `torch.no_grad()`, and not the activation-checkpointing replay):
+  `self.stats.compute_metrics(reset=True)`, or reduced over ranks by the trainer.
+  `self.last_counts_E` keeps the selections per expert of the last forward (int64, this rank's
+  local tokens).
+- The router accumulates loads for the V3 bias (`gate.record_load`, same forwards as the
+  statistics) and applies them in `self.gate.update_bias()` (the model's
+  `update_router_bias()` calls it on every MoE layer).
 - `self.experts` is a `RoutedExperts` as built; `apply_ep(wrap_experts=...)` may dress it for a
   training engine (DeepSpeed's MoE marker), keeping its forward contract. `routed_experts` is
   the `RoutedExperts` either way.
@@ -66,17 +73,25 @@ def check_ep_rank(ep_rank: int, ep_size: int, num_experts: int) -> None:
 
 
 def capacity_mask(
-    ids_TK: torch.Tensor, affinity_TK: torch.Tensor, *, num_experts: int, capacity: int
+    ids_TK: torch.Tensor,
+    affinity_TK: torch.Tensor,
+    *,
+    num_experts: int,
+    capacity: int,
+    counts_E: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """kept_TK bool: per expert, keep the `capacity` highest-affinity copies (ties: lower t*K+k).
+    Then the kept copies per expert are `counts_E.clamp(max=capacity)`.
 
-    Pure function; no Python loop over tokens or experts.
+    Pure function; no Python loop over tokens or experts. `counts_E`: `count_ids(ids_TK, E)`
+    when the caller has it.
     """
     ids_N = ids_TK.reshape(-1)
     aff_N = affinity_TK.reshape(-1)
     by_aff = torch.argsort(aff_N, descending=True, stable=True)
     order = by_aff[torch.argsort(ids_N[by_aff], stable=True)]  # by expert, then affinity desc
-    counts_E = count_ids(ids_N, num_experts)
+    if counts_E is None:
+        counts_E = count_ids(ids_N, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     pos_sorted = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order]]
     kept_N = torch.empty_like(ids_N, dtype=torch.bool)
@@ -172,19 +187,23 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, shape[-1])
         T = x_TD.shape[0]
 
-        r = self.gate(x_TD, record_load=not replay)
-        ids_TK = r.ids_TK
-        kept_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+        r = self.gate(x_TD)
+        # NOTE: the one per-expert histogram of this forward (selections before dropping).
+        counts_E = count_ids(r.ids_TK, E)
+        ids_TK, kept_E = r.ids_TK, counts_E
         may_drop = cfg.capacity_factor is not None and self.training
         if may_drop:
             capacity = math.ceil(cfg.capacity_factor * T * cfg.top_k / E)
             with torch.no_grad():
                 kept_TK = capacity_mask(
-                    ids_TK, r.scores_TE.gather(1, ids_TK), num_experts=E, capacity=capacity
+                    ids_TK, r.scores_TE.gather(1, ids_TK), num_experts=E, capacity=capacity, counts_E=counts_E
                 )
             ids_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, -1))
+            kept_E = counts_E.clamp(max=capacity)  # capacity_mask keeps min(count, capacity)
 
-        x_ND, counts_L, ctx = self.dispatcher.dispatch(x_TD, ids_TK, r.weights_TK, E, may_drop=may_drop)
+        x_ND, counts_L, ctx = self.dispatcher.dispatch(
+            x_TD, ids_TK, r.weights_TK, E, counts_E=kept_E, may_drop=may_drop
+        )
         y_ND = self.experts(x_ND, counts_L)
         y_TD = self.dispatcher.combine(y_ND, ctx)
         if self.shared_experts is not None:
@@ -193,18 +212,21 @@ class MoELayer(nn.Module):
         probs_TE = r.scores_TE
         if cfg.scoring_func == "sigmoid":  # V3: normalise sigmoid affinities for the losses
             probs_TE = probs_TE / (probs_TE.sum(dim=-1, keepdim=True) + 1e-20)
-        aux = self._aux_losses(r.logits_TE, probs_TE, r.ids_TK, B, S)
+        aux = self._aux_losses(r.logits_TE, probs_TE, r.ids_TK, counts_E, B, S)
         if replay:
             return y_TD.view(shape), aux
-        with torch.no_grad():
-            self.last_counts_E = losses.expert_counts(r.ids_TK, E)
-            if self.training:
+        self.last_counts_E = counts_E
+        # Training forwards only: evaluation (eval mode or no_grad) counts in neither the V3
+        # bias loads nor the statistics.
+        if self.training and torch.is_grad_enabled():
+            self.gate.record_load(counts_E)
+            if self.stats.enabled:
                 self.stats.update(
-                    probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, kept_TK=kept_TK, counts_E=self.last_counts_E
+                    probs_TE=probs_TE.detach(), ids_TK=r.ids_TK, counts_E=counts_E, kept_E=kept_E
                 )
         return y_TD.view(shape), aux
 
-    def _aux_losses(self, logits_TE, probs_TE, ids_TK, B: int, S: int) -> dict[str, torch.Tensor]:
+    def _aux_losses(self, logits_TE, probs_TE, ids_TK, counts_E, B: int, S: int) -> dict[str, torch.Tensor]:
         cfg, E = self.cfg, self.num_experts
         aux: dict[str, torch.Tensor] = {}
         if cfg.aux_loss_alpha > 0:
@@ -214,11 +236,15 @@ class MoELayer(nn.Module):
                 )
             else:
                 aux["expert_balance"] = losses.expert_balance_loss(
-                    probs_TE=probs_TE, ids_TK=ids_TK, alpha=cfg.aux_loss_alpha
+                    probs_TE=probs_TE, ids_TK=ids_TK, alpha=cfg.aux_loss_alpha, counts_E=counts_E
                 )
         if cfg.device_aux_alpha > 0 and cfg.n_groups > 1:
             aux["device_balance"] = losses.device_balance_loss(
-                probs_TE=probs_TE, ids_TK=ids_TK, n_groups=cfg.n_groups, alpha=cfg.device_aux_alpha
+                probs_TE=probs_TE,
+                ids_TK=ids_TK,
+                n_groups=cfg.n_groups,
+                alpha=cfg.device_aux_alpha,
+                counts_E=counts_E,
             )
         if cfg.comm_aux_alpha > 0 and cfg.n_groups > 1:
             aux["comm_balance"] = losses.comm_balance_loss(

@@ -26,7 +26,6 @@ from torch import nn
 
 from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.model.buffers import KeepBufferDtype
-from deepseek_moe.model.dispatch import count_ids
 
 
 @dataclass
@@ -95,7 +94,8 @@ class Router(KeepBufferDtype):
     Buffers:
     - `e_score_correction_bias` [E] fp32 (persistent, HF V3 name): V3 selection bias.
     - `pending_load_E` [E] fp32 (not persistent): token copies per expert selected since the
-      last `update_bias()`, accumulated in training when bias_update_rate > 0. Under DP/EP
+      last `update_bias()`, added by `record_load` (the MoE layer hands it the per-expert
+      counts it computed once for the forward) when bias_update_rate > 0. Under DP/EP
       `update_bias(reduce_sum)` first sums it over the ranks with the collective it is given.
     Both stay fp32 when the module is cast to bf16 (see buffers.py).
     """
@@ -110,9 +110,7 @@ class Router(KeepBufferDtype):
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("pending_load_E", torch.zeros(E, dtype=torch.float32), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor, record_load: bool = True) -> RouterOutput:
-        """`record_load=False`: do not add this call's selections to `pending_load_E` (a
-        recompute of an already counted forward)."""
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
         # NOTE: router math in fp32 (softmax over many experts and top-k ties are precision
         # sensitive), whatever the activation dtype.
@@ -130,10 +128,15 @@ class Router(KeepBufferDtype):
             routed_scaling_factor=cfg.routed_scaling_factor,
             bias_E=self.e_score_correction_bias if use_bias else None,
         )
-        if self.training and use_bias and record_load:
-            with torch.no_grad():
-                self.pending_load_E += count_ids(ids_TK, cfg.n_routed_experts).float()
         return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)
+
+    @torch.no_grad()
+    def record_load(self, counts_E: torch.Tensor) -> None:
+        """Add one training forward's selections per expert (`count_ids(ids_TK, E)`) to the V3
+        bias loads; no-op when the bias is off. The caller decides what counts (training
+        forwards, not their activation-checkpointing recompute, not evaluation)."""
+        if self.cfg.bias_update_rate > 0:
+            self.pending_load_E += counts_E.to(self.pending_load_E.dtype)
 
     @torch.no_grad()
     def update_bias(self, reduce_sum: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:

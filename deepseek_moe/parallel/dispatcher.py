@@ -43,7 +43,8 @@ the expert weights and the gates. Every rank calls every collective once per lay
 whatever its counts: a rank (or an expert) with zero rows sends/receives empty splits and never
 skips a collective, which keeps an unlucky rank from hanging the group.
 
-Statistics (accumulated until `pop_stats()`; the trainer reduces/logs them):
+Statistics (accumulated until `pop_stats()` over forwards run with autograd on: evaluation under
+no_grad counts in none; the trainer reduces/logs them):
 - `ranks_per_token`: distinct destination EP ranks per token (<= M with device-limited routing);
 - `a2a_bytes`: bytes this rank sent to OTHER ranks in forward dispatch + combine (packed rows
   with gates and local ids, fp32 partial sums; the backward moves the same bytes again);
@@ -140,6 +141,7 @@ class AllToAllDispatcher:
         ids_TK: torch.Tensor,
         weights_TK: torch.Tensor,
         num_experts: int,
+        counts_E: Optional[torch.Tensor] = None,
         *,
         may_drop: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, EPContext]:
@@ -165,8 +167,10 @@ class AllToAllDispatcher:
         # layer and the experts get `counts_L` as a device tensor. (No boolean indexing or
         # nonzero elsewhere: on GPUs each of those would be another sync.)
         send_W = hit_TW.sum(0)
-        key_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, W * L))
-        copies_WL = count_ids(key_TK, W * L + 1)[: W * L].view(W, L)
+        if counts_E is None:  # else the layer counted them (once per forward)
+            key_TK = torch.where(kept_TK, ids_TK, torch.full_like(ids_TK, W * L))
+            counts_E = count_ids(key_TK, W * L + 1)[: W * L]
+        copies_WL = counts_E.view(W, L)
         recv_W1L = exchange_counts(
             torch.cat([send_W.unsqueeze(1), copies_WL], dim=1).reshape(-1), self.group
         ).view(W, 1 + L)
@@ -207,6 +211,9 @@ class AllToAllDispatcher:
         x_ND = gather_rows(x_RD, torch.div(copy_slot_N, K, rounding_mode="floor"))
         w_N = w_RK.reshape(-1).index_select(0, copy_slot_N)
 
+        ctx = EPContext(T, K, pair_t_P, w_N, send_splits, recv_splits, copy_slot_N)
+        if not torch.is_grad_enabled():  # evaluation (no_grad) is not training traffic
+            return x_ND, counts_L, ctx
         # statistics from the host-side counts only (no extra device sync)
         me = self.rank
         elem = x_TD.element_size()
@@ -221,8 +228,6 @@ class AllToAllDispatcher:
         self._a2a_bytes += remote_sent * sent_row + remote_recv * D * _combine_dtype(x_TD.dtype).itemsize
         # a one-row-per-copy dispatcher: remote copies out, remote copies' outputs back
         self._copy_bytes += (sum(copies_sent) - copies_sent[me] + sum(copies_recv) - copies_recv[me]) * row
-
-        ctx = EPContext(T, K, pair_t_P, w_N, send_splits, recv_splits, copy_slot_N)
         return x_ND, counts_L, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: EPContext) -> torch.Tensor:

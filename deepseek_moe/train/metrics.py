@@ -3,15 +3,18 @@
 Train lines carry `step`, `loss`, `lm_loss`, `aux_loss`, one key per aux loss
 (`aux/<name>`), `lr`, `grad_norm`, `tokens_per_s`, `mfu` (null when the device peak is unknown,
 e.g. on CPU), `max_memory_gb` (peak GPU memory allocated by torch on rank 0 since the start;
-null on CPU) and the per-MoE-layer router metrics. Eval lines carry `step` and `val_loss`.
-A mixture run (`data.sources`) adds `tokens_seen/<source>` to train lines and
-`val_loss/<source>` to eval lines, whose `val_loss` is then the weighted mean of those.
-Every line is flushed as it is written.
+null on CPU) and, on logging steps (`deepseek_moe/train/moe_health.py` decides which), the
+per-MoE-layer router metrics of the steps since the previous one. Eval lines carry `step` and
+`val_loss`; alarm lines `step`, `alarm`, `message` and the alarm's details. A mixture run
+(`data.sources`) adds `tokens_seen/<source>` to train lines and `val_loss/<source>` to eval
+lines, whose `val_loss` is then the weighted mean of those. Every line is flushed as it is
+written.
 
 Router metrics (`moe/layer{L}/<name>`) are GLOBAL-batch values: every rank's counts are summed
 before the ratio, so `load_imbalance` (max/mean tokens per expert), `max_expert_frac`,
-`min_expert_frac`, `router_entropy`, `dropped_frac`, `ranks_per_token` and `groups_per_token`
-describe the whole optimizer step. All-to-all metrics (under EP): `a2a_bytes` is the total over
+`min_expert_frac`, `router_entropy`, `dropped_frac`, `ranks_per_token`, `groups_per_token` and,
+under EP, `rank_imbalance` (max/mean tokens per EP rank) describe the global batches of the
+interval. All-to-all metrics (under EP): `a2a_bytes` is the total over
 ranks; `a2a_ranks_per_token` is the mean of the ranks' values (each rank routes the same number
 of tokens, so this is the global mean too). Evaluation forwards count in neither.
 """

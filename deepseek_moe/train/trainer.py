@@ -54,6 +54,7 @@ from deepseek_moe.train.precision import resolve_precision, warn_if_bf16_is_emul
 from deepseek_moe.train.rank_errors import on_all_ranks
 from deepseek_moe.train.rank_logging import setup_rank_logging
 from deepseek_moe.train.rng import rank_seed, seed_everything
+from deepseek_moe.train.moe_health import MoEHealth
 from deepseek_moe.train.schedule import build_lr_scheduler
 from deepseek_moe.train.signals import PreemptionFlag
 
@@ -102,6 +103,7 @@ class Trainer:
         self.train_loader = None
         self.val_loader = None  # an eval loader; for a mixture, one per source (MixtureEvalLoaders)
         self.metrics: Optional[MetricsWriter] = None
+        self.health: Optional[MoEHealth] = None  # router statistics, expert_loads.bin, alarms
         self.wandb = None  # WandbLogger on rank 0 with logger=wandb, else None
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.seq_len
         self.flops_per_token: Optional[float] = None  # for MFU, once the vocab is known
@@ -121,6 +123,8 @@ class Trainer:
             self.preempt.restore()
             if self.metrics is not None:
                 self.metrics.close()
+            if self.health is not None:
+                self.health.close()
             if self.wandb is not None:
                 self.wandb.finish()
 
@@ -153,6 +157,21 @@ class Trainer:
             self._write_run_files(ds_config)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=dist.is_main)
         self.metrics.truncate_after(self.step)
+        self.health = MoEHealth(
+            cfg.health,
+            self.model,
+            run_dir=self.run_dir,
+            is_main=dist.is_main,
+            device=dist.device,
+            world_size=dist.world_size,
+            ep_size=cfg.parallel.ep_size,
+            log_every=cfg.trainer.log_every,
+            checkpoint_every=cfg.checkpoint.every,
+            tokens_per_step=self.tokens_per_step,
+            start_step=self.step,
+            reduce_sum=reduce_sum_,
+        )
+        self.health.truncate_after(self.step)  # expert_loads.bin, as metrics.jsonl
         if dist.is_main and cfg.logger.kind == "wandb":
             from deepseek_moe.train.wandb_logger import start_wandb
 
@@ -380,11 +399,7 @@ class Trainer:
             out = self.engine(to_device(batch["input_ids"], device), to_device(batch["labels"], device))
             total += out.lm_loss.float() / n
         self.engine.train()
-        if self.cfg.model.moe is not None:  # eval routing and traffic are not training statistics
-            from deepseek_moe.parallel.metrics import ep_metrics
-
-            self.model.router_metrics(reset=True)
-            ep_metrics(self.model, reset=True)
+        # eval forwards (no_grad) count in no router statistic or all-to-all traffic
         return all_reduce_mean_dict({"val_loss": total}, device)["val_loss"]
 
     def _eval_metrics(self) -> dict[str, float]:
@@ -405,26 +420,26 @@ class Trainer:
             return {}
         return {f"tokens_seen/{name}": n for name, n in self.train_loader.tokens_by_source().items()}
 
-    def _router_metrics(self) -> dict[str, float]:
-        if self.cfg.model.moe is None:
-            return {}
-        from deepseek_moe.parallel.metrics import ep_metrics
+    # ---- MoE health hooks (the logic is in moe_health.py) -----------------------------------
+    def _collect_health(self, record: dict[str, Any], stop_at: int) -> bool:
+        """On logging steps: the router statistics of the interval (one collective, every rank)
+        into `record`; rank 0 appends the expert loads to expert_loads.bin and wandb's heatmap."""
+        if not self.health.due(self.step, stop_at):
+            return False
+        record.update(self.health.collect(self.step))
+        if self.wandb is not None and self.health.snapshot is not None:
+            self.wandb.log_expert_loads(
+                self.health.snapshot.layers, self.health.snapshot.counts_LE, self.step
+            )
+        return True
 
-        # Router statistics of the GLOBAL batch: sum every rank's counts, then take the ratios
-        # (a mean of per-rank ratios would hide an expert that is hot on every rank at once).
-        reduce_sum_(
-            [
-                t
-                for layer in self.model.moe_layers()
-                for t in (layer.stats.tokens_per_expert_E, layer.stats.counters)
-            ]
-        )
-        values = self.model.router_metrics(reset=True)
-        # all-to-all traffic (empty at EP=1): bytes total over ranks, ranks/token mean over ranks
-        traffic = all_reduce_mean_dict(ep_metrics(self.model, reset=True), self.dist.device)
-        for key, value in traffic.items():
-            values[key] = value * self.dist.world_size if key.endswith("a2a_bytes") else value
-        return values
+    def _raise_alarms(self, record: dict[str, Any], collected: bool) -> None:
+        """Rank 0: each alarm of this step as a warning line, a metrics.jsonl line, a wandb alert."""
+        for alarm in self.health.alarms(self.step, record, collected):
+            log.warning("ALARM step %d %s: %s", alarm.step, alarm.kind, alarm.message)
+            self.metrics.write(alarm.record())
+            if self.wandb is not None:
+                self.wandb.alert(f"{alarm.kind} at step {alarm.step}", alarm.message)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _loop(self) -> dict[str, Any]:
@@ -450,6 +465,10 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
         if self.checkpoints.last_saved_step != self.step:
+            if self.health.due(self.step, self.step):  # a signal stopped it between logging steps
+                record = {"step": self.step}
+                self._collect_health(record, self.step)
+                self._log(record)
             self.save_checkpoint()
         return self._finish(last_val, stopped_by_signal)
 
@@ -478,8 +497,9 @@ class Trainer:
             else None,
         }
         record.update(self._data_metrics())
-        record.update(self._router_metrics())
+        collected = self._collect_health(record, stop_at)
         self._log(record)
+        self._raise_alarms(record, collected)
         check_finite(self.step, values["loss"], record["grad_norm"])
         start_step, t_start = start
         if self.step % self.cfg.trainer.log_every == 0 or self.step in (start_step + 1, stop_at):

@@ -10,9 +10,12 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from deepseek_moe.config.train import LoggerConfig
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("deepseek_moe.train")
 
@@ -76,6 +79,31 @@ class WandbLogger:
             )
             self.run = None
 
+    def log_expert_loads(self, layers: list[int], counts_LE: Any, step: int) -> None:
+        """A layer x expert heatmap of one logging interval's loads (load / fair share, 0 to
+        2+, viridis; one row per MoE layer), as `moe/expert_loads`."""
+        if self.run is None:
+            return
+        import wandb
+
+        image = expert_load_image(counts_LE)
+        caption = (
+            f"rows: MoE layers {layers[0]}..{layers[-1]}; columns: experts; colour: load / fair share (0-2)"
+        )
+        self.log({"moe/expert_loads": wandb.Image(image, caption=caption)}, step=step)
+
+    def alert(self, title: str, text: str) -> None:
+        """A wandb alert (email/Slack per the user's wandb settings). Online runs only: an offline
+        run has no service to send it; the alarm is in the log and metrics.jsonl either way."""
+        if self.run is None or self.mode != "online":
+            return
+        try:
+            import wandb
+
+            self.run.alert(title=title, text=text, level=wandb.AlertLevel.WARN, wait_duration=0)
+        except Exception as err:  # noqa: BLE001 - never let the tracker stop training
+            log.warning("wandb.alert failed (%s: %s)", type(err).__name__, err)
+
     def finish(self) -> None:
         if self.run is None:
             return
@@ -101,3 +129,17 @@ def start_wandb(
             err,
         )
         return None
+
+
+def expert_load_image(counts_LE: Any, cell: int = 0) -> "np.ndarray":
+    """uint8 RGB [L*c, E*c, 3]: each layer's loads over its fair share (mean), 0..2 on viridis,
+    each value a c x c block (c chosen so the image is about 512 pixels wide)."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    counts = np.asarray(counts_LE, dtype=np.float64)
+    mean = counts.mean(axis=1, keepdims=True)
+    ratio = np.divide(counts, mean, out=np.zeros_like(counts), where=mean > 0)
+    rgb = (colormaps["viridis"](np.clip(ratio / 2, 0, 1))[..., :3] * 255).astype(np.uint8)
+    c = cell or max(1, min(32, 512 // counts.shape[1]))
+    return rgb.repeat(c, axis=0).repeat(c, axis=1)

@@ -333,3 +333,74 @@ def test_moe_layer_host_reads_per_training_step(experts_impl, capacity_factor, e
         y, aux = layer(x)
         (y.sum() + sum(aux.values())).backward()
     assert reads.ops == expected
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_experts_are_counted_once_per_forward_and_shared(capacity_factor):
+    """One histogram per forward (every count_ids/bincount call is counted) serves the
+    dispatcher, the expert and device balance losses, the V3 bias loads and the statistics;
+    each of them equals np.bincount of the router's selections."""
+    import numpy as np
+
+    from tests.count_calls import count_histograms
+
+    layer = _layer(
+        n_groups=2,
+        aux_loss_alpha=0.01,
+        device_aux_alpha=0.01,
+        bias_update_rate=0.01,
+        capacity_factor=capacity_factor,
+    )
+    layer.train()
+    xs = [torch.randn(24, D), torch.randn(2, 5, D)]
+    want = np.zeros(8, dtype=np.int64)
+    for x in xs:
+        ids = layer.gate(x.reshape(-1, D)).ids_TK  # the router alone has no side effects
+        want += np.bincount(ids.flatten().numpy(), minlength=8)
+        with count_histograms() as calls:
+            layer(x)
+        assert calls == [("count_ids", 8)]
+        assert layer.last_counts_E.tolist() == np.bincount(ids.flatten().numpy(), minlength=8).tolist()
+    assert layer.stats.tokens_per_expert_E.tolist() == want.tolist()
+    assert layer.gate.pending_load_E.tolist() == want.tolist()
+    if capacity_factor is not None:
+        dropped = layer.stats.counters[2].item()
+        cap_24, cap_10 = math.ceil(0.5 * 24 * 2 / 8), math.ceil(0.5 * 10 * 2 / 8)
+        ref = 0
+        for x, cap in zip(xs, (cap_24, cap_10)):
+            c = np.bincount(layer.gate(x.reshape(-1, D)).ids_TK.flatten().numpy(), minlength=8)
+            ref += int(np.maximum(c - cap, 0).sum())
+        assert dropped == ref and ref > 0
+
+
+def test_evaluation_forwards_count_in_nothing():
+    layer = _layer(bias_update_rate=0.01)
+    x = torch.randn(6, D)
+    layer.eval()
+    layer(x)
+    layer.train()
+    with torch.no_grad():  # a training-mode forward without autograd is not training either
+        layer(x)
+    assert layer.stats.tokens_per_expert_E.sum() == 0 and layer.gate.pending_load_E.sum() == 0
+    assert layer.stats.counters.sum() == 0
+    layer(x)
+    assert layer.stats.tokens_per_expert_E.sum() == 6 * 2 and layer.gate.pending_load_E.sum() == 12
+
+
+def test_stats_switch_off_keeps_the_bias_loads():
+    layer = _layer(bias_update_rate=0.01)
+    layer.train()
+    layer.stats.enabled = False
+    layer(torch.randn(6, D))
+    assert layer.stats.counters.sum() == 0 and layer.gate.pending_load_E.sum() == 12
+
+
+def test_compute_metrics_reads_the_device_once():
+    from tests.host_reads import count_host_reads
+
+    layer = _layer()
+    layer.train()
+    layer(torch.randn(6, D))
+    with count_host_reads() as reads:
+        metrics = layer.stats.compute_metrics()
+    assert reads.ops == ["tolist"] and metrics["load_imbalance"] >= 1.0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deepseek_moe.config.model import MoEConfig
+from deepseek_moe.model.dispatch import count_ids
 from deepseek_moe.model.router import Router, device_limited_topk, route
 
 
@@ -96,9 +97,10 @@ def test_update_bias_sign_rule_and_accumulation():
     router.train()
     with torch.no_grad():
         router.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, -1.0, -1.0]]))
-    # Two micro-batches (grad accumulation): loads add up before one update.
-    router(torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]]))
-    router(torch.tensor([[5.0, 0, 0], [0, 0, 5.0], [-5.0, -5.0, -5.0]]))
+    # Two micro-batches (grad accumulation): loads add up before one update. The MoE layer
+    # counts each forward's selections once and hands them to the router.
+    for x in ([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]], [[5.0, 0, 0], [0, 0, 5.0], [-5.0, -5.0, -5.0]]):
+        router.record_load(count_ids(router(torch.tensor(x)).ids_TK, 4))
     assert router.pending_load_E.tolist() == [3.0, 1.0, 1.0, 1.0]
     router.update_bias()
     # mean load 1.5: expert 0 overloaded (-rate), the others underloaded (+rate).
@@ -106,9 +108,9 @@ def test_update_bias_sign_rule_and_accumulation():
     assert router.pending_load_E.sum() == 0
     router.update_bias()  # nothing accumulated: no change
     torch.testing.assert_close(router.e_score_correction_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
-    router.eval()
-    router(torch.tensor([[5.0, 0, 0]]))
-    assert router.pending_load_E.sum() == 0  # eval forwards do not count
+    off = Router(3, MoEConfig(n_routed_experts=4, top_k=1))  # no bias: nothing is accumulated
+    off.record_load(torch.ones(4, dtype=torch.long))
+    assert off.pending_load_E.sum() == 0
 
 
 def test_update_bias_reduces_its_own_loads_first():
@@ -119,7 +121,9 @@ def test_update_bias_reduces_its_own_loads_first():
     router.train()
     with torch.no_grad():
         router.weight.copy_(torch.eye(4, 3))
-    router(torch.tensor([[5.0, 0, 0], [5.0, 0, 0]]))  # this rank: expert 0 twice
+    router.record_load(
+        count_ids(router(torch.tensor([[5.0, 0, 0], [5.0, 0, 0]])).ids_TK, 4)
+    )  # expert 0 twice
     calls = []
 
     def reduce_sum(tensors):  # the other rank picked expert 3 six times

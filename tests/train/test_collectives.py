@@ -58,7 +58,10 @@ def _fit(rank, world, overrides, backend):
         layer.stats.tokens_per_expert_E[rank] = 6.0
         layer.stats.counters[0] = 3.0  # tokens
         layer.stats.counters[3] = 6.0  # copies
-    out["router"] = trainer._router_metrics()
+    from deepseek_moe.train.distributed import reduce_sum_
+    from deepseek_moe.train.moe_health import collect_router_stats
+
+    out["router"] = collect_router_stats(model, trainer.dist.device, reduce_sum_, world, 2).metrics
     # the layout is recorded in every rank's trainer state (read before the relaunches prune it)
     saved = torch.load(
         trainer.checkpoints.dir / "step_00000002" / "trainer_state" / f"rank{rank:05d}.pt", weights_only=False

@@ -75,6 +75,11 @@ def test_one_process_run_resume_and_wandb(tiny_data, tmp_path):
             logged[items["_step"]] = items
     assert logged[8]["lm_loss"] == pytest.approx(rows[-1]["lm_loss"])
     assert "val_loss" in logged[8] and "moe/layer1/load_imbalance" in logged[3]
+    # the layer x expert heatmap of each logging step's expert loads
+    assert logged[3]["moe/expert_loads/_type"] == "image-file"
+    assert (
+        len(list((straight / "wandb").glob("offline-run-*/files/media/images/moe/expert_loads_*.png"))) == 8
+    )
 
     # Resume: the same command twice, 4 steps per launch, equals the straight run.
     resumed = tmp_path / "resumed"

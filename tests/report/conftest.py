@@ -1,2 +1,0 @@
-# the prepared tiny corpus of the training tests (session-scoped)
-from tests.train.conftest import tiny_data  # noqa: F401

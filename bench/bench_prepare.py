@@ -1,0 +1,222 @@
+"""Benchmark: end-to-end preparation (read, tokenize, write) against the tokenizer's own ceiling.
+
+    python bench/bench_prepare.py                          # 2 processes, corpora of 16 and 64 MB
+    python bench/bench_prepare.py --procs 2 --sizes-mb 16 64 --repeats 3
+
+For each corpus size (jsonl files of Python stdlib source, `4 x procs` files; a sentencepiece
+BPE tokenizer of 8192 pieces trained once, outside the timings):
+1. ours: `prepare()` of the `local_jsonl` preset with `data.tokenizer_model` given, `procs`
+   processes, `2 x procs` tasks: plan (listing), tasks (stream the rows, encode in batches,
+   write uint16 shards + .idx), finalize (manifest). Wall time from the call to its return.
+2. ceiling: the same texts, already in memory, encoded by the same sentencepiece model's batch
+   call (`SentencePieceProcessor.encode(list)`, batches of 256 documents, as ours) in `procs`
+   forked processes, each a contiguous half of the documents; nothing read or written.
+   Ratio = ceiling time / our time (target >= 0.7). Runs alternate ours / ceiling, best of
+   `--repeats` each.
+3. resources, in separate processes as on a cluster (`--plan`, `--task k` one at a time,
+   `--finalize`): peak RSS of each task process (`wait4` ru_maxrss) and peak scratch = the
+   largest size of the work + output directories sampled every 20 ms, against the final
+   output size (target <= 1.3x; memory per task must not grow with the corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data_prep.prepare import prepare  # noqa: E402
+from data_prep.sources import stdlib_dir  # noqa: E402
+from deepseek_moe.config.data import DataConfig  # noqa: E402
+from deepseek_moe.data.meta import load_meta  # noqa: E402
+from deepseek_moe.data.tokenizer import Tokenizer, escape_text  # noqa: E402
+
+BATCH = 256
+
+
+def write_corpus(out: Path, size_mb: int, num_files: int) -> list[str]:
+    """jsonl files of stdlib documents (cycled) totalling ~size_mb of text; returns the texts."""
+    docs = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(stdlib_dir().rglob("*.py"))[:4000]]
+    docs = [d for d in docs if 200 < len(d) < 200_000]
+    texts, total, i = [], 0, 0
+    while total < size_mb << 20:
+        d = docs[i % len(docs)]
+        texts.append(d)
+        total += len(d.encode())
+        i += 1
+    out.mkdir(parents=True)
+    per = -(-len(texts) // num_files)
+    for f in range(num_files):
+        with open(out / f"part{f:03d}.jsonl", "w") as fh:
+            for t in texts[f * per : (f + 1) * per]:
+                fh.write(json.dumps({"text": t}) + "\n")
+    return texts
+
+
+def _encode_chunk(args) -> int:
+    model, texts = args
+    sp = Tokenizer(model).sp
+    n = 0
+    for a in range(0, len(texts), BATCH):
+        n += sum(len(ids) for ids in sp.encode(texts[a : a + BATCH]))
+    return n
+
+
+def ceiling(model: bytes, texts: list[str], procs: int) -> tuple[float, int]:
+    """Seconds for `procs` processes to batch-encode `texts` (escaped as ours), total tokens."""
+    texts = [escape_text(t) for t in texts]  # ours encodes escaped text: the same strings
+    chunks = [texts[k * len(texts) // procs : (k + 1) * len(texts) // procs] for k in range(procs)]
+    with get_context("fork").Pool(procs) as pool:
+        pool.map(_encode_chunk, [(model, ["x"]) for _ in range(procs)])  # start the workers
+        t0 = time.perf_counter()
+        n = sum(pool.map(_encode_chunk, [(model, c) for c in chunks]))
+        return time.perf_counter() - t0, n
+
+
+def dir_bytes(*dirs: Path) -> int:
+    total = 0
+    for d in dirs:
+        for dirpath, _, files in os.walk(d):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+                except FileNotFoundError:  # renamed or deleted while walking
+                    pass
+    return total
+
+
+class ScratchSampler:
+    """Largest total size of `dirs` seen by a thread sampling every 20 ms."""
+
+    def __init__(self, *dirs: Path):
+        self.dirs, self.peak, self._stop = dirs, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, dir_bytes(*self.dirs))
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, dir_bytes(*self.dirs))
+
+
+def overrides(corpus: Path, out: Path, model: Path, tasks: int) -> list[str]:
+    return [
+        "data=local_jsonl",
+        f"data.path={corpus}",
+        f"data.tokenizer_model={model}",
+        f"data.out_dir={out}",
+        f"data.num_tasks={tasks}",
+        "data.num_proc=1",
+        "data.val_fraction=0.05",
+    ]
+
+
+def _run(cmd: list[str], env: dict) -> None:
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+
+
+def run_staged(corpus: Path, out: Path, model: Path, tasks: int) -> tuple[list[float], int, int]:
+    """--plan, each --task k in its own process, --finalize: (peak RSS MB per task, peak
+    scratch bytes, output bytes)."""
+    args = overrides(corpus, out, model, tasks)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "data_prep.prepare"]
+    work = out.parent / f".{out.name}.work"
+    rss = []
+    with ScratchSampler(work, out) as scratch:
+        _run([*cmd, "--plan", *args], env)
+        for k in range(tasks):
+            p = subprocess.Popen(
+                [*cmd, "--task", str(k), *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL
+            )
+            _, status, usage = os.wait4(p.pid, 0)
+            p.returncode = os.waitstatus_to_exitcode(status)
+            assert p.returncode == 0, f"task {k} failed"
+            rss.append(usage.ru_maxrss / 1024)  # KiB -> MiB
+        _run([*cmd, "--finalize", *args], env)
+    return rss, scratch.peak, dir_bytes(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--sizes-mb", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    procs, tasks = args.procs, 2 * args.procs
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        t0 = time.perf_counter()
+        tok_dir = prepare(
+            DataConfig(out_dir=str(tmp / "tok"), max_documents=400, tokenizer_sentences=50_000, num_proc=1)
+        )
+        model_path = tok_dir / "tokenizer.model"
+        model = model_path.read_bytes()
+        print(
+            f"tokenizer: sentencepiece BPE {load_meta(tok_dir).vocab_size} pieces ({time.perf_counter() - t0:.0f}s)"
+        )
+        print(f"{procs} processes, {tasks} tasks, {4 * procs} jsonl files per corpus, best of {args.repeats}")
+        header = (
+            f"{'corpus':>8} {'tokens':>12} {'ours s':>8} {'ceiling s':>10} {'ratio':>6} "
+            f"{'MB/s ours':>10} {'output MB':>10} {'peak scratch':>13} {'task RSS MB (max)':>18}"
+        )
+        print(header)
+        for size in args.sizes_mb:
+            corpus = tmp / f"corpus{size}"
+            texts = write_corpus(corpus, size, 4 * procs)
+            ours, ceil, n_ceil = [], [], 0
+            for r in range(args.repeats):
+                out = tmp / f"out{size}_{r}"
+                t = time.perf_counter()
+                prepare(
+                    DataConfig(
+                        name="bench",
+                        source="json",
+                        path=str(corpus),
+                        tokenizer_model=str(model_path),
+                        out_dir=str(out),
+                        num_tasks=tasks,
+                        num_proc=procs,
+                    )
+                )
+                ours.append(time.perf_counter() - t)
+                meta = load_meta(out)
+                n_ours = meta.splits["train"].num_tokens + meta.splits["val"].num_tokens
+                c, n_ceil = ceiling(model, texts, procs)
+                ceil.append(c)
+            # ours adds one EOS per document; the ceiling encodes the same documents
+            assert n_ours == n_ceil + len(texts), (n_ours, n_ceil, len(texts))
+            rss, peak, output = run_staged(corpus, tmp / f"staged{size}", model_path, tasks)
+            mb = sum(len(t.encode()) for t in texts) / 2**20
+            print(
+                f"{size:>6}MB {n_ours:>12,} {min(ours):>8.2f} {min(ceil):>10.2f} "
+                f"{min(ceil) / min(ours):>6.2f} {mb / min(ours):>10.2f} {output / 2**20:>10.1f} "
+                f"{peak / output:>12.2f}x {max(rss):>18.0f}"
+            )
+            print(
+                f"         per-task peak RSS MB: {[round(x) for x in rss]}; all times s: ours {ours}, ceiling {ceil}"
+            )
+
+
+if __name__ == "__main__":
+    main()

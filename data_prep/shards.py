@@ -53,7 +53,7 @@ class ShardWriter:
                 self._open()
             # Take documents up to the one that fills the shard.
             j, room = i, self.shard_tokens - self._tokens
-            while j < len(docs) and room > 0:
+            while j < len(docs) and (room > 0 or j == i):
                 room -= len(docs[j])
                 j += 1
             lengths = [len(d) for d in docs[i:j]]

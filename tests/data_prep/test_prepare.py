@@ -181,3 +181,19 @@ def test_uint32_shards_round_trip(corpus, tmp_path, monkeypatch):
     assert Counter(decode_split(meta, "train") + decode_split(meta, "val")) == Counter(expected.values())
     batch = next(build_train_loader(meta, seq_len=32, global_batch_size=2, micro_batch_size=2))
     assert int(batch["input_ids"].max()) < 400
+
+
+def test_a_single_file_format_directory_is_refused_then_rebuilt_with_force(corpus, tmp_path):
+    """format_version 1 (train.bin / val.bin): one line asking for force; force replaces it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train.bin", "val.bin", "tokenizer.model"):
+        (out / name).write_bytes(b"\x02\x00" * 4)
+    (out / "meta.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
+    cfg = corpus_config(corpus[0], out, max_documents=6, vocab_size=400, num_proc=1)
+    with pytest.raises(DataError, match=r"format_version=1, this code reads 2.*data.force=true"):
+        prepare(cfg)
+    cfg.force = True
+    meta = load_meta(prepare(cfg))
+    assert meta.format_version == 2 and not (out / "train.bin").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.model", "train", "val"]

@@ -16,7 +16,8 @@ BPE tokenizer of 8192 pieces trained once, outside the timings):
 3. resources, in separate processes as on a cluster (`--plan`, `--task k` one at a time,
    `--finalize`): peak RSS of each task process (`wait4` ru_maxrss) and peak scratch = the
    largest size of the work + output directories sampled every 20 ms, against the final
-   output size (target <= 1.3x; memory per task must not grow with the corpus).
+   output size (target <= 1.3x; memory per task must not grow with the corpus). Printed next
+   to it: the peak RSS of a process that only imports the preparation code.
 """
 
 from __future__ import annotations
@@ -157,6 +158,15 @@ def run_staged(corpus: Path, out: Path, model: Path, tasks: int) -> tuple[list[f
     return rss, scratch.peak, dir_bytes(out)
 
 
+def import_rss_mb() -> float:
+    """Peak RSS of a process that only imports the preparation code (torch, datasets, ...)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import data_prep.prepare"], env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    _, _, usage = os.wait4(p.pid, 0)
+    return usage.ru_maxrss / 1024
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--procs", type=int, default=2)
@@ -176,6 +186,7 @@ def main() -> None:
             f"tokenizer: sentencepiece BPE {load_meta(tok_dir).vocab_size} pieces ({time.perf_counter() - t0:.0f}s)"
         )
         print(f"{procs} processes, {tasks} tasks, {4 * procs} jsonl files per corpus, best of {args.repeats}")
+        print(f"peak RSS of a process that only imports data_prep.prepare: {import_rss_mb():.0f} MB")
         header = (
             f"{'corpus':>8} {'tokens':>12} {'ours s':>8} {'ceiling s':>10} {'ratio':>6} "
             f"{'MB/s ours':>10} {'output MB':>10} {'peak scratch':>13} {'task RSS MB (max)':>18}"

@@ -36,7 +36,7 @@ def bench_loader(meta, seq_len: int, micro: int, iters: int) -> None:
     loader = build_train_loader(
         meta, seq_len=seq_len, global_batch_size=micro, micro_batch_size=micro, seed=0
     )
-    data = PackedTokens(meta, "train").shards[0]
+    data = PackedTokens(meta, "train").shard(0)
     rng = np.random.default_rng(0)
 
     def get_batch():  # nanoGPT train.py

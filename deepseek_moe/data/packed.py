@@ -18,12 +18,17 @@ import numpy as np
 from deepseek_moe.data.meta import DTYPES, INDEX_DTYPE, DataMeta
 from deepseek_moe.errors import DataError
 
+# Each open memmap holds a file descriptor (CPython's mmap keeps a dup of it), and a corpus of
+# 2T tokens has thousands of shards: keep only the most recently used ones open.
+MAX_OPEN_SHARDS = 128
+
 
 class PackedTokens:
     """Read-only memmaps over one split's shards, checked against `meta.json` (sizes only).
 
     Only the pages a batch touches are read, so every rank can open the whole corpus without
-    copying it. `path` is the split's directory (named in errors about the split).
+    copying it; at most `MAX_OPEN_SHARDS` shards are mapped at a time (opened on first use).
+    `path` is the split's directory (named in errors about the split).
     """
 
     def __init__(self, meta: DataMeta, split: str):
@@ -32,8 +37,9 @@ class PackedTokens:
         self.path: Path = meta.split_dir(split)
         info = meta.splits[split]
         fix = f"re-run `python -m data_prep.prepare data=<preset> data.force=true` to rebuild {meta.dir}"
-        dtype = np.dtype(DTYPES[meta.dtype])
-        self.shards: list[np.memmap] = []
+        dtype = self._dtype = np.dtype(DTYPES[meta.dtype])
+        self._paths: list[Path] = []  # non-empty shards (numpy cannot map an empty file)
+        sizes = []
         for shard in info.shards:
             path = meta.dir / shard.file
             if not path.is_file():
@@ -44,10 +50,12 @@ class PackedTokens:
                     f"{path} is truncated or corrupt: {actual} bytes, meta.json says "
                     f"{shard.num_tokens} {meta.dtype} tokens = {expected} bytes; {fix}"
                 )
-            if shard.num_tokens:  # numpy cannot map an empty file
-                self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+            if shard.num_tokens:
+                self._paths.append(path)
+                sizes.append(shard.num_tokens)
+        self._open: dict[int, np.memmap] = {}  # shard index -> map, least recently used first
         # starts[j] = stream offset of shard j; starts[-1] = total tokens.
-        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])]).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         if self.starts[-1] != info.num_tokens:
             raise DataError(
                 f"{self.path}: its shards hold {self.starts[-1]} tokens, meta.json says {info.num_tokens}; {fix}"
@@ -62,13 +70,27 @@ class PackedTokens:
         """Number of full `seq_len + 1` windows (consecutive windows share one token)."""
         return max(0, (len(self) - 1) // seq_len)
 
+    @property
+    def num_shards(self) -> int:
+        return len(self._paths)
+
+    def shard(self, j: int) -> np.memmap:
+        """The tokens of (non-empty) shard j, mapped on first use."""
+        m = self._open.pop(j, None)
+        if m is None:
+            if len(self._open) >= MAX_OPEN_SHARDS:
+                del self._open[next(iter(self._open))]  # unmapped once no view holds it
+            m = np.memmap(self._paths[j], dtype=self._dtype, mode="r")
+        self._open[j] = m
+        return m
+
     def read(self, start: int, length: int, out: np.ndarray) -> None:
         """Copy stream tokens [start, start + length) into `out` (crossing shards as needed)."""
         j = int(np.searchsorted(self.starts, start, side="right")) - 1
         done = 0
         while done < length:
             offset = start + done - int(self.starts[j])
-            piece = self.shards[j][offset : offset + length - done]
+            piece = self.shard(j)[offset : offset + length - done]
             out[done : done + len(piece)] = piece
             done += len(piece)
             j += 1

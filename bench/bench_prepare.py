@@ -18,6 +18,8 @@ BPE tokenizer of 8192 pieces trained once, outside the timings):
    largest size of the work + output directories sampled every 20 ms, against the final
    output size (target <= 1.3x; memory per task must not grow with the corpus). Printed next
    to it: the peak RSS of a process that only imports the preparation code.
+4. launch: `load_meta` + `PackedTokens` (every rank, every launch) over a simulated manifest of
+   `--manifest-shards` shards of 2^28 uint32 tokens (sparse files: sizes without data).
 """
 
 from __future__ import annotations
@@ -167,11 +169,57 @@ def import_rss_mb() -> float:
     return usage.ru_maxrss / 1024
 
 
+def launch_cost(tmp: Path, num_shards: int, shard_tokens: int) -> None:
+    """load_meta + PackedTokens (what every rank does at launch) over a simulated manifest of
+    `num_shards` uint32 shards of `shard_tokens` tokens: sparse files of the right size."""
+    from deepseek_moe.data.meta import FORMAT_VERSION, DataMeta, ShardMeta, SplitMeta
+    from deepseek_moe.data.packed import PackedTokens
+
+    out = tmp / "manifest"
+    splits = {}
+    for split, n in (("train", num_shards), ("val", 2)):
+        (out / split).mkdir(parents=True)
+        shards = []
+        for j in range(n):
+            name = f"{split}/{j // 16:05d}-{j % 16:05d}"
+            with open(out / f"{name}.bin", "wb") as f:
+                f.truncate(4 * shard_tokens)
+            shards.append(
+                ShardMeta(
+                    file=f"{name}.bin",
+                    num_tokens=shard_tokens,
+                    num_documents=shard_tokens // 1000,
+                    sha256="0" * 64,
+                )
+            )
+        splits[split] = SplitMeta(
+            num_tokens=n * shard_tokens, num_documents=n * (shard_tokens // 1000), shards=shards
+        )
+    (out / "tokenizer.model").write_bytes(b"-")
+    meta = DataMeta(
+        format_version=FORMAT_VERSION, name="sim", source="json", vocab_size=102400, bos_id=1, eos_id=2,
+        pad_id=3, unk_id=0, dtype="uint32", splits=splits, tokenizer_file="tokenizer.model",
+        tokenizer_sha256="-", source_fingerprint="-",
+    )  # fmt: skip
+    meta.fingerprint = meta.compute_fingerprint()
+    (out / "meta.json").write_text(meta.to_json())
+    t0 = time.perf_counter()
+    packed = PackedTokens(load_meta(out), "train")
+    dt = time.perf_counter() - t0
+    print(
+        f"launch: load_meta + PackedTokens over {num_shards} shards = {len(packed) / 1e12:.2f}T tokens: "
+        f"{dt:.2f}s (meta.json {(out / 'meta.json').stat().st_size / 2**20:.1f} MB)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--sizes-mb", type=int, nargs="+", default=[16, 64])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--manifest-shards", type=int, default=7500, help="simulated launch: 7500 x 2^28 = 2T tokens"
+    )
     args = p.parse_args()
     procs, tasks = args.procs, 2 * args.procs
     with tempfile.TemporaryDirectory() as d:
@@ -187,6 +235,7 @@ def main() -> None:
         )
         print(f"{procs} processes, {tasks} tasks, {4 * procs} jsonl files per corpus, best of {args.repeats}")
         print(f"peak RSS of a process that only imports data_prep.prepare: {import_rss_mb():.0f} MB")
+        launch_cost(tmp, args.manifest_shards, 1 << 28)
         header = (
             f"{'corpus':>8} {'tokens':>12} {'ours s':>8} {'ceiling s':>10} {'ratio':>6} "
             f"{'MB/s ours':>10} {'output MB':>10} {'peak scratch':>13} {'task RSS MB (max)':>18}"

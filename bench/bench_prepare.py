@@ -3,7 +3,7 @@
     python bench/bench_prepare.py                          # 2 processes, corpora of 16 and 64 MB
     python bench/bench_prepare.py --procs 2 --sizes-mb 16 64 --repeats 3
 
-For each corpus size (jsonl files of Python stdlib source, `4 x procs` files; a sentencepiece
+For each corpus size (jsonl files of `--file-mb` of Python stdlib source; a sentencepiece
 BPE tokenizer of 8192 pieces trained once, outside the timings):
 1. ours: `prepare()` of the `local_jsonl` preset with `data.tokenizer_model` given, `procs`
    processes, `2 x procs` tasks: plan (listing), tasks (stream the rows, encode in batches,
@@ -17,7 +17,8 @@ BPE tokenizer of 8192 pieces trained once, outside the timings):
    `--finalize`): peak RSS of each task process (`wait4` ru_maxrss) and peak scratch = the
    largest size of the work + output directories sampled every 20 ms, against the final
    output size (target <= 1.3x; memory per task must not grow with the corpus). Printed next
-   to it: the peak RSS of a process that only imports the preparation code.
+   to it: the peak RSS of a process that only imports the preparation code, and the same
+   measurement for the largest corpus as one file in one task.
 4. launch: `load_meta` + `PackedTokens` (every rank, every launch) over a simulated manifest of
    `--manifest-shards` shards of 2^28 uint32 tokens (sparse files: sizes without data).
 """
@@ -47,8 +48,9 @@ from deepseek_moe.data.tokenizer import Tokenizer, escape_text  # noqa: E402
 BATCH = 256
 
 
-def write_corpus(out: Path, size_mb: int, num_files: int) -> list[str]:
-    """jsonl files of stdlib documents (cycled) totalling ~size_mb of text; returns the texts."""
+def write_corpus(out: Path, size_mb: int, file_mb: float) -> list[str]:
+    """jsonl files of ~file_mb of stdlib documents (cycled) totalling ~size_mb of text; returns
+    the texts."""
     docs = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(stdlib_dir().rglob("*.py"))[:4000]]
     docs = [d for d in docs if 200 < len(d) < 200_000]
     texts, total, i = [], 0, 0
@@ -58,6 +60,7 @@ def write_corpus(out: Path, size_mb: int, num_files: int) -> list[str]:
         total += len(d.encode())
         i += 1
     out.mkdir(parents=True)
+    num_files = max(1, round(size_mb / file_mb))
     per = -(-len(texts) // num_files)
     for f in range(num_files):
         with open(out / f"part{f:03d}.jsonl", "w") as fh:
@@ -217,6 +220,7 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--sizes-mb", type=int, nargs="+", default=[16, 64])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--file-mb", type=float, default=1.0, help="size of each jsonl file (a task's unit)")
     p.add_argument(
         "--manifest-shards", type=int, default=7500, help="simulated launch: 7500 x 2^28 = 2T tokens"
     )
@@ -233,7 +237,7 @@ def main() -> None:
         print(
             f"tokenizer: sentencepiece BPE {load_meta(tok_dir).vocab_size} pieces ({time.perf_counter() - t0:.0f}s)"
         )
-        print(f"{procs} processes, {tasks} tasks, {4 * procs} jsonl files per corpus, best of {args.repeats}")
+        print(f"{procs} processes, {tasks} tasks, jsonl files of {args.file_mb} MB, best of {args.repeats}")
         print(f"peak RSS of a process that only imports data_prep.prepare: {import_rss_mb():.0f} MB")
         launch_cost(tmp, args.manifest_shards, 1 << 28)
         header = (
@@ -243,7 +247,7 @@ def main() -> None:
         print(header)
         for size in args.sizes_mb:
             corpus = tmp / f"corpus{size}"
-            texts = write_corpus(corpus, size, 4 * procs)
+            texts = write_corpus(corpus, size, args.file_mb)
             ours, ceil, n_ceil = [], [], 0
             for r in range(args.repeats):
                 out = tmp / f"out{size}_{r}"

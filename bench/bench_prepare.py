@@ -36,6 +36,8 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -49,10 +51,12 @@ BATCH = 256
 
 
 def write_corpus(out: Path, size_mb: int, file_mb: float) -> list[str]:
-    """jsonl files of ~file_mb of stdlib documents (cycled) totalling ~size_mb of text; returns
+    """jsonl files of ~file_mb of stdlib documents (seeded order, cycled) totalling ~size_mb of text; returns
     the texts."""
     docs = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(stdlib_dir().rglob("*.py"))[:4000]]
     docs = [d for d in docs if 200 < len(d) < 200_000]
+    # A seeded order: every corpus size draws from the same mix of document lengths.
+    docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
     texts, total, i = [], 0, 0
     while total < size_mb << 20:
         d = docs[i % len(docs)]

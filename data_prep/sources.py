@@ -13,9 +13,9 @@ never on K (`split_is_val`, `hash_is_val`).
   counted ("empty"). No newline translation: "\\r\\n" stays. Units = kept files; the split is
   an exact seeded choice of round(N * val_fraction) of them (`split_is_val`); fingerprint =
   relative paths + content hashes.
-- json / csv / parquet: units = the table files (sorted); a task streams its files' rows with
-  `datasets.load_dataset(<format>, data_files=[file], streaming=True)`: no arrow copy of the
-  text, memory one batch. One document per row of `text_column`; empty or null rows are
+- json / csv / parquet: units = the table files (sorted); a task streams its files' rows, one
+  batch in memory, no copy of the text: JSON Lines (.jsonl, .jsonl.gz) and parquet directly,
+  .json and csv with `datasets.load_dataset(<format>, data_files=[file], streaming=True)`. One document per row of `text_column`; empty or null rows are
   skipped and counted. The split is a seeded hash of (file, row) (`hash_is_val`): a task
   never needs the row counts of other files. Fingerprint = relative paths + sizes (the
   content is covered by the shards' checksums); no pass over terabytes before the tasks.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import gzip
 import hashlib
 import os
 import sysconfig
@@ -211,15 +212,75 @@ def _check_column(ds, cfg: DataConfig, where: str):
     return ds.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else ds
 
 
-def _open_table(cfg: DataConfig, path: Path, cache_dir: Path):
-    """One table file's rows, streamed (no arrow cache), with a "text" column."""
+def _missing_column(cfg: DataConfig, where, columns) -> DataError:
+    return DataError(
+        f"data.text_column={cfg.text_column!r} is not a column of {where} "
+        f"(columns: {list(columns)}); set data.text_column to one of them"
+    )
+
+
+def _jsonl_rows(cfg: DataConfig, path: Path) -> Iterator[list]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    batch: list = []
+    first = True
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n + 1} is not a JSON object ({e}); check data.path") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n + 1} is not a JSON object; JSON Lines hold one object per line")
+            if first and cfg.text_column not in row:
+                raise _missing_column(cfg, path, row)
+            first = False
+            batch.append(row.get(cfg.text_column))
+            if len(batch) == BATCH_DOCUMENTS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _parquet_rows(cfg: DataConfig, path: Path) -> Iterator[list]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if cfg.text_column not in pf.schema_arrow.names:
+        raise _missing_column(cfg, path, pf.schema_arrow.names)
+    for rb in pf.iter_batches(batch_size=BATCH_DOCUMENTS, columns=[cfg.text_column]):
+        yield rb.column(0).to_pylist()
+
+
+def _datasets_rows(cfg: DataConfig, path: Path, cache_dir: Path) -> Iterator[list]:
     try:
         ds = datasets.load_dataset(
             cfg.source, data_files=[str(path)], split="train", streaming=True, cache_dir=str(cache_dir)
         )
     except Exception as e:  # datasets raises many types for unreadable files
         raise DataError(f"could not read {path} as {cfg.source}: {e}; check data.path and data.source") from e
-    return _check_column(ds, cfg, str(path))
+    ds = _check_column(ds, cfg, str(path))
+    for batch in ds.iter(batch_size=BATCH_DOCUMENTS):
+        yield batch["text"]
+
+
+def _table_rows(cfg: DataConfig, path: Path, cache_dir: Path) -> Iterator[list]:
+    """Batches of one table file's `text_column` values in row order, streamed: JSON Lines
+    and parquet read directly (one batch in memory), other formats (.json, csv) through
+    `datasets` streaming."""
+    try:
+        if cfg.source == "json" and path.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from _jsonl_rows(cfg, path)
+        elif cfg.source == "parquet":
+            yield from _parquet_rows(cfg, path)
+        else:
+            yield from _datasets_rows(cfg, path, cache_dir)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"could not read {path} as {cfg.source}: {e}; check data.path and data.source") from e
 
 
 def _plan_tables(cfg: DataConfig, cache_dir: Path) -> Plan:
@@ -231,14 +292,12 @@ def _plan_tables(cfg: DataConfig, cache_dir: Path) -> Plan:
     h = hashlib.sha256(f"{cfg.source}\0{cfg.text_column}".encode())
     for f in files:
         h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\0".encode())
-    _open_table(cfg, files[0], cache_dir)  # a wrong column fails here, before any task
+    next(_table_rows(cfg, files[0], cache_dir), None)  # a wrong column fails here, before any task
     limits: list[Optional[int]] = [None] * len(files)
     if cfg.max_documents is not None:  # count rows from the head until the limit is reached
         left = cfg.max_documents
         for i, f in enumerate(files):
-            rows = sum(
-                len(b["text"]) for b in _open_table(cfg, f, cache_dir).iter(batch_size=BATCH_DOCUMENTS)
-            )
+            rows = sum(len(b) for b in _table_rows(cfg, f, cache_dir))
             limits[i] = min(rows, left)
             left -= limits[i]
             if left == 0:
@@ -326,8 +385,8 @@ def _keep(texts, keys, cfg: DataConfig, skipped) -> tuple[list[str], np.ndarray]
 def _table_batches(plan: Plan, cfg: DataConfig, lo: int, hi: int, skipped, cache_dir: Path) -> Iterator:
     for unit, limit in zip(plan.units[lo:hi], plan.limits[lo:hi]):
         row = 0
-        for batch in _open_table(cfg, Path(plan.root) / unit, cache_dir).iter(batch_size=BATCH_DOCUMENTS):
-            texts = batch["text"] if limit is None else batch["text"][: limit - row]
+        for batch in _table_rows(cfg, Path(plan.root) / unit, cache_dir):
+            texts = batch if limit is None else batch[: limit - row]
             keys = [f"{unit}:{row + i}" for i in range(len(texts))]
             row += len(texts)
             yield _keep(texts, keys, cfg, skipped)

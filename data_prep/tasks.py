@@ -31,6 +31,11 @@ from deepseek_moe.data.meta import SPLITS
 from deepseek_moe.data.tokenizer import load_tokenizer
 from deepseek_moe.errors import DataError
 
+# Characters encoded in one call. The encoder returns Python lists (about 36 bytes per token),
+# so a batch is capped by its text, not by its document count: a task's memory then does not
+# depend on how long the documents of a corpus are (one longer document is its own batch).
+ENCODE_CHARS = 1 << 20
+
 PLAN_FILE = "plan.json"
 TASKS_DIR = "tasks"
 CACHE_DIR = "cache"
@@ -71,12 +76,14 @@ def run_task(work: Path, cfg: DataConfig, task: int) -> dict:
     skipped: dict[str, int] = {}
     try:
         for texts, is_val in task_documents(plan, cfg, lo, hi, skipped, cache):
-            ids = tok.encode_batch(texts)
-            for split, mask in (("train", ~is_val), ("val", is_val)):
-                docs = [ids[i] for i in np.flatnonzero(mask)]
-                for d in docs:
-                    d.append(eos)
-                writers[split].write(docs)
+            for a, b in _chunks(texts, ENCODE_CHARS):
+                ids = tok.encode_batch(texts[a:b])
+                for split, mask in (("train", ~is_val[a:b]), ("val", is_val[a:b])):
+                    docs = [ids[i] for i in np.flatnonzero(mask)]
+                    for d in docs:
+                        d.append(eos)
+                    writers[split].write(docs)
+                del ids
         shards = {s: [asdict(h) for h in w.close()] for s, w in writers.items()}
     except BaseException:
         for w in writers.values():
@@ -93,6 +100,18 @@ def run_task(work: Path, cfg: DataConfig, task: int) -> dict:
         flush=True,
     )
     return result
+
+
+def _chunks(texts: list[str], max_chars: int):
+    """[a, b) ranges of consecutive texts of at most `max_chars` characters (at least one text)."""
+    a = 0
+    while a < len(texts):
+        b, size = a + 1, len(texts[a])
+        while b < len(texts) and size + len(texts[b]) <= max_chars:
+            size += len(texts[b])
+            b += 1
+        yield a, b
+        a = b
 
 
 def run_tasks(work: Path, cfg: DataConfig, num_proc: int) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_prep import shards as shards_mod
+from data_prep import tasks as tasks_mod
 from data_prep.prepare import finalize_stage, main, prepare
 from data_prep.verify import verify
 from deepseek_moe.data.meta import load_meta
@@ -27,7 +28,7 @@ def doc_ends(meta, split: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("source", ["local_text", "json"])
-def test_one_task_and_four_tasks_give_the_same_tokens(corpus, jsonl_corpus, tmp_path, source):
+def test_one_task_and_four_tasks_give_the_same_tokens(corpus, jsonl_corpus, tmp_path, monkeypatch, source):
     if source == "local_text":
         tok = {"tokenizer_model": str(tmp_path / "one" / "tokenizer.model")}
         one = load_meta(
@@ -43,6 +44,7 @@ def test_one_task_and_four_tasks_give_the_same_tokens(corpus, jsonl_corpus, tmp_
         four_cfg = jsonl_config(
             jsonl_corpus[0], tmp_path / "four", num_tasks=4, num_proc=2, shard_tokens=5000, **tok
         )
+    monkeypatch.setattr(tasks_mod, "ENCODE_CHARS", 3000)  # and encoded in small batches
     four = load_meta(prepare(four_cfg))
     assert four.num_tasks == 4 and one.num_tasks == 1
     assert len(four.splits["train"].shards) > len(one.splits["train"].shards)

@@ -14,7 +14,7 @@ BPE tokenizer of 8192 pieces trained once, outside the timings):
    Ratio = ceiling time / our time (target >= 0.7). Runs alternate ours / ceiling, best of
    `--repeats` each.
 3. resources, in separate processes as on a cluster (`--plan`, `--task k` one at a time,
-   `--finalize`): peak RSS of each task process (`wait4` ru_maxrss) and peak scratch = the
+   `--finalize`): peak RSS of each task process (its VmHWM at exit) and peak scratch = the
    largest size of the work + output directories sampled every 20 ms, against the final
    output size (target <= 1.3x; memory per task must not grow with the corpus). Printed next
    to it: the peak RSS of a process that only imports the preparation code, and the same
@@ -139,41 +139,41 @@ def overrides(corpus: Path, out: Path, model: Path, tasks: int) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], env: dict) -> None:
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-
-
 def run_staged(corpus: Path, out: Path, model: Path, tasks: int) -> tuple[list[float], int, int]:
     """--plan, each --task k in its own process, --finalize: (peak RSS MB per task, peak
     scratch bytes, output bytes)."""
     args = overrides(corpus, out, model, tasks)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "data_prep.prepare"]
+    code = "import sys; from data_prep.prepare import main; main(sys.argv[1:])"
     work = out.parent / f".{out.name}.work"
-    rss = []
     with ScratchSampler(work, out) as scratch:
-        _run([*cmd, "--plan", *args], env)
-        for k in range(tasks):
-            p = subprocess.Popen(
-                [*cmd, "--task", str(k), *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL
-            )
-            _, status, usage = os.wait4(p.pid, 0)
-            p.returncode = os.waitstatus_to_exitcode(status)
-            assert p.returncode == 0, f"task {k} failed"
-            rss.append(usage.ru_maxrss / 1024)  # KiB -> MiB
-        _run([*cmd, "--finalize", *args], env)
+        _run_hwm(code, ["--plan", *args], env)
+        rss = [_run_hwm(code, ["--task", str(k), *args], env) for k in range(tasks)]
+        _run_hwm(code, ["--finalize", *args], env)
     return rss, scratch.peak, dir_bytes(out)
+
+
+# Peak RSS from the process itself (VmHWM, reset by exec): wait4's ru_maxrss would count the
+# parent's pages the child shares between fork and exec.
+_HWM = (
+    "import atexit, sys; atexit.register(lambda: print('VmHWM', next(l.split()[1] for l in "
+    "open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)); "
+)
+
+
+def _run_hwm(code: str, args: list[str], env: dict) -> float:
+    """Run `python -c _HWM + code args...`; its peak RSS in MB."""
+    res = subprocess.run(
+        [sys.executable, "-c", _HWM + code, *args], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    if res.returncode:
+        raise SystemExit(f"{code} {' '.join(args)} failed:\n{res.stderr[-2000:]}")
+    return int(res.stderr.rsplit("VmHWM", 1)[1].split()[0]) / 1024
 
 
 def import_rss_mb() -> float:
     """Peak RSS of a process that only imports the preparation code (torch, datasets, ...)."""
-    p = subprocess.Popen(
-        [sys.executable, "-c", "import data_prep.prepare"], env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
-    _, _, usage = os.wait4(p.pid, 0)
-    return usage.ru_maxrss / 1024
+    return _run_hwm("import data_prep.prepare", [], {**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def launch_cost(tmp: Path, num_shards: int, shard_tokens: int) -> None:
@@ -284,6 +284,14 @@ def main() -> None:
             print(
                 f"         per-task peak RSS MB: {[round(x) for x in rss]}; all times s: ours {ours}, ceiling {ceil}"
             )
+        # The largest corpus as one file in one task: the reader holds one batch, not the file.
+        one = tmp / "one_file"
+        write_corpus(one, max(args.sizes_mb), max(args.sizes_mb))
+        rss, peak, output = run_staged(one, tmp / "staged_one", model_path, 1)
+        print(
+            f"one {max(args.sizes_mb)} MB file, 1 task: peak RSS {rss[0]:.0f} MB, peak scratch "
+            f"{peak / output:.2f}x the output ({output / 2**20:.1f} MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,9 @@
 
 1. prepare: the full default preset (`python -m data_prep.prepare` with a temp out_dir), wall
    time and its phases as printed by `prepare`.
-2. tokenize: encoding every stdlib document with the prepared tokenizer, ours
-   (`datasets.map(batched=True, num_proc=2)`, what `prepare` runs) vs the peer baseline, a
-   plain single-process `for doc: sp.encode(doc)` loop. Printed: seconds and the ratio.
-3. loader: micro-batches/s of our `TrainLoader` (seeded permutation of windows, resumable)
-   vs nanoGPT's `get_batch` (random offsets into the same memmap, `torch.stack`). Same
+   (Preparation throughput against the tokenizer's own batch encoding: bench_prepare.py.)
+2. loader: micro-batches/s of our `TrainLoader` (seeded permutation of windows, resumable)
+   vs nanoGPT's `get_batch` (random offsets into a memmap of the first shard, `torch.stack`). Same
    batch shape; both read from the page cache. Printed: batches/s and the ratio.
 """
 
@@ -28,45 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_prep.prepare import prepare  # noqa: E402
-from data_prep.sources import load_documents  # noqa: E402
 from deepseek_moe.config.data import DataConfig  # noqa: E402
 from deepseek_moe.data.loader import build_train_loader  # noqa: E402
 from deepseek_moe.data.meta import load_meta  # noqa: E402
-from deepseek_moe.data.tokenizer import Tokenizer  # noqa: E402
-
-
-def bench_tokenize(meta, tmp: Path) -> None:
-    from data_prep.prepare import _EncodeWithEOS
-
-    cfg = DataConfig()
-    docs = load_documents(cfg, tmp / "cache").dataset
-    texts = docs["text"]
-    tok = Tokenizer(meta.tokenizer_path)
-    t0 = time.perf_counter()
-    peer = [tok.sp.encode(t) + [tok.eos_id] for t in texts]
-    t_peer = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours = docs.map(
-        _EncodeWithEOS(tok),
-        batched=True,
-        batch_size=64,
-        num_proc=2,
-        remove_columns=["text"],
-        cache_file_name=str(tmp / "cache" / "tok.arrow"),
-    )
-    t_ours = time.perf_counter() - t0
-    assert sum(len(x) for x in peer) == sum(len(x) for x in ours["ids"])
-    print(
-        f"tokenize  {len(texts)} docs: ours (datasets.map, 2 procs) {t_ours:.2f}s, "
-        f"peer (spm for-loop, 1 proc) {t_peer:.2f}s, ratio peer/ours = {t_peer / t_ours:.2f}x"
-    )
+from deepseek_moe.data.packed import PackedTokens  # noqa: E402
 
 
 def bench_loader(meta, seq_len: int, micro: int, iters: int) -> None:
     loader = build_train_loader(
         meta, seq_len=seq_len, global_batch_size=micro, micro_batch_size=micro, seed=0
     )
-    data = np.memmap(meta.split_path("train"), dtype=np.uint16, mode="r")
+    data = PackedTokens(meta, "train").shard(0)
     rng = np.random.default_rng(0)
 
     def get_batch():  # nanoGPT train.py
@@ -108,7 +78,6 @@ def main() -> None:
             f"({meta.splits['train'].num_tokens:,} train / {meta.splits['val'].num_tokens:,} "
             f"val), vocab {meta.vocab_size}"
         )
-        bench_tokenize(meta, tmp)
         bench_loader(meta, args.seq_len, args.micro_batch, args.iters)
 
 

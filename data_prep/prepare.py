@@ -1,4 +1,4 @@
-"""Prepare a corpus: documents -> sentencepiece tokenizer -> packed train.bin / val.bin.
+"""Prepare a corpus: documents -> tokenizer -> token shards + manifest, as independent tasks.
 
     python -m data_prep.prepare                                   # default: python_stdlib
     python -m data_prep.prepare data=local_text data.path=~/texts data.file_pattern='*.md'
@@ -6,26 +6,37 @@
     python -m data_prep.prepare data=hf_hub data.path=roneneldan/TinyStories data.streaming=true
     python -m data_prep.prepare data.force=true                   # rebuild
 
+    # the same in stages, e.g. as SLURM jobs (launch/prepare.sbatch, data_prep/README.md):
+    python -m data_prep.prepare --plan     data=local_jsonl data.path=... data.num_tasks=64
+    python -m data_prep.prepare --task 17  data=local_jsonl data.path=... data.num_tasks=64
+    python -m data_prep.prepare --finalize data=local_jsonl data.path=... data.num_tasks=64
+
 The config is composed from `conf/prepare.yaml`, which holds only the `conf/data/` group that
 `train.py` uses too, so `train.py data=<preset>` reads what this wrote (`data.out_dir`, default
 `data/<name>` under the launch directory). From Python: `prepare(data_cfg) -> Path` and, for
 the trainer, `ensure_prepared(data_cfg) -> DataMeta` (no-op when the output is complete).
 
-Steps: 1) read documents (`sources.py`), 2) split them by document into train/val with
-`split_seed`, 3) train a sentencepiece BPE model on train documents (`train_tokenizer.py`), copy
-`data.tokenizer_model`, or take a Hugging Face tokenizer (`data.tokenizer`, checked lossless on
-the first documents; stored as `tokenizer.json`), 4) tokenise with `datasets.map(batched=True, num_proc=...)`,
-appending EOS to every document, 5) write `train.bin`, `val.bin`, `tokenizer.model` and
-`meta.json` (see `deepseek_moe/data/meta.py`) into `.<out_dir>.tmp-<pid>` and rename it to
-`out_dir` only when all is written: an interrupted run never leaves a complete-looking
-directory. datasets' cache lives inside that temp dir and is deleted with it.
+Stages, all in the work directory `.<out_dir name>.work` next to `out_dir`:
+1) plan (one process): list and fingerprint the inputs (`sources.make_plan`), decide the
+   train/val split rule, train a sentencepiece BPE model on a sample of train documents
+   (`train_tokenizer.py`), copy `data.tokenizer_model`, or take a Hugging Face tokenizer
+   (`data.tokenizer`, checked lossless on the first documents; stored as `tokenizer.json`);
+   write `plan.json`. A plan with the same config is reused.
+2) tasks (`tasks.py`): task k of `data.num_tasks` encodes its contiguous range of documents
+   into shards of about `data.shard_tokens` tokens, EOS after every document, and writes its
+   completion marker; a rerun runs only the tasks without one.
+3) finalize: gather the markers into `meta.json` (the manifest, see
+   `deepseek_moe/data/meta.py`) and rename the work directory to `out_dir`: no token is
+   copied or re-read, and `out_dir` never looks complete before it is.
+Tasks take contiguous documents in source order and a document's split never depends on the
+number of tasks, so the concatenated shards are the same for any `data.num_tasks`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import hashlib
-import os
+import json
 import shutil
 import sys
 import time
@@ -33,23 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import datasets
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from tqdm.auto import tqdm
-
-from data_prep.sources import Source, load_documents
+from data_prep.sources import Plan, head_texts, make_plan, train_texts
+from data_prep.tasks import CACHE_DIR, PLAN_FILE, TASKS_DIR, marker_path, read_stamp, run_task, run_tasks
 from data_prep.train_tokenizer import sample_lines, train_sentencepiece
-from deepseek_moe.atomic import replace_dir
+from deepseek_moe.atomic import atomic_write_bytes, replace_dir
 from deepseek_moe.config.data import TRAINING_ONLY_FIELDS, DataConfig
 from deepseek_moe.data.meta import (
-    DTYPES,
     FORMAT_VERSION,
     META_FILE,
     SPLITS,
     TOKENIZER_FILE,
     DataMeta,
+    ShardMeta,
     SplitMeta,
     dtype_for_vocab,
     load_meta,
@@ -63,14 +69,19 @@ from deepseek_moe.data.tokenizer import (
     HFTokenizer,
     Tokenizer,
     check_round_trip,
+    load_tokenizer,
 )
 from deepseek_moe.errors import ConfigError, DataError, config_error_from_hydra, report_user_errors
 
-OUR_FILES = {META_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE} | {f"{s}.bin" for s in SPLITS}
+# Names a preparation writes into out_dir (`*.bin`: the single-file format of version 1).
+OUR_FILES = {META_FILE, TOKENIZER_FILE, HF_TOKENIZER_FILE, PLAN_FILE, TASKS_DIR, CACHE_DIR, *SPLITS} | {
+    f"{s}.bin" for s in SPLITS
+}
 # An HF tokenizer must give back every one of this many training documents byte for byte.
 ROUND_TRIP_DOCUMENTS = 256
 # Fields that do not change the output files (so a no-op re-run may differ in them).
-_NOT_CONTENT = {"name", "out_dir", "force", "num_proc", *TRAINING_ONLY_FIELDS}
+# num_tasks and shard_tokens change how the token stream is cut into files, never its tokens.
+_NOT_CONTENT = {"name", "out_dir", "force", "num_proc", "num_tasks", "shard_tokens", *TRAINING_ONLY_FIELDS}
 
 
 def _prepare_config(cfg: DataConfig) -> dict:
@@ -102,105 +113,7 @@ def _complete_meta(out: Path, cfg: DataConfig) -> Optional[DataMeta]:
     return meta
 
 
-def _split_is_val(n: int, cfg: DataConfig) -> np.ndarray:
-    """Boolean [n]: which documents go to val (exactly max(1, round(n * val_fraction)))."""
-    if n < 2:
-        raise DataError(
-            f"the source has {n} usable document(s); a train/val split needs at "
-            "least 2. Add documents (check data.path / data.max_documents)"
-        )
-    n_val = min(n - 1, max(1, round(n * cfg.val_fraction)))
-    is_val = np.zeros(n, dtype=bool)
-    is_val[np.random.default_rng(cfg.split_seed).permutation(n)[:n_val]] = True
-    return is_val
-
-
-def _hash_is_val(index: int, cfg: DataConfig) -> bool:
-    """Streaming split: a seeded hash of the document index (no length known in advance)."""
-    digest = hashlib.sha256(f"{cfg.split_seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") < cfg.val_fraction * 2.0**64
-
-
-class _EncodeWithEOS:
-    """datasets.map function: text -> ids + [EOS]; empty text -> [] (dropped when written)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, batch: dict) -> dict:
-        texts = [t or "" for t in batch["text"]]
-        eos = self.tokenizer.eos_id
-        return {"ids": [ids + [eos] if ids else [] for ids in self.tokenizer.encode_batch(texts)]}
-
-
-class _SplitWriter:
-    def __init__(self, path: Path, dtype: str):
-        self.path, self.dtype = path, np.dtype(DTYPES[dtype])
-        self.file = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.num_tokens = self.num_documents = 0
-
-    def write(self, ids: np.ndarray, num_documents: int) -> None:
-        data = ids.astype(self.dtype, copy=False).tobytes()
-        self.file.write(data)
-        self.sha.update(data)
-        self.num_tokens += len(ids)
-        self.num_documents += num_documents
-
-    def close(self) -> SplitMeta:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        return SplitMeta(
-            file=self.path.name,
-            num_tokens=self.num_tokens,
-            num_documents=self.num_documents,
-            sha256=self.sha.hexdigest(),
-        )
-
-
-def _write_splits(
-    tokenized, is_val, cfg: DataConfig, tmp: Path, dtype: str, total: Optional[int]
-) -> tuple[dict[str, SplitMeta], int]:
-    """Stream tokenized documents into train.bin / val.bin in source order.
-
-    `is_val`: a boolean array over document indices, or None to use the streaming hash.
-    Returns the split metas and the number of empty documents dropped.
-    """
-    writers = {s: _SplitWriter(tmp / f"{s}.bin", dtype) for s in SPLITS}
-    empty = index = 0
-    arrow = isinstance(tokenized, datasets.Dataset)
-    batches = (
-        tokenized.with_format("arrow").iter(batch_size=2048) if arrow else tokenized.iter(batch_size=256)
-    )
-    with tqdm(total=total, desc="write shards", unit="doc", mininterval=2) as bar:
-        for batch in batches:
-            col = batch.column("ids") if arrow else pa.array(batch["ids"], pa.list_(pa.int64()))
-            n = len(col)
-            val = (
-                is_val[index : index + n]
-                if is_val is not None
-                else np.array([_hash_is_val(i, cfg) for i in range(index, index + n)])
-            )
-            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-            empty += int((lengths == 0).sum())
-            for split, mask in (("train", ~val), ("val", val)):
-                rows = col.filter(pa.array(mask))
-                ids = pc.list_flatten(rows).to_numpy(zero_copy_only=False)
-                writers[split].write(ids, int(((lengths > 0) & mask).sum()))
-            index += n
-            bar.update(n)
-    metas = {s: w.close() for s, w in writers.items()}
-    for split, m in metas.items():
-        if m.num_documents == 0:
-            raise DataError(
-                f"the {split} split is empty ({index} documents, val_fraction="
-                f"{cfg.val_fraction}); add documents or change data.val_fraction"
-            )
-    return metas, empty
-
-
-def _hf_tokenizer(cfg: DataConfig, source: Source) -> HFTokenizer:
+def _hf_tokenizer(cfg: DataConfig, plan: Plan, cache: Path) -> HFTokenizer:
     """`data.tokenizer`: a Hugging Face tokenizer directory, checked lossless on the corpus."""
     path = resolve_path(cfg.tokenizer)
     if not (path / HF_TOKENIZER_FILE).is_file():
@@ -217,18 +130,13 @@ def _hf_tokenizer(cfg: DataConfig, source: Source) -> HFTokenizer:
             f"data.tokenizer={path} names no eos_token in tokenizer_config.json; "
             "packing needs EOS between documents: add one"
         )
-    texts = (
-        (row["text"] for row in source.dataset.take(ROUND_TRIP_DOCUMENTS))
-        if cfg.streaming
-        else source.dataset.select(range(min(ROUND_TRIP_DOCUMENTS, len(source.dataset))))["text"]
-    )
-    check_round_trip(tok, (t for t in texts if t))
+    check_round_trip(tok, head_texts(plan, cfg, ROUND_TRIP_DOCUMENTS, cache))
     return tok
 
 
-def _tokenizer(cfg: DataConfig, source: Source, is_val) -> Tokenizer:
+def _tokenizer(cfg: DataConfig, plan: Plan, cache: Path) -> Tokenizer:
     if cfg.tokenizer is not None:
-        return _hf_tokenizer(cfg, source)
+        return _hf_tokenizer(cfg, plan, cache)
     if cfg.tokenizer_model is not None:
         path = resolve_path(cfg.tokenizer_model)
         if not path.is_file():
@@ -249,14 +157,7 @@ def _tokenizer(cfg: DataConfig, source: Source, is_val) -> Tokenizer:
                 "needs between documents; train one with an eos_id"
             )
         return tok
-    ds = source.dataset
-    if is_val is None:  # streaming: the train documents at the head of the stream
-        texts = (row["text"] for i, row in enumerate(ds) if not _hash_is_val(i, cfg))
-    else:  # a seeded random order of the train documents, so the sample spans the corpus
-        train_idx = np.flatnonzero(~is_val)
-        order = np.random.default_rng(cfg.split_seed + 1).permutation(train_idx)
-        texts = (t for b in ds.select(order).iter(batch_size=256) for t in b["text"])
-    lines = sample_lines(texts, cfg.tokenizer_sentences)
+    lines = sample_lines(train_texts(plan, cfg, cache), cfg.tokenizer_sentences)
     print(f"[prepare] training sentencepiece BPE (vocab {cfg.vocab_size}) on {len(lines)} lines", flush=True)
     return Tokenizer(train_sentencepiece(lines, cfg))
 
@@ -273,78 +174,165 @@ def _swap_in(tmp: Path, out: Path) -> None:
     replace_dir(tmp, out)
 
 
+def work_dir(out: Path) -> Path:
+    """Where the stages of a preparation of `out` write until finalize renames it to `out`."""
+    return out.parent / f".{out.name}.work"
+
+
+def _num_tasks(cfg: DataConfig) -> int:
+    return cfg.num_tasks if cfg.num_tasks is not None else cfg.num_proc
+
+
+def _stamp_key(cfg: DataConfig) -> dict:
+    """What a plan must match to be reused (and a task or finalize to run on it)."""
+    return {
+        "prepare_config": _prepare_config(cfg),
+        "num_tasks": _num_tasks(cfg),
+        "shard_tokens": cfg.shard_tokens,
+    }
+
+
+def _check_stamp(work: Path, cfg: DataConfig) -> dict:
+    """The plan of `work` for a task or finalize stage; it must exist and match `cfg`."""
+    if not (work / PLAN_FILE).is_file():
+        raise DataError(
+            f"{work / PLAN_FILE} is missing: run `python -m data_prep.prepare --plan ...` with the "
+            "same data.* overrides first"
+        )
+    stamp = read_stamp(work)
+    want = _stamp_key(cfg)
+    diff = [k for k in ("num_tasks", "shard_tokens") if stamp[k] != want[k]]
+    diff += [k for k, v in want["prepare_config"].items() if stamp["prepare_config"].get(k) != v]
+    if diff:
+        raise DataError(
+            f"{work} was planned with other data.* values ({', '.join(f'data.{k}' for k in diff)}); "
+            "pass the plan's overrides, or re-plan with `--plan`"
+        )
+    return stamp
+
+
+def plan_stage(cfg: DataConfig) -> Path:
+    """Stage 1: plan and tokenizer into the work directory (reused if it matches `cfg`)."""
+    out = resolve_out_dir(cfg)
+    work = work_dir(out)
+    if (work / PLAN_FILE).is_file() and not cfg.force:
+        stamp = read_stamp(work)
+        if {k: stamp[k] for k in _stamp_key(cfg)} == _stamp_key(cfg):
+            return work
+    if cfg.source == "hf_hub" and cfg.streaming and _num_tasks(cfg) != 1:
+        raise ConfigError(
+            f"data.streaming=true reads a hub dataset as one stream: set data.num_tasks=1 "
+            f"(got {_num_tasks(cfg)}), or data.streaming=false to split it into tasks"
+        )
+    shutil.rmtree(work, ignore_errors=True)  # another config's plan: its tasks are void
+    work.mkdir(parents=True)
+    cache = work / CACHE_DIR / "plan"
+    try:
+        plan = make_plan(cfg, cache)
+        tok = _tokenizer(cfg, plan, cache)
+        tokenizer_file = HF_TOKENIZER_FILE if isinstance(tok, HFTokenizer) else TOKENIZER_FILE
+        atomic_write_bytes(work / tokenizer_file, tok.model_bytes)
+        stamp = {
+            **_stamp_key(cfg),
+            "plan": dataclasses.asdict(plan),
+            "tokenizer_file": tokenizer_file,
+            "special_ids": {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "unk": tok.unk_id},
+            "dtype": dtype_for_vocab(tok.vocab_size),
+        }
+        shutil.rmtree(cache, ignore_errors=True)
+        atomic_write_bytes(work / PLAN_FILE, (json.dumps(stamp, indent=1) + "\n").encode())
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming before the plan exists
+        raise
+    return work
+
+
+def finalize_stage(cfg: DataConfig) -> Path:
+    """Stage 3: the markers -> meta.json, then the work directory becomes `out_dir`."""
+    out = resolve_out_dir(cfg)
+    work = work_dir(out)
+    stamp = _check_stamp(work, cfg)
+    num_tasks = stamp["num_tasks"]
+    missing = [k for k in range(num_tasks) if not marker_path(work, k).is_file()]
+    if missing:
+        ids = ",".join(map(str, missing[:20])) + ("..." if len(missing) > 20 else "")
+        raise DataError(
+            f"{len(missing)} of {num_tasks} tasks of {work} are unfinished ({ids}); run them "
+            f"first (`--task N`, or sbatch --array={ids} launch/prepare.sbatch ...)"
+        )
+    markers = [json.loads(marker_path(work, k).read_text()) for k in range(num_tasks)]
+    plan = Plan(**stamp["plan"])
+    skipped = dict(plan.skipped)
+    for m in markers:
+        for reason, count in m["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    splits = {}
+    for split in SPLITS:
+        shards = [ShardMeta(**h) for m in markers for h in m["shards"][split]]
+        splits[split] = SplitMeta(
+            num_tokens=sum(h.num_tokens for h in shards),
+            num_documents=sum(h.num_documents for h in shards),
+            shards=shards,
+        )
+        if splits[split].num_documents == 0:
+            shutil.rmtree(work, ignore_errors=True)  # a config problem: a rerun would do the same
+            raise DataError(
+                f"the {split} split is empty (val_fraction={cfg.val_fraction}); add documents "
+                "or change data.val_fraction"
+            )
+    tok = load_tokenizer(work / stamp["tokenizer_file"], stamp["special_ids"])
+    meta = DataMeta(
+        format_version=FORMAT_VERSION,
+        name=cfg.name,
+        source=cfg.source,
+        vocab_size=tok.vocab_size,
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        unk_id=tok.unk_id,
+        dtype=stamp["dtype"],
+        splits=splits,
+        tokenizer_file=stamp["tokenizer_file"],
+        tokenizer_sha256=tok.sha256,
+        source_fingerprint=plan.fingerprint,
+        skipped_documents=skipped,
+        text_escape=TEXT_ESCAPE,
+        prepare_config=_prepare_config(cfg),
+        num_tasks=num_tasks,
+        shard_tokens=stamp["shard_tokens"],
+    )
+    meta.fingerprint = meta.compute_fingerprint()
+    shutil.rmtree(work / CACHE_DIR, ignore_errors=True)
+    atomic_write_bytes(work / META_FILE, meta.to_json().encode())  # last: marks completion
+    _swap_in(work, out)
+    # The plan and the markers are spent once out_dir is complete.
+    (out / PLAN_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out / TASKS_DIR, ignore_errors=True)
+    return out
+
+
 def prepare(cfg: DataConfig) -> Path:
-    """Prepare `cfg` into its out_dir and return that directory (a no-op if already complete)."""
+    """Prepare `cfg` into its out_dir and return that directory (a no-op if already complete).
+
+    Runs the three stages here, the unfinished tasks `data.num_proc` at a time; an
+    interrupted run resumes from its work directory (finished tasks are kept)."""
     out = resolve_out_dir(cfg)
     if not cfg.force and _complete_meta(out, cfg) is not None:
         print(f"[prepare] {out} is complete; nothing to do (data.force=true rebuilds)", flush=True)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.perf_counter()
-    try:
-        source = load_documents(cfg, tmp / "cache")
-        n = None if cfg.streaming else len(source.dataset)
-        is_val = None if cfg.streaming else _split_is_val(n, cfg)
-        t1 = time.perf_counter()
-        tok = _tokenizer(cfg, source, is_val)
-        tokenizer_file = HF_TOKENIZER_FILE if isinstance(tok, HFTokenizer) else TOKENIZER_FILE
-        (tmp / tokenizer_file).write_bytes(tok.model_bytes)
-        t2 = time.perf_counter()
-        dtype = dtype_for_vocab(tok.vocab_size)
-        encode = _EncodeWithEOS(tok)
-        columns = source.dataset.column_names or ["text"]
-        if cfg.streaming:  # lazy: runs while _write_splits iterates, in this process
-            tokenized = source.dataset.map(encode, batched=True, remove_columns=columns)
-        else:
-            tokenized = source.dataset.map(
-                encode,
-                batched=True,
-                batch_size=64,
-                remove_columns=columns,
-                desc="tokenize",
-                num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                cache_file_name=str(tmp / "cache" / "tokenized.arrow"),
-                new_fingerprint=tok.sha256[:32],
-            )  # datasets caps fingerprints at 64 chars
-        splits, empty = _write_splits(tokenized, is_val, cfg, tmp, dtype, n)
-        t3 = time.perf_counter()
-        skipped = dict(source.skipped)
-        skipped["empty"] = skipped.get("empty", 0) + empty
-        meta = DataMeta(
-            format_version=FORMAT_VERSION,
-            name=cfg.name,
-            source=cfg.source,
-            vocab_size=tok.vocab_size,
-            bos_id=tok.bos_id,
-            eos_id=tok.eos_id,
-            pad_id=tok.pad_id,
-            unk_id=tok.unk_id,
-            dtype=dtype,
-            splits=splits,
-            tokenizer_file=tokenizer_file,
-            tokenizer_sha256=tok.sha256,
-            source_fingerprint=source.fingerprint,
-            skipped_documents=skipped,
-            text_escape=TEXT_ESCAPE,
-            prepare_config=_prepare_config(cfg),
-        )
-        meta.fingerprint = meta.compute_fingerprint()
-        del source, tokenized  # release datasets' memory-mapped cache files before deleting them
-        shutil.rmtree(tmp / "cache", ignore_errors=True)
-        (tmp / META_FILE).write_text(meta.to_json())  # last: its presence marks completion
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tr, va = splits["train"], splits["val"]
+    work = plan_stage(cfg)
+    t1 = time.perf_counter()
+    run_tasks(work, cfg, cfg.num_proc)
+    t2 = time.perf_counter()
+    meta = load_meta(finalize_stage(cfg))
+    tr, va = meta.splits["train"], meta.splits["val"]
     print(
-        f"[prepare] {out}: train {tr.num_tokens:,} tokens / {tr.num_documents} docs, val "
-        f"{va.num_tokens:,} tokens / {va.num_documents} docs, vocab {tok.vocab_size}, skipped "
-        f"{skipped}; read {t1 - t0:.1f}s, tokenizer {t2 - t1:.1f}s, tokenize+write "
-        f"{t3 - t2:.1f}s, total {time.perf_counter() - t0:.1f}s",
+        f"[prepare] {out}: train {tr.num_tokens:,} tokens / {tr.num_documents} docs in "
+        f"{len(tr.shards)} shards, val {va.num_tokens:,} tokens / {va.num_documents} docs, vocab "
+        f"{meta.vocab_size}, skipped {meta.skipped_documents}; plan+tokenizer {t1 - t0:.1f}s, "
+        f"{meta.num_tasks} tasks {t2 - t1:.1f}s, total {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
     return out
@@ -411,7 +399,32 @@ def _compose_and_run(prog: str, argv: list[str], action) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    run_data_cli("data_prep.prepare", __doc__, argv, prepare)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stage = argparse.ArgumentParser(add_help=False)
+    group = stage.add_mutually_exclusive_group()
+    group.add_argument("--plan", action="store_true")
+    group.add_argument("--task", type=int)
+    group.add_argument("--finalize", action="store_true")
+    opts, overrides = stage.parse_known_args(argv)
+    if opts.plan:
+        action = plan_stage
+    elif opts.task is not None:
+        action = lambda cfg: _task_stage(cfg, opts.task)  # noqa: E731
+    elif opts.finalize:
+        action = finalize_stage
+    else:
+        action = prepare
+    run_data_cli("data_prep.prepare", __doc__, overrides, action)
+
+
+def _task_stage(cfg: DataConfig, task: int) -> None:
+    """Stage 2 for one task (a SLURM array element); a no-op if its marker exists."""
+    out = resolve_out_dir(cfg)
+    if not work_dir(out).exists() and (out / META_FILE).is_file():
+        print(f"[prepare] {out} is complete; task {task} has nothing to do", flush=True)
+        return
+    _check_stamp(work_dir(out), cfg)
+    run_task(work_dir(out), cfg, task)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
     python -m data_prep.verify data=local_text data.path=... data.out_dir=/scratch/books
 
 The loader only checks file sizes (cheap, on every launch). This reads every file once and
-checks, for each split: the sha256 recorded in meta.json, that every id is < vocab_size, that
-the number of EOS tokens equals the document count and that the file ends with EOS; and the
-tokenizer's sha256. Any mismatch raises naming the file and the fix (rebuild with force).
+checks, for each shard of each split: the sha256 recorded in meta.json, that every id is
+< vocab_size, that its .idx lists one end offset per document, increasing, the last one at
+the shard's end, and that the EOS tokens sit exactly at those ends; and the tokenizer's
+sha256. Any mismatch raises naming the file and the fix (rebuild with force).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from deepseek_moe.data.meta import SPLITS, DataMeta, load_meta
+from deepseek_moe.data.meta import DTYPES, INDEX_DTYPE, SPLITS, DataMeta, ShardMeta, load_meta
 from deepseek_moe.data.packed import PackedTokens
 from deepseek_moe.errors import DataError
 
@@ -32,27 +33,39 @@ def verify(data_dir) -> DataMeta:
     if hashlib.sha256(meta.tokenizer_path.read_bytes()).hexdigest() != meta.tokenizer_sha256:
         raise DataError(f"{meta.tokenizer_path} does not match tokenizer_sha256 in meta.json; {fix}")
     for split in SPLITS:
-        tokens = PackedTokens(meta, split).tokens  # size check
-        sha, eos, top = hashlib.sha256(), 0, 0
-        for start in tqdm(
-            range(0, len(tokens), CHUNK_TOKENS), desc=f"verify {split}", unit="chunk", mininterval=2
-        ):
-            chunk = np.asarray(tokens[start : start + CHUNK_TOKENS])
-            sha.update(chunk.tobytes())
-            eos += int((chunk == meta.eos_id).sum())
-            top = max(top, int(chunk.max()))
-        path, info = meta.split_path(split), meta.splits[split]
-        if sha.hexdigest() != info.sha256:
-            raise DataError(f"{path} does not match its sha256 in meta.json (corrupt); {fix}")
-        if top >= meta.vocab_size:
-            raise DataError(f"{path} holds id {top} >= vocab_size {meta.vocab_size}; {fix}")
-        if eos != info.num_documents or int(tokens[-1]) != meta.eos_id:
-            raise DataError(
-                f"{path} has {eos} EOS tokens (last token {int(tokens[-1])}) but "
-                f"meta.json says {info.num_documents} documents, each ending in "
-                f"EOS; {fix}"
-            )
+        packed = PackedTokens(meta, split)  # size checks
+        shards = meta.splits[split].shards
+        for shard in tqdm(shards, desc=f"verify {split}", unit="shard", mininterval=2):
+            _verify_shard(meta, shard, fix)
+        del packed
     return meta
+
+
+def _verify_shard(meta: DataMeta, shard: ShardMeta, fix: str) -> None:
+    path = meta.dir / shard.file
+    tokens = np.memmap(path, dtype=DTYPES[meta.dtype], mode="r") if shard.num_tokens else np.zeros(0)
+    ends = np.fromfile(meta.dir / shard.index_file, dtype=INDEX_DTYPE).astype(np.int64)
+    sha, top, eos_at = hashlib.sha256(), 0, []
+    for start in range(0, len(tokens), CHUNK_TOKENS):
+        chunk = np.asarray(tokens[start : start + CHUNK_TOKENS])
+        sha.update(chunk.tobytes())
+        top = max(top, int(chunk.max()))
+        eos_at.append(np.flatnonzero(chunk == meta.eos_id) + start)
+    if sha.hexdigest() != shard.sha256:
+        raise DataError(f"{path} does not match its sha256 in meta.json (corrupt); {fix}")
+    if top >= meta.vocab_size:
+        raise DataError(f"{path} holds id {top} >= vocab_size {meta.vocab_size}; {fix}")
+    eos = np.concatenate(eos_at) if eos_at else np.zeros(0, np.int64)
+    if len(eos) != shard.num_documents or len(tokens) == 0 or int(tokens[-1]) != meta.eos_id:
+        raise DataError(
+            f"{path} has {len(eos)} EOS tokens (last token {int(tokens[-1]) if len(tokens) else None}) "
+            f"but meta.json says {shard.num_documents} documents, each ending in EOS; {fix}"
+        )
+    if len(ends) != shard.num_documents or not np.array_equal(ends, eos + 1):
+        raise DataError(
+            f"{meta.dir / shard.index_file} does not list the document ends of {path} "
+            f"({len(ends)} entries for {shard.num_documents} documents); {fix}"
+        )
 
 
 def _verify_prepared(data_cfg) -> None:

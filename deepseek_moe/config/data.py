@@ -96,9 +96,9 @@ class DataConfig:
     hf_revision: Optional[str] = None
     """hf_hub: a git revision to pin, so the source fingerprint means something."""
     streaming: bool = False
-    """Read json/csv/parquet/hub sources with `datasets` streaming (larger than memory or disk).
-    Tokenisation then runs in this process (num_proc is ignored) and the split is a seeded
-    per-document hash. (File-per-document sources never hold the corpus in memory anyway.)"""
+    """hf_hub: stream the dataset instead of downloading it to the Hugging Face cache; it is
+    then one task (data.num_tasks=1) and the split is a seeded per-document hash. (Local
+    json/csv/parquet files are always streamed file by file, never copied.)"""
     max_documents: Optional[int] = None
     """Read only the first N files / rows of the source (tests and smoke runs), before empty or
     non-UTF-8 ones are dropped; None reads all."""
@@ -125,9 +125,17 @@ class DataConfig:
     """Threads for sentencepiece training. The learned pieces do not depend on it (checked on
     the stdlib), but the .model file records it, so it is part of the data fingerprint."""
     num_proc: int = 2
-    """Worker processes for `datasets.map` tokenisation (1 = in-process)."""
+    """Preparation tasks run at once by `python -m data_prep.prepare` (1 = in-process)."""
+    num_tasks: Optional[int] = None
+    """Independent preparation tasks, each a contiguous range of the inputs (files for
+    json/csv/parquet, documents otherwise) writing its own shards; None = num_proc. On a
+    cluster, one SLURM array element per task (launch/prepare.sbatch). The tokens do not
+    depend on it."""
+    shard_tokens: int = 1 << 28
+    """A token shard closes at the first document end past this many tokens (2^28 = 512 MiB
+    at uint16), so shards stay a manageable size for copies and checksums."""
     out_dir: Optional[str] = None
-    """Where train.bin, val.bin, meta.json and tokenizer.model are written; None = data/<name>.
+    """Where the shards (train/, val/), meta.json and tokenizer.model are written; None = data/<name>.
     Relative paths resolve against the launch directory."""
     force: bool = False
     """`python -m data_prep.prepare`: rebuild even if `out_dir` holds a complete preparation
@@ -191,9 +199,17 @@ class DataConfig:
             )
         if self.prepare_in_job_max_mb < 0:
             raise ValueError(f"data.prepare_in_job_max_mb={self.prepare_in_job_max_mb} must be >= 0")
-        for key in ("num_proc", "tokenizer_threads", "tokenizer_sentences", "tokenizer_max_sentence_length"):
+        for key in (
+            "num_proc",
+            "shard_tokens",
+            "tokenizer_threads",
+            "tokenizer_sentences",
+            "tokenizer_max_sentence_length",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if self.num_tasks is not None and self.num_tasks < 1:
+            raise ValueError(f"data.num_tasks={self.num_tasks} must be >= 1 (or null for num_proc)")
         if not self.text_column:
             raise ValueError("data.text_column must name the column holding the text")
         self._check_sources()

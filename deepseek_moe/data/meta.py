@@ -2,14 +2,21 @@
 
 A prepared directory (`data.out_dir`, written by `python -m data_prep.prepare`) contains
 
-    train.bin  val.bin     flat little-endian token ids (`dtype` below), every document
-                           followed by EOS, documents in source order within each split
+    train/TTTTT-SSSSS.bin  token shards of each split: flat little-endian token ids (`dtype`
+    val/TTTTT-SSSSS.bin    below), every document followed by EOS. Task TTTTT wrote shards
+                           SSSSS = 0, 1, ... of its contiguous range of documents; a shard
+                           holds whole documents and closes once it has `data.shard_tokens`.
+                           The split is the shards' concatenation in manifest order, which
+                           is the source order of its documents.
+    train/TTTTT-SSSSS.idx  next to each shard: the end offset (in tokens, from the shard's
+                           start) of each of its documents, little-endian uint64
     tokenizer.model        the sentencepiece model that produced them (or tokenizer.json:
                            the Hugging Face tokenizer given as data.tokenizer)
-    meta.json              this file: dtype, vocab_size, bos/eos/pad/unk ids, per-split
-                           token/document counts and sha256, tokenizer_sha256,
-                           source_fingerprint and `fingerprint` (a hash of all of the above
-                           that the loader stores in checkpoints)
+    meta.json              the manifest: dtype, vocab_size, bos/eos/pad/unk ids, per split
+                           its token/document counts and its shards (file, tokens,
+                           documents, sha256), tokenizer_sha256, source_fingerprint and
+                           `fingerprint` (a hash of all of the above that the loader stores
+                           in checkpoints: computed from the manifest, no token is re-read)
 
 The trainer reads `DataMeta.vocab_size`, sizes the model vocab with `padded_vocab_size` and
 calls `check_model_vocab` so a tokenizer/model mismatch fails before any step runs.
@@ -29,22 +36,39 @@ from deepseek_moe.errors import ConfigError, DataError
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "val")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+INDEX_DTYPE = "<u8"
 DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 
 
 @dataclass(kw_only=True)
-class SplitMeta:
-    """One split's token file."""
+class ShardMeta:
+    """One token shard of a split (its document index is `file` with the suffix .idx)."""
 
     file: str
-    """File name inside the data directory, e.g. "train.bin"."""
+    """Path inside the data directory, e.g. "train/00003-00000.bin"."""
     num_tokens: int
     """Tokens in the file, EOS included."""
     num_documents: int
-    """Documents in the file (= number of EOS tokens)."""
+    """Documents in the file (= number of EOS tokens = entries of its .idx)."""
     sha256: str
-    """sha256 of the file's bytes."""
+    """sha256 of the .bin file's bytes."""
+
+    @property
+    def index_file(self) -> str:
+        return self.file[: -len(".bin")] + ".idx"
+
+
+@dataclass(kw_only=True)
+class SplitMeta:
+    """One split: its shards in stream order."""
+
+    num_tokens: int
+    """Tokens of all shards, EOS included."""
+    num_documents: int
+    """Documents of all shards."""
+    shards: list[ShardMeta]
+    """The shards in order; the split's token stream is their concatenation."""
 
 
 @dataclass(kw_only=True)
@@ -75,6 +99,10 @@ class DataMeta:
     """How text was escaped before encoding (see `deepseek_moe.data.tokenizer`)."""
     prepare_config: dict = field(default_factory=dict)
     """The DataConfig fields that shaped these files; a re-run with other values must force."""
+    num_tasks: int = 0
+    """Tasks the preparation ran (each wrote its own shards; the tokens do not depend on it)."""
+    shard_tokens: int = 0
+    """`data.shard_tokens` of the preparation: a shard closes at the first document end past it."""
     dir: Optional[Path] = None
     """Directory this meta was loaded from (not serialised)."""
 
@@ -83,7 +111,10 @@ class DataMeta:
             "tokenizer": self.tokenizer_sha256,
             "source": self.source_fingerprint,
             "dtype": self.dtype,
-            "splits": {k: [s.num_tokens, s.num_documents, s.sha256] for k, s in sorted(self.splits.items())},
+            "splits": {
+                k: [s.num_tokens, s.num_documents, [[h.num_tokens, h.sha256] for h in s.shards]]
+                for k, s in sorted(self.splits.items())
+            },
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -92,10 +123,11 @@ class DataMeta:
         d.pop("dir")
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
-    def split_path(self, split: str) -> Path:
+    def split_dir(self, split: str) -> Path:
+        """The directory of `split`'s shards (named in errors about the split)."""
         if split not in self.splits:
             raise DataError(f"split {split!r} is not in {self.dir / META_FILE} (has {sorted(self.splits)})")
-        return self.dir / self.splits[split].file
+        return self.dir / split
 
     @property
     def tokenizer_path(self) -> Path:
@@ -142,14 +174,21 @@ def load_meta(data_dir: str | os.PathLike) -> DataMeta:
         raise DataError(f"{meta_path} is missing: {data_dir} is not a prepared data directory; {fix}")
     try:
         raw = json.loads(meta_path.read_text())
+        version = raw.get("format_version")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"{meta_path} is corrupt ({e!r}); {fix}") from e
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{meta_path} has format_version={version}, this code reads {FORMAT_VERSION} (sharded); "
+            "re-prepare it: `python -m data_prep.prepare data=<preset> data.force=true`"
+        )
+    try:
+        for split in raw["splits"].values():
+            split["shards"] = [ShardMeta(**h) for h in split["shards"]]
         raw["splits"] = {k: SplitMeta(**v) for k, v in raw["splits"].items()}
         meta = DataMeta(**raw, dir=data_dir)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{meta_path} is corrupt or from another version ({e!r}); {fix}") from e
-    if meta.format_version != FORMAT_VERSION:
-        raise DataError(
-            f"{meta_path} has format_version={meta.format_version}, this code reads {FORMAT_VERSION}; {fix}"
-        )
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{meta_path} is corrupt ({e!r}); {fix}") from e
     if meta.dtype not in DTYPES:
         raise DataError(f"{meta_path}: dtype={meta.dtype!r} is not one of {list(DTYPES)}; {fix}")
     for split in SPLITS:

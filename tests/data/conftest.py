@@ -1,6 +1,8 @@
 """A prepared data directory written by hand (no sentencepiece), so loader tests know every token.
 
 Token i of a split is `i % 50000`, so a window's first input token tells which window it is.
+Each split is cut into shards of `shard_tokens` (the last one shorter), so every loader test
+also reads windows across shard boundaries.
 """
 
 from __future__ import annotations
@@ -10,21 +12,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepseek_moe.data.meta import FORMAT_VERSION, DataMeta, SplitMeta, load_meta
+from deepseek_moe.data.meta import FORMAT_VERSION, DataMeta, ShardMeta, SplitMeta, load_meta
 
 
 def write_prepared(
-    out: Path, num_train: int, num_val: int, vocab_size: int = 50000, dtype: str = "uint16", offset: int = 0
+    out: Path,
+    num_train: int,
+    num_val: int,
+    vocab_size: int = 50000,
+    dtype: str = "uint16",
+    offset: int = 0,
+    shard_tokens: int = 37,
 ) -> DataMeta:
-    """Token i of each split is `offset + i % vocab_size`."""
+    """Token i of each split is `offset + i % vocab_size`; one document per shard."""
     out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, n in (("train", num_train), ("val", num_val)):
         tokens = (offset + np.arange(n) % vocab_size).astype({"uint16": "<u2", "uint32": "<u4"}[dtype])
-        (out / f"{split}.bin").write_bytes(tokens.tobytes())
-        splits[split] = SplitMeta(
-            file=f"{split}.bin", num_tokens=n, num_documents=1, sha256=f"fake-{split}-{n}"
-        )
+        (out / split).mkdir(exist_ok=True)
+        shards = []
+        for j, start in enumerate(range(0, n, shard_tokens)):
+            piece = tokens[start : start + shard_tokens]
+            (out / split / f"00000-{j:05d}.bin").write_bytes(piece.tobytes())
+            np.array([len(piece)], dtype="<u8").tofile(out / split / f"00000-{j:05d}.idx")
+            shards.append(
+                ShardMeta(
+                    file=f"{split}/00000-{j:05d}.bin", num_tokens=len(piece), num_documents=1, sha256="fake"
+                )
+            )
+        splits[split] = SplitMeta(num_tokens=n, num_documents=len(shards), shards=shards)
     (out / "tokenizer.model").write_bytes(b"not a real model")
     meta = DataMeta(
         format_version=FORMAT_VERSION,

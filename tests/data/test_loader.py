@@ -182,11 +182,11 @@ def test_bad_batch_shapes_and_tiny_corpus_fail_clearly(make_prepared):
     meta = make_prepared(10 * S + 1, 2 * S)
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         build_train_loader(meta, seq_len=S, global_batch_size=6, micro_batch_size=4)
-    with pytest.raises(ValueError, match=r"train.bin has 81 tokens.*fewer than global_batch_size=16"):
+    with pytest.raises(ValueError, match=r"/train has 81 tokens.*fewer than global_batch_size=16"):
         build_train_loader(meta, seq_len=S, global_batch_size=16, micro_batch_size=4)
     with pytest.raises(ValueError, match="dp_rank=2"):
         build_train_loader(meta, seq_len=S, global_batch_size=4, micro_batch_size=1, dp_rank=2, dp_world=2)
-    with pytest.raises(DataError, match=r"val.bin has 8 tokens.*data.val_fraction"):
+    with pytest.raises(DataError, match=r"/val has 8 tokens.*data.val_fraction"):
         build_eval_loader(make_prepared(10 * S + 1, S, name="noval"), seq_len=S, micro_batch_size=2)
 
 

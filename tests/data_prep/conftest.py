@@ -3,6 +3,7 @@ documents listed independently of the code under test."""
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -98,3 +99,33 @@ def prepared(corpus, tmp_path_factory):
     root, expected = corpus
     cfg = corpus_config(root, tmp_path_factory.mktemp("prepared") / "out")
     return cfg, prepare(cfg), expected
+
+
+@pytest.fixture(scope="session")
+def jsonl_corpus(corpus, tmp_path_factory):
+    """Two jsonl files whose "content" column holds the corpus documents, plus empty rows."""
+    _, expected = corpus
+    docs = [expected[k] for k in sorted(expected)]
+    root = tmp_path_factory.mktemp("jsonl")
+    for part, chunk in enumerate((docs[:15], docs[15:])):
+        rows = [{"content": d, "id": i} for i, d in enumerate(chunk)]
+        rows.insert(3, {"content": "", "id": -1})
+        rows.insert(5, {"content": None, "id": -2})
+        (root / f"part{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "readme.md").write_text("not data")
+    return root, docs
+
+
+def jsonl_config(root, out, **kw) -> DataConfig:
+    base = dict(
+        name="js",
+        source="json",
+        path=str(root),
+        text_column="content",
+        vocab_size=512,
+        val_fraction=0.2,
+        num_proc=1,
+        out_dir=str(out),
+    )
+    base.update(kw)
+    return DataConfig(**base)

@@ -13,6 +13,7 @@ from data_prep.prepare import prepare
 from deepseek_moe.config.data import DataConfig
 from deepseek_moe.data.meta import load_meta
 from deepseek_moe.data.tokenizer import load_tokenizer
+from tests.data_prep.test_prepare import split_ids
 from tests.data_prep.conftest import corpus_config
 
 EOS = "<|end|>"
@@ -47,7 +48,7 @@ def test_prepares_with_a_hugging_face_tokenizer(corpus, tmp_path):
     assert meta.eos_id == reference.token_to_id(EOS) and meta.bos_id == -1
     docs = []
     for split in ("train", "val"):
-        ids = np.fromfile(meta.split_path(split), dtype="<u2")
+        ids = split_ids(meta, split)
         cuts = np.flatnonzero(ids == meta.eos_id)
         starts = np.concatenate([[0], cuts[:-1] + 1])
         for s, e in zip(starts, cuts):

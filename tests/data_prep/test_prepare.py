@@ -15,14 +15,26 @@ from data_prep.prepare import ensure_prepared, main, prepare
 from deepseek_moe.data.loader import build_train_loader
 from deepseek_moe.data.meta import load_meta
 from deepseek_moe.data.tokenizer import Tokenizer
+from deepseek_moe.errors import DataError
 from tests.data_prep.conftest import corpus_config
 
-FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.model")
+
+def out_files(out: Path) -> list[str]:
+    """Every file of a prepared directory, relative to it."""
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def split_ids(meta, split: str) -> np.ndarray:
+    """A split's token stream: its shard files read one by one and concatenated."""
+    dtype = {"uint16": "<u2", "uint32": "<u4"}[meta.dtype]
+    files = sorted((meta.dir / split).glob("*.bin"))
+    assert [f"{split}/{f.name}" for f in files] == [h.file for h in meta.splits[split].shards]
+    return np.concatenate([np.fromfile(f, dtype=dtype) for f in files])
 
 
 def decode_split(meta, split: str) -> list[str]:
-    """Documents of a split: the token file cut at EOS, each piece decoded."""
-    ids = np.fromfile(meta.split_path(split), dtype={"uint16": "<u2", "uint32": "<u4"}[meta.dtype])
+    """Documents of a split: the token stream cut at EOS, each piece decoded."""
+    ids = split_ids(meta, split)
     cuts = np.flatnonzero(ids == meta.eos_id)
     assert len(ids) and cuts[-1] == len(ids) - 1, "every document, the last too, ends with EOS"
     tok = Tokenizer(meta.tokenizer_path)
@@ -47,7 +59,7 @@ def test_round_trip_gives_back_every_document_once(prepared):
     assert meta.vocab_size == 512 and meta.dtype == "uint16"
     assert (meta.unk_id, meta.bos_id, meta.eos_id, meta.pad_id) == (0, 1, 2, 3)
     for split in ("train", "val"):
-        ids = np.fromfile(meta.split_path(split), dtype="<u2")
+        ids = split_ids(meta, split)
         assert len(ids) == meta.splits[split].num_tokens and ids.max() < meta.vocab_size
         assert (ids == meta.bos_id).sum() == 0 and (ids == meta.unk_id).sum() == 0
 
@@ -64,17 +76,18 @@ def test_tokenizer_round_trips_edge_cases_and_uses_its_vocab(prepared):
 
 def test_two_preparations_are_identical(prepared, corpus, tmp_path):
     cfg, out, _ = prepared
-    again = prepare(corpus_config(corpus[0], tmp_path / "again", num_proc=1))
-    for name in FILES:
+    again = prepare(corpus_config(corpus[0], tmp_path / "again", num_proc=2))
+    assert out_files(out) == out_files(again)
+    for name in out_files(out):
         assert (Path(out) / name).read_bytes() == (again / name).read_bytes(), name
 
 
 def test_rerun_is_a_noop_unless_forced_and_config_changes_need_force(corpus, tmp_path):
     cfg = corpus_config(corpus[0], tmp_path / "out", max_documents=12, vocab_size=400)
     out = prepare(cfg)
-    stamp = {n: (out / n).stat().st_mtime_ns for n in FILES}
+    stamp = {n: (out / n).stat().st_mtime_ns for n in out_files(out)}
     assert prepare(cfg) == out
-    assert {n: (out / n).stat().st_mtime_ns for n in FILES} == stamp
+    assert {n: (out / n).stat().st_mtime_ns for n in out_files(out)} == stamp
     assert ensure_prepared(cfg).fingerprint == load_meta(out).fingerprint
     changed = corpus_config(corpus[0], tmp_path / "out", max_documents=12, vocab_size=420)
     with pytest.raises(ValueError, match=r"vocab_size: 400 there, 420 now.*data.force=true"):
@@ -89,10 +102,16 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(corpus, tmp_path, mo
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_mod, "_write_splits", crash)
+    cfg = corpus_config(corpus[0], tmp_path / "out", max_documents=6, vocab_size=400)
+    monkeypatch.setattr(prepare_mod, "run_tasks", crash)
     with pytest.raises(KeyboardInterrupt):
-        prepare(corpus_config(corpus[0], tmp_path / "out", max_documents=6, vocab_size=400))
-    assert list(tmp_path.iterdir()) == []
+        prepare(cfg)
+    assert [p.name for p in tmp_path.iterdir()] == [".out.work"], "only the work dir, to resume"
+    with pytest.raises(DataError, match=r"meta.json is missing"):
+        load_meta(tmp_path / "out")
+    monkeypatch.undo()
+    load_meta(prepare(cfg))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_refuses_to_replace_a_directory_it_did_not_write(corpus, tmp_path):
@@ -156,7 +175,25 @@ def test_uint32_shards_round_trip(corpus, tmp_path, monkeypatch):
     root, expected = corpus
     meta = load_meta(prepare(corpus_config(root, tmp_path / "u32", vocab_size=400)))
     assert meta.dtype == "uint32"
-    assert (tmp_path / "u32" / "train.bin").stat().st_size == 4 * meta.splits["train"].num_tokens
+    assert sum((meta.dir / h.file).stat().st_size for h in meta.splits["train"].shards) == (
+        4 * meta.splits["train"].num_tokens
+    )
     assert Counter(decode_split(meta, "train") + decode_split(meta, "val")) == Counter(expected.values())
     batch = next(build_train_loader(meta, seq_len=32, global_batch_size=2, micro_batch_size=2))
     assert int(batch["input_ids"].max()) < 400
+
+
+def test_a_single_file_format_directory_is_refused_then_rebuilt_with_force(corpus, tmp_path):
+    """format_version 1 (train.bin / val.bin): one line asking for force; force replaces it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train.bin", "val.bin", "tokenizer.model"):
+        (out / name).write_bytes(b"\x02\x00" * 4)
+    (out / "meta.json").write_text(json.dumps({"format_version": 1, "splits": {}}))
+    cfg = corpus_config(corpus[0], out, max_documents=6, vocab_size=400, num_proc=1)
+    with pytest.raises(DataError, match=r"format_version=1, this code reads 2.*data.force=true"):
+        prepare(cfg)
+    cfg.force = True
+    meta = load_meta(prepare(cfg))
+    assert meta.format_version == 2 and not (out / "train.bin").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.model", "train", "val"]

@@ -19,11 +19,12 @@ def copy(prepared, tmp_path):
 
 
 def rewrite_meta_for(d, split):
-    """Make meta.json consistent with a (deliberately bad) token file, as a buggy writer would."""
+    """Make meta.json consistent with a (deliberately bad) first shard, as a buggy writer would."""
     import hashlib
 
     meta = load_meta(d)
-    meta.splits[split].sha256 = hashlib.sha256((d / f"{split}.bin").read_bytes()).hexdigest()
+    shard = meta.splits[split].shards[0]
+    shard.sha256 = hashlib.sha256((d / shard.file).read_bytes()).hexdigest()
     meta.fingerprint = meta.compute_fingerprint()
     (d / "meta.json").write_text(meta.to_json())
 
@@ -35,12 +36,12 @@ def test_a_good_directory_passes(copy, capsys):
 
 
 def test_flipped_byte_is_caught(copy, capsys):
-    path = copy / "train.bin"
+    path = copy / "train/00001-00000.bin"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 1
     path.write_bytes(bytes(raw))
     load_meta(copy)  # sizes and meta are fine: only the checksum can tell
-    with pytest.raises(ValueError, match=r"train.bin does not match its sha256.*force=true"):
+    with pytest.raises(ValueError, match=r"train/00001-00000.bin does not match its sha256.*force=true"):
         verify(copy)
     with pytest.raises(SystemExit):
         main([f"data.out_dir={copy}"])
@@ -49,18 +50,30 @@ def test_flipped_byte_is_caught(copy, capsys):
 
 
 def test_out_of_vocab_id_and_missing_eos_are_caught(copy):
-    ids = np.fromfile(copy / "val.bin", dtype="<u2")
+    val = copy / "val/00000-00000.bin"
+    ids = np.fromfile(val, dtype="<u2")
     bad = ids.copy()
     bad[0] = 60000  # >= vocab 512
-    bad.tofile(copy / "val.bin")
+    bad.tofile(val)
     rewrite_meta_for(copy, "val")
-    with pytest.raises(ValueError, match=r"val.bin holds id 60000 >= vocab_size 512"):
+    with pytest.raises(ValueError, match=r"val/00000-00000.bin holds id 60000 >= vocab_size 512"):
         verify(copy)
     bad = ids.copy()
     bad[-1] = 7  # the last document loses its EOS
-    bad.tofile(copy / "val.bin")
+    bad.tofile(val)
     rewrite_meta_for(copy, "val")
-    with pytest.raises(ValueError, match=r"val.bin has \d+ EOS tokens \(last token 7\)"):
+    with pytest.raises(ValueError, match=r"val/00000-00000.bin has \d+ EOS tokens \(last token 7\)"):
+        verify(copy)
+
+
+def test_index_that_misses_a_document_end_is_caught(copy):
+    """A shard whose .idx is off by one (sizes and checksums fine): only verify can tell."""
+    idx = copy / "train/00000-00000.idx"
+    ends = np.fromfile(idx, dtype="<u8")
+    ends[0] += 1
+    ends.tofile(idx)
+    load_meta(copy)
+    with pytest.raises(ValueError, match=r"train/00000-00000.idx does not list the document ends"):
         verify(copy)
 
 

@@ -48,6 +48,7 @@ from deepseek_moe.train.distributed import (
 )
 from deepseek_moe.train.ds_config import build_ds_config
 from deepseek_moe.train.host_memory import keep_freed_host_memory
+from deepseek_moe.train.loaders import build_loaders, prepare_data
 from deepseek_moe.train.metrics import MetricsWriter, mfu, peak_flops_per_device
 from deepseek_moe.train.optimizer import build_optimizer
 from deepseek_moe.train.precision import resolve_precision, warn_if_bf16_is_emulated
@@ -137,7 +138,7 @@ class Trainer:
         if cfg.trainer.reuse_host_memory and not keep_freed_host_memory():
             log.info("trainer.reuse_host_memory: no glibc mallopt here; using the default allocator")
         self.precision = on_all_ranks(dist, self._check_world_and_device)
-        meta = self._prepare_data()
+        meta = prepare_data(cfg, dist)
         on_all_ranks(dist, self._set_vocab, meta)
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",
@@ -150,7 +151,7 @@ class Trainer:
             seed=cfg.trainer.seed,
         )
         self.model, self.engine, self.scheduler, ds_config = self._build_engine()
-        self.train_loader, self.val_loader = on_all_ranks(dist, self._build_loaders, meta)
+        self.train_loader, self.val_loader = on_all_ranks(dist, build_loaders, cfg, dist, meta)
         if cfg.checkpoint.resume:
             self._resume()
         if dist.is_main:  # only now: a config, data or resume error leaves the run dir as it was
@@ -192,29 +193,6 @@ class Trainer:
         # the DeepSpeed config's own checks, before anything is written
         build_ds_config(self.cfg, self.dist.world_size, self.dist.device.type)
         return precision
-
-    def _prepare_data(self):
-        """Rank 0 prepares (no-op when complete) while the others wait; then all read meta.
-        A mixture (data.sources) is prepared beforehand: every rank reads its sources."""
-        if self.cfg.data.sources:
-            from deepseek_moe.data.mixture import load_sources
-
-            return on_all_ranks(self.dist, load_sources, self.cfg.data.sources)
-        from data_prep.prepare import ensure_prepared  # datasets/sentencepiece: lazy
-        from deepseek_moe.train.prepare_budget import check_in_job_budget
-
-        def on_main(main: bool):
-            if self.dist.is_main != main:
-                return None
-            if main:  # only a small corpus is prepared in-job (the others wait in a collective)
-                check_in_job_budget(self.cfg.data)
-            return ensure_prepared(self.cfg.data)
-
-        # The collective in on_all_ranks doubles as the barrier, and a failure on rank 0
-        # stops every rank instead of leaving them waiting for a barrier that never comes.
-        meta = on_all_ranks(self.dist, on_main, True)  # rank 0 prepares
-        other = on_all_ranks(self.dist, on_main, False)  # then the others read what it wrote
-        return meta if self.dist.is_main else other
 
     def _set_vocab(self, meta) -> None:
         """model.vocab_size = tokenizer vocab padded to a multiple of 64, unless set explicitly."""
@@ -266,33 +244,6 @@ class Trainer:
         seed_everything(rank_seed(cfg.trainer.seed, self.dist.rank))
         return model, engine, scheduler, ds_config
 
-    def _build_loaders(self, meta) -> tuple[Any, Any]:
-        from deepseek_moe.data import build_eval_loader, build_train_loader
-
-        cfg, dist = self.cfg, self.dist
-        if isinstance(meta, list):  # a mixture's sources (data.sources)
-            return self._build_mixture_loaders(meta)
-        train_loader = build_train_loader(
-            meta,
-            seq_len=cfg.seq_len,
-            global_batch_size=cfg.trainer.global_batch_size,
-            micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=dist.rank,
-            dp_world=dist.world_size,
-            seed=cfg.trainer.seed,
-        )
-        val_loader = build_eval_loader(
-            meta,
-            seq_len=cfg.seq_len,
-            micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=dist.rank,
-            dp_world=dist.world_size,
-            num_batches=cfg.trainer.eval_batches,
-        )
-        if val_loader.shortfall and cfg.trainer.eval_every and dist.is_main:
-            log.warning("small validation split: %s", val_loader.shortfall)
-        return train_loader, val_loader
-
     def _write_run_files(self, ds_config: dict[str, Any]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # the resolved config (vocab included), for humans and reruns
@@ -322,34 +273,6 @@ class Trainer:
         if state is not None:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.wandb_run_id = state["wandb_run_id"]
-
-    def _build_mixture_loaders(self, sources) -> tuple[Any, Any]:
-        """Loaders of a weighted mixture (`data/mixture.py`): the mixed training loader and one
-        validation sample per source. The repetition caps are checked against
-        trainer.max_steps here, before anything is written."""
-        cfg, dist = self.cfg, self.dist
-        train_loader = MixtureLoader(
-            sources,
-            seq_len=cfg.seq_len,
-            global_batch_size=cfg.trainer.global_batch_size,
-            micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=dist.rank,
-            dp_world=dist.world_size,
-            seed=cfg.trainer.seed,
-            max_steps=cfg.trainer.max_steps,
-        )
-        val_loaders = MixtureEvalLoaders(
-            sources,
-            seq_len=cfg.seq_len,
-            micro_batch_size=cfg.trainer.micro_batch_size,
-            dp_rank=dist.rank,
-            dp_world=dist.world_size,
-            num_batches=cfg.trainer.eval_batches,
-        )
-        for name, loader in val_loaders.items():
-            if loader.shortfall and cfg.trainer.eval_every and dist.is_main:
-                log.warning("small validation split of source %s: %s", name, loader.shortfall)
-        return train_loader, val_loaders
 
     def save_checkpoint(self) -> Path:
         """Checkpoint this step (a CheckpointError on every rank when a write fails)."""

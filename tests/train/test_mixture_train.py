@@ -91,12 +91,15 @@ def _setup_data(overrides):
     from omegaconf import OmegaConf
 
     from deepseek_moe.train.distributed import DistInfo
+    from deepseek_moe.train.loaders import build_loaders, prepare_data
     from deepseek_moe.train.trainer import Trainer
     from tests.train.helpers import compose_config
 
     trainer = Trainer(OmegaConf.to_object(compose_config(overrides)))
     trainer.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer.train_loader, trainer.val_loader = trainer._build_loaders(trainer._prepare_data())
+    trainer.train_loader, trainer.val_loader = build_loaders(
+        trainer.cfg, trainer.dist, prepare_data(trainer.cfg, trainer.dist)
+    )
     return trainer
 
 

@@ -169,6 +169,9 @@ def layer_cost(reps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ep", type=int, nargs="*", default=[1, 2])
+    parser.add_argument(
+        "--world", type=int, default=2, help="processes (1: no all-reduce, but the least noise)"
+    )
     parser.add_argument("--warmup", type=int, default=20, help="untimed first steps")
     parser.add_argument("--pairs", type=int, default=6, help="(on, off) block pairs timed")
     parser.add_argument("--log-every", type=int, default=10, help="steps per block = logging interval")
@@ -198,7 +201,7 @@ def main() -> None:
 
     ensure_prepared(data_config())
     print(
-        f"2 processes; {args.pairs} (on, off) pairs of {args.log_every}-step blocks after {args.warmup} "
+        f"{args.world} process(es); {args.pairs} (on, off) pairs of {args.log_every}-step blocks after {args.warmup} "
         "untimed steps; block time = wall time of its steps, the reduction included"
     )
     print("| EP | on: median block s | off: median block s | overhead of medians | overhead per pair |")
@@ -206,7 +209,7 @@ def main() -> None:
     for ep in args.ep:
         with tempfile.TemporaryDirectory() as tmp:
             blocks = run_distributed(
-                _worker, 2, ep, args.warmup, args.pairs, args.log_every, f"{tmp}/run", timeout=3600
+                _worker, args.world, ep, args.warmup, args.pairs, args.log_every, f"{tmp}/run", timeout=3600
             )[0]
         on, off = blocks[0::2], blocks[1::2]
         pairs = ", ".join(f"{(a / b - 1) * 100:+.1f}%" for a, b in zip(on, off))

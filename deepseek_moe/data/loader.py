@@ -58,6 +58,27 @@ def _check_rank(dp_rank: int, dp_world: int) -> None:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world={dp_world})")
 
 
+def check_same_order(state: dict[str, Any], loader: Any) -> None:
+    """A saved loader position resumes `loader` only with the same seed, sequence length and
+    global batch (else the data order changes), and a position saved in the middle of a
+    gradient accumulation only with the same micro batch and world (DataError otherwise)."""
+    for key in ("seed", "seq_len", "global_batch_size"):
+        if state[key] != getattr(loader, key):
+            raise DataError(
+                f"loader state has {key}={state[key]} but this run uses {getattr(loader, key)}; "
+                f"resuming would change the data order. Use {key}={state[key]} or start a new run"
+            )
+    if state["micro_step"] and (state["micro_batch_size"], state["dp_world"]) != (
+        loader.micro_batch_size,
+        loader.dp_world,
+    ):
+        raise DataError(
+            "loader state was saved in the middle of a gradient accumulation with "
+            f"micro_batch_size={state['micro_batch_size']}, dp_world={state['dp_world']}; "
+            "resume with that layout"
+        )
+
+
 class TrainLoader:
     """Infinite iterator of this rank's training micro-batches, with a resumable position.
 
@@ -169,22 +190,7 @@ class TrainLoader:
                 f" but {self.meta.dir} has {self.meta.fingerprint!r} (re-prepared or different "
                 "data); point data.out_dir at the original data, or start a new run (another run_dir)"
             )
-        for key in ("seed", "seq_len", "global_batch_size"):
-            if state[key] != getattr(self, key):
-                raise DataError(
-                    f"loader state has {key}={state[key]} but this run uses "
-                    f"{getattr(self, key)}; resuming would change the data order. "
-                    f"Use {key}={state[key]} or start a new run"
-                )
-        if state["micro_step"] and (state["micro_batch_size"], state["dp_world"]) != (
-            self.micro_batch_size,
-            self.dp_world,
-        ):
-            raise DataError(
-                "loader state was saved in the middle of a gradient accumulation "
-                f"with micro_batch_size={state['micro_batch_size']}, dp_world="
-                f"{state['dp_world']}; resume with that layout"
-            )
+        check_same_order(state, self)
         if state["step_in_epoch"] >= self.steps_per_epoch:
             raise DataError(
                 f"loader state step_in_epoch={state['step_in_epoch']} is past the "

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from deepseek_moe.data.loader import EvalLoader, _check_rank, _to_batch
+from deepseek_moe.data.loader import EvalLoader, _check_rank, _to_batch, check_same_order
 from deepseek_moe.data.meta import DataMeta, load_meta, resolve_path
 from deepseek_moe.data.order import WindowOrder
 from deepseek_moe.data.packed import PackedTokens
@@ -270,21 +270,7 @@ class MixtureLoader:
                 f"{[[s.name, s.meta.fingerprint, s.weight] for s in self.sources]}; resuming would change "
                 "the data order: restore data.sources, or start a new run (another run_dir)"
             )
-        for key in ("seed", "seq_len", "global_batch_size"):
-            if state[key] != getattr(self, key):
-                raise DataError(
-                    f"loader state has {key}={state[key]} but this run uses {getattr(self, key)}; "
-                    f"resuming would change the data order. Use {key}={state[key]} or start a new run"
-                )
-        if state["micro_step"] and (state["micro_batch_size"], state["dp_world"]) != (
-            self.micro_batch_size,
-            self.dp_world,
-        ):
-            raise DataError(
-                "loader state was saved in the middle of a gradient accumulation with "
-                f"micro_batch_size={state['micro_batch_size']}, dp_world={state['dp_world']}; "
-                "resume with that layout"
-            )
+        check_same_order(state, self)
         self.step, self.micro_step = state["step"], state["micro_step"]
 
 

@@ -58,6 +58,25 @@ def _check_rank(dp_rank: int, dp_world: int) -> None:
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world={dp_world})")
 
 
+def accum_steps_of(
+    *, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_world: int
+) -> int:
+    """Micro-batches per optimizer step of a training loader, after checking the layout."""
+    _check_rank(dp_rank, dp_world)
+    if seq_len < 1 or micro_batch_size < 1 or global_batch_size < 1:
+        raise ValueError(
+            f"seq_len={seq_len}, micro_batch_size={micro_batch_size} and "
+            f"global_batch_size={global_batch_size} must all be >= 1"
+        )
+    if global_batch_size % (micro_batch_size * dp_world):
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a multiple of "
+            f"micro_batch_size * dp_world = {micro_batch_size} * {dp_world}; "
+            "change one of them"
+        )
+    return global_batch_size // (micro_batch_size * dp_world)
+
+
 def check_same_order(state: dict[str, Any], loader: Any) -> None:
     """A saved loader position resumes `loader` only with the same seed, sequence length and
     global batch (else the data order changes), and a position saved in the middle of a
@@ -100,24 +119,18 @@ class TrainLoader:
         seed: int = 0,
         split: str = "train",
     ):
-        _check_rank(dp_rank, dp_world)
-        if seq_len < 1 or micro_batch_size < 1 or global_batch_size < 1:
-            raise ValueError(
-                f"seq_len={seq_len}, micro_batch_size={micro_batch_size} and "
-                f"global_batch_size={global_batch_size} must all be >= 1"
-            )
-        if global_batch_size % (micro_batch_size * dp_world):
-            raise ValueError(
-                f"global_batch_size={global_batch_size} must be a multiple of "
-                f"micro_batch_size * dp_world = {micro_batch_size} * {dp_world}; "
-                "change one of them"
-            )
+        self.accum_steps = accum_steps_of(
+            seq_len=seq_len,
+            global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+            dp_rank=dp_rank,
+            dp_world=dp_world,
+        )
         self.meta = meta
         self.tokens = PackedTokens(meta, split)
         self.seq_len, self.global_batch_size = seq_len, global_batch_size
         self.micro_batch_size, self.dp_rank, self.dp_world = micro_batch_size, dp_rank, dp_world
         self.seed = seed
-        self.accum_steps = global_batch_size // (micro_batch_size * dp_world)
         self.num_windows = self.tokens.num_windows(seq_len)
         self.steps_per_epoch = self.num_windows // global_batch_size
         if self.steps_per_epoch == 0:

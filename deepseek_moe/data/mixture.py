@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from deepseek_moe.data.loader import EvalLoader, _check_rank, _to_batch, check_same_order
+from deepseek_moe.data.loader import EvalLoader, _to_batch, accum_steps_of, check_same_order
 from deepseek_moe.data.meta import DataMeta, load_meta, resolve_path
 from deepseek_moe.data.order import WindowOrder
 from deepseek_moe.data.packed import PackedTokens
@@ -130,21 +130,21 @@ class MixtureLoader:
         seed: int = 0,
         max_steps: Optional[int] = None,
     ):
-        _check_rank(dp_rank, dp_world)
         if not sources:
             raise ValueError("a mixture needs at least one source")
-        if global_batch_size % (micro_batch_size * dp_world):
-            raise ValueError(
-                f"global_batch_size={global_batch_size} must be a multiple of "
-                f"micro_batch_size * dp_world = {micro_batch_size} * {dp_world}; change one of them"
-            )
+        self.accum_steps = accum_steps_of(
+            seq_len=seq_len,
+            global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+            dp_rank=dp_rank,
+            dp_world=dp_world,
+        )
         check_same_tokenizer(sources)
         self.sources = list(sources)
         self.names = [s.name for s in self.sources]
         self.seq_len, self.global_batch_size = seq_len, global_batch_size
         self.micro_batch_size, self.dp_rank, self.dp_world = micro_batch_size, dp_rank, dp_world
         self.seed = seed
-        self.accum_steps = global_batch_size // (micro_batch_size * dp_world)
         self.weights = normalized_weights([s.weight for s in self.sources])
         self.tokens = [PackedTokens(s.meta, "train") for s in self.sources]
         self.num_windows = [t.num_windows(seq_len) for t in self.tokens]

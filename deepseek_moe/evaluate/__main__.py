@@ -94,7 +94,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     from deepseek_moe.evaluate.run import evaluate
 
-    result = evaluate(
+    result = report_user_errors(
+        evaluate,
         args.source,
         args.overrides,
         sequences=args.sequences,
@@ -116,4 +117,4 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    report_user_errors(main, sys.argv[1:])
+    main()

@@ -13,8 +13,8 @@ import pytest
 from deepseek_moe.evaluate import evaluate
 from deepseek_moe.train.distributed import free_port
 from deepseek_moe.train.metrics import read_metrics
-from tests.evaluate.conftest import STEPS, cli_env
-from tests.train.helpers import REPO
+from tests.evaluate.conftest import RUN, STEPS, cli_env
+from tests.train.helpers import REPO, run_train
 
 
 def _trainer_val_loss(run_dir) -> float:
@@ -105,3 +105,19 @@ def test_hf_directory_default_is_the_whole_split(ep2_run, second_source):
     windows = PackedTokens(load_meta(second_source), "val").num_windows(64)
     got = evaluate(ep2_run["hf"], [f"data.out_dir={second_source}"])
     assert got["sample"] == "all" and got["sequences"] == windows and got["tokens"] == windows * 64
+
+
+def test_bf16_checkpoint_gives_the_trainers_bf16_val_loss(tiny_data, tmp_path):
+    """A bf16 run (1 process, ZeRO-1): the fp32 masters cast to bf16 are the engine's weights, and
+    `precision=auto` evaluates in the run's bf16."""
+    run_dir = tmp_path / "bf16"
+    overrides = [o for o in RUN if o != "parallel.ep_size=2"] + [
+        "trainer.precision=bf16",
+        "parallel.zero_stage=1",
+    ]
+    run_train(overrides + tiny_data + [f"run_dir={run_dir}"])
+    got = evaluate(run_dir)
+    assert got["precision"] == "bf16" and got["train_world_size"] == 1 and got["sequences"] == 8
+    assert got["val_loss"] == pytest.approx(_trainer_val_loss(run_dir), abs=1e-6, rel=0)
+    fp32 = evaluate(run_dir, precision="fp32")
+    assert fp32["precision"] == "fp32" and fp32["val_loss"] != got["val_loss"]

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from deepseek_moe.errors import EvaluateError
+from deepseek_moe.errors import ConfigError, EvaluateError
 from deepseek_moe.evaluate.routing import RoutingCounts
 from deepseek_moe.evaluate.sample import rank_batches, sample_windows, trainer_sample
 from deepseek_moe.evaluate.source import EvalSource, open_source
@@ -121,7 +121,7 @@ def _evaluate(
     precision: str,
 ) -> dict[str, Any]:
     cfg = src.run_cfg
-    resolved = _precision(precision, src, dist.device.type)
+    resolved = on_all_ranks(dist, _precision, precision, src, dist.device.type)
     parts = on_all_ranks(dist, _parts, src, split, sequences, all_windows)
     model = on_all_ranks(dist, _build_model, src, dist, ep_size, _DTYPES[resolved], skip_top)
     counts = RoutingCounts(model) if routing_stats and cfg.model.moe is not None else None
@@ -240,7 +240,10 @@ def _build_model(src: EvalSource, dist: DistInfo, ep_size: int, dtype: torch.dty
     from deepseek_moe.model.transformer import DeepSeekMoEForCausalLM
 
     cfg = src.run_cfg
-    validate_ep_size(ep_size, dist.world_size, cfg.model.moe)
+    try:
+        validate_ep_size(ep_size, dist.world_size, cfg.model.moe)
+    except ConfigError as err:
+        raise ConfigError(f"--ep-size {ep_size}: {err}") from None
     ep = dict(ep_rank=dist.rank % ep_size, ep_size=ep_size) if ep_size > 1 else {}
     with torch.device("meta"):  # only this rank's experts are ever materialised
         model = DeepSeekMoEForCausalLM(cfg.model, loss_chunk_tokens=cfg.trainer.loss_chunk_tokens, **ep)

@@ -10,6 +10,7 @@ A checkpoint is evaluated under its run's `config.yaml` (model, data, seq_len, e
 an HF directory under its own config.json's model and the default trainer settings with
 `seq_len` = the model's context, and it has no data of its own (`data.out_dir=` is required).
 Only the keys in `OVERRIDABLE` may be overridden: the model is what the weights say.
+`data.out_dir=DIR` alone evaluates that directory, also for a run trained on a mixture.
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ def open_source(path: str | Path, overrides: Sequence[str] = ()) -> EvalSource:
             f"{path} does not exist; pass a run directory, a checkpoint (RUN/checkpoints/step_XXXXXXXX) "
             "or a Hugging Face model directory"
         )
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "data.out_dir" in keys and "data.sources" not in keys:
+        overrides = [*overrides, "data.sources=[]"]  # one directory replaces a run's mixture
     if (path / "config.json").is_file() and not (path / _MODEL_STATES).is_file():
-        return _hf_source(path, overrides)
+        return _hf_source(path, overrides, keys)
     return _checkpoint_source(path, overrides)
 
 
@@ -122,14 +126,13 @@ def _checkpoint_source(path: Path, overrides: Sequence[str]) -> EvalSource:
     )
 
 
-def _hf_source(path: Path, overrides: Sequence[str]) -> EvalSource:
+def _hf_source(path: Path, overrides: Sequence[str], keys: set[str]) -> EvalSource:
     from omegaconf import OmegaConf
 
     from deepseek_moe.config.model import ModelConfig, MoEConfig
     from deepseek_moe.config.train import TrainerConfig
     from deepseek_moe.export.importer import read_model_config
 
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     if not keys & {"data.out_dir", "data.sources"}:
         raise EvaluateError(
             f"{path} is a Hugging Face model directory, which holds no data: pass the prepared "
@@ -157,5 +160,7 @@ def _compose(node, overrides: Sequence[str]) -> RunConfig:
         return OmegaConf.to_object(compose(_SCHEMA_NODE, overrides) if overrides else node)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise config_error_from_hydra(
-            err, "the data keys are DataConfig's (deepseek_moe/config/data.py)"
+            err,
+            "evaluate takes data.* (DataConfig, deepseek_moe/config/data.py), trainer.seq_len, "
+            "trainer.micro_batch_size and trainer.eval_batches",
         ) from None

@@ -107,17 +107,22 @@ def test_hf_directory_default_is_the_whole_split(ep2_run, second_source):
     assert got["sample"] == "all" and got["sequences"] == windows and got["tokens"] == windows * 64
 
 
-def test_bf16_checkpoint_gives_the_trainers_bf16_val_loss(tiny_data, tmp_path):
-    """A bf16 run (1 process, ZeRO-1): the fp32 masters cast to bf16 are the engine's weights, and
-    `precision=auto` evaluates in the run's bf16."""
-    run_dir = tmp_path / "bf16"
-    overrides = [o for o in RUN if o != "parallel.ep_size=2"] + [
-        "trainer.precision=bf16",
-        "parallel.zero_stage=1",
-    ]
-    run_train(overrides + tiny_data + [f"run_dir={run_dir}"])
+def test_bf16_mixture_run_gives_the_trainers_val_losses(ep2_run, second_source, tmp_path):
+    """A bf16 run (1 process, ZeRO-1) on a two-source mixture: `precision=auto` evaluates in the
+    run's bf16 (the fp32 masters cast to bf16 are the engine's weights), and every source's
+    loss and their weighted mean are the trainer's, under the trainer's names."""
+    run_dir = tmp_path / "bf16_mixture"
+    a, b = ep2_run["data"], second_source
+    sources = f"data.sources=[{{out_dir: {a}, weight: 3, name: a}}, {{out_dir: {b}, weight: 1, name: b}}]"
+    overrides = [o for o in RUN if o != "parallel.ep_size=2"]
+    run_train(overrides + ["trainer.precision=bf16", "parallel.zero_stage=1", sources, f"run_dir={run_dir}"])
+    (want,) = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
     got = evaluate(run_dir)
-    assert got["precision"] == "bf16" and got["train_world_size"] == 1 and got["sequences"] == 8
-    assert got["val_loss"] == pytest.approx(_trainer_val_loss(run_dir), abs=1e-6, rel=0)
+    assert got["precision"] == "bf16" and got["train_world_size"] == 1
+    for key in ("val_loss", "val_loss/a", "val_loss/b"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6, rel=0), key
+    # data.out_dir alone evaluates one directory of the mixture: the same sample as its part
+    alone = evaluate(run_dir, [f"data.out_dir={b}"])
+    assert "sources" not in alone and alone["val_loss"] == pytest.approx(got["val_loss/b"], abs=1e-12)
     fp32 = evaluate(run_dir, precision="fp32")
     assert fp32["precision"] == "fp32" and fp32["val_loss"] != got["val_loss"]

@@ -167,9 +167,10 @@ def _evaluate(
         micro_batch_size=micro_batch_size,
         train_world_size=src.train_world_size,
     )
-    if counts is not None:
-        result["routing"] = counts.metrics(dist.device)
-        counts.remove()
+    if routing_stats:  # a dense model has no MoE layer: an empty list
+        result["routing"] = counts.metrics(dist.device) if counts is not None else []
+        if counts is not None:
+            counts.remove()
     return result
 
 

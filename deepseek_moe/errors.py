@@ -56,6 +56,10 @@ class ReportError(UserError):
     kind = "Report error"
 
 
+class EvaluateError(UserError):
+    kind = "Evaluate error"
+
+
 class ReportedByAnotherRank(UserError):
     """This rank stops because of a user error that another rank reports (one line per job)."""
 

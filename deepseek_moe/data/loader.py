@@ -213,11 +213,33 @@ class TrainLoader:
         self.micro_step = state["micro_step"]
 
 
+def eval_layout(
+    num_windows: int, *, micro_batch_size: int, dp_world: int, num_batches: Optional[int]
+) -> tuple[int, int, int]:
+    """(micro batch B, batches per rank, batches the split holds) of an `EvalLoader` over a
+    split of `num_windows` windows: B shrinks to the windows per rank when the split is too
+    small for B per rank, and `num_batches` (None = all) is capped at what the split holds.
+    The sample has `batches * B * dp_world` slots (see `spread_windows`)."""
+    b = max(1, min(micro_batch_size, num_windows // dp_world))
+    available = max(1, num_windows // (b * dp_world))
+    return b, available if num_batches is None else min(num_batches, available), available
+
+
+def spread_windows(slots: np.ndarray, num_slots: int, num_windows: int) -> np.ndarray:
+    """Window ids of sample `slots` when `num_slots` slots are spread evenly over a split of
+    `num_windows` windows: slot j is window j * num_windows // num_slots, so the sample covers
+    the whole split, not its head. More slots than windows: the index wraps (windows repeat).
+    The one formula of the validation sample (`EvalLoader`, `deepseek_moe.evaluate`)."""
+    if num_slots <= num_windows:
+        return slots * num_windows // num_slots
+    return slots % num_windows  # more slots than windows: they share windows
+
+
 class EvalLoader:
     """A fixed, deterministic sequence of validation micro-batches; re-iterable.
 
     The sample is spread evenly over the whole split (not its head): with N windows and
-    M = num_batches*B*W sample slots, slot j is window j*N // M. Step i uses slots
+    M = num_batches*B*W sample slots, slot j is window j*N // M (`spread_windows`). Step i uses slots
     [i*B*W, (i+1)*B*W); rank r takes the r-th run of B. `len()` is the same on every rank (so collective ops after each batch never
     hang): `num_batches`, capped at what the split holds. A split too small for one batch of
     B windows per rank (a small local corpus) is evaluated with what it has: B shrinks to the
@@ -246,9 +268,9 @@ class EvalLoader:
                 f"of seq_len+1={seq_len + 1}; prepare with a larger data.val_fraction (or more "
                 "documents), or lower trainer.seq_len"
             )
-        self.micro_batch_size = max(1, min(micro_batch_size, self.num_windows // dp_world))
-        available = max(1, self.num_windows // (self.micro_batch_size * dp_world))
-        self.num_batches = available if num_batches is None else min(num_batches, available)
+        self.micro_batch_size, self.num_batches, available = eval_layout(
+            self.num_windows, micro_batch_size=micro_batch_size, dp_world=dp_world, num_batches=num_batches
+        )
         self.shortfall: Optional[str] = None
         wanted = micro_batch_size * (available if num_batches is None else num_batches)
         if self.micro_batch_size * self.num_batches < wanted:
@@ -267,12 +289,7 @@ class EvalLoader:
         b, w = self.micro_batch_size, self.dp_world
         for i in range(self.num_batches):
             start = (i * w + self.dp_rank) * b
-            slots = np.arange(start, start + b)
-            total = self.num_batches * b * w
-            if total <= self.num_windows:
-                idx = slots * self.num_windows // total
-            else:  # more ranks than windows: they share windows
-                idx = slots % self.num_windows
+            idx = spread_windows(np.arange(start, start + b), self.num_batches * b * w, self.num_windows)
             yield _to_batch(self.tokens.windows(idx, self.seq_len))
 
 

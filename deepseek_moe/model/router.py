@@ -13,6 +13,12 @@ Rules (DeepSeekMoE arXiv 2401.06066, DeepSeek-V2 arXiv 2405.04434, DeepSeek-V3 a
   one rule keeps "groups = EP ranks" simple to reason about. With M = G it is plain top-k.
 - Gates: g = s at the selected ids; renormalised to sum 1 if norm_topk_prob (V3; DeepSeekMoE
   does NOT renormalise); then multiplied by routed_scaling_factor (V2).
+- Analysis only (DeepSeekMoE Fig. 4, redundancy among routed experts): `skip_top=R` removes,
+  per token, the R experts with the highest selection score (s + b) and takes the top-K of the
+  rest, i.e. ranks R..R+K-1; gates are still those experts' own s (then the rules above).
+  Under device-limited routing the R experts are set to -inf BEFORE the group scores, so the
+  groups are chosen among what is left. R = 0 (default) runs the plain code path. Set it on a
+  model with `DeepSeekMoEForCausalLM.disable_top_experts(R)`; training never uses it.
 """
 
 from __future__ import annotations
@@ -68,8 +74,12 @@ def route(
     norm_topk_prob: bool = False,
     routed_scaling_factor: float = 1.0,
     bias_E: Optional[torch.Tensor] = None,
+    skip_top: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure routing rule. logits_TE (fp32) -> (scores_TE, ids_TK, weights_TK)."""
+    """Pure routing rule. logits_TE (fp32) -> (scores_TE, ids_TK, weights_TK).
+
+    `skip_top` R > 0 (analysis): the R best experts of each token are excluded before the
+    (device-limited) top-k, see the module docstring; `check_skip_top` says which R fit."""
     if scoring_func == "softmax":
         scores_TE = logits_TE.softmax(dim=-1)
     elif scoring_func == "sigmoid":
@@ -79,6 +89,9 @@ def route(
     with torch.no_grad():
         # NOTE: the bias only changes which experts are selected, never the gate values.
         select_TE = scores_TE if bias_E is None else scores_TE + bias_E
+        if skip_top:
+            best_TR = torch.topk(select_TE, skip_top, dim=-1).indices
+            select_TE = select_TE.scatter(1, best_TR, float("-inf"))
         ids_TK = device_limited_topk(select_TE, top_k=top_k, n_groups=n_groups, topk_groups=topk_groups)
     weights_TK = scores_TE.gather(1, ids_TK)
     if norm_topk_prob:
@@ -86,6 +99,20 @@ def route(
     if routed_scaling_factor != 1.0:
         weights_TK = weights_TK * routed_scaling_factor
     return scores_TE, ids_TK, weights_TK
+
+
+def check_skip_top(skip_top: int, cfg: MoEConfig) -> None:
+    """ValueError unless `skip_top` experts can be excluded per token and top_k still chosen
+    among the rest: R + top_k <= the experts of the topk_groups groups a token may reach (all
+    E without device-limited routing; the R may all fall in the kept groups)."""
+    reachable = cfg.n_routed_experts // cfg.n_groups * min(cfg.topk_groups, cfg.n_groups)
+    if skip_top < 0 or skip_top + cfg.top_k > reachable:
+        limit = "" if reachable == cfg.n_routed_experts else f" of the {cfg.topk_groups} kept groups"
+        raise ValueError(
+            f"disabling the top {skip_top} experts needs 0 <= {skip_top} and {skip_top} + "
+            f"top_k={cfg.top_k} <= {reachable} routed experts{limit}; use at most "
+            f"{reachable - cfg.top_k}"
+        )
 
 
 class Router(KeepBufferDtype):
@@ -98,6 +125,9 @@ class Router(KeepBufferDtype):
       counts it computed once for the forward) when bias_update_rate > 0. Under DP/EP
       `update_bias(reduce_sum)` first sums it over the ranks with the collective it is given.
     Both stay fp32 when the module is cast to bf16 (see buffers.py).
+
+    `skip_top` (attribute, default 0): the analysis knob of `route` (exclude each token's R
+    best experts); set through `DeepSeekMoEForCausalLM.disable_top_experts`, never by training.
     """
 
     _keep_dtype_buffers = ("e_score_correction_bias", "pending_load_E")
@@ -109,6 +139,7 @@ class Router(KeepBufferDtype):
         E = cfg.n_routed_experts
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("pending_load_E", torch.zeros(E, dtype=torch.float32), persistent=False)
+        self.skip_top = 0
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
@@ -127,6 +158,7 @@ class Router(KeepBufferDtype):
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
             bias_E=self.e_score_correction_bias if use_bias else None,
+            skip_top=self.skip_top,
         )
         return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)
 

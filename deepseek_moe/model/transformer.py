@@ -48,6 +48,7 @@ from deepseek_moe.model.experts import RoutedExperts
 from deepseek_moe.model.ffn import SwiGLU
 from deepseek_moe.model.moe import MoELayer
 from deepseek_moe.model.norm import RMSNorm
+from deepseek_moe.model.router import check_skip_top
 from deepseek_moe.model.rope import RotaryEmbedding
 
 
@@ -256,6 +257,18 @@ class DeepSeekMoEForCausalLM(nn.Module):
                 ep_rank=ep_rank, ep_size=ep_size, make_dispatcher=make_dispatcher, wrap_experts=wrap_experts
             )
         self.ep_size = ep_size
+
+    def disable_top_experts(self, r: int) -> None:
+        """Analysis (DeepSeekMoE Fig. 4): every MoE layer routes each token past its `r`
+        highest-affinity routed experts to the next-ranked ones (`route(skip_top=r)`); 0
+        restores plain routing. ValueError when r + top_k exceeds the experts a token may reach."""
+        if self.cfg.moe is None:
+            if r:
+                raise ValueError(f"disabling the top {r} experts needs routed experts; this model is dense")
+            return
+        check_skip_top(r, self.cfg.moe)
+        for layer in self.moe_layers():
+            layer.gate.skip_top = r
 
     @torch.no_grad()
     def update_router_bias(self, reduce_sum: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:

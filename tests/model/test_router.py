@@ -7,7 +7,7 @@ import torch
 
 from deepseek_moe.config.model import MoEConfig
 from deepseek_moe.model.dispatch import count_ids
-from deepseek_moe.model.router import Router, device_limited_topk, route
+from deepseek_moe.model.router import Router, check_skip_top, device_limited_topk, route
 
 
 def _logits(probs):
@@ -160,3 +160,84 @@ def test_router_computes_in_fp32_for_bf16_input():
     router = Router(4, cfg).to(torch.bfloat16)
     out = router(torch.randn(5, 4, dtype=torch.bfloat16))
     assert out.logits_TE.dtype == torch.float32 and out.weights_TK.dtype == torch.float32
+
+
+# ---- skip_top: the DeepSeekMoE Fig. 4 redundancy test (analysis knob) --------------------------
+
+# Six experts, two tokens with distinct affinities whose order is written out by hand.
+_PROBS = [[0.05, 0.30, 0.10, 0.25, 0.20, 0.10 - 1e-3], [0.22, 0.02, 0.16, 0.08, 0.12, 0.40 - 1e-3]]
+_ORDER = [[1, 3, 4, 2, 5, 0], [5, 0, 2, 4, 3, 1]]  # experts by affinity, best first
+
+
+def _hand_router(top_k: int, **moe) -> Router:
+    """A router whose logits are the token vector itself (identity weight)."""
+    router = Router(6, MoEConfig(n_routed_experts=6, top_k=top_k, **moe))
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(6))
+    return router.eval()
+
+
+@pytest.mark.parametrize("skip", [1, 2, 3])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_skip_top_selects_the_next_ranked_experts_with_their_own_affinities(skip, top_k):
+    probs = torch.tensor(_PROBS)
+    router = _hand_router(top_k)
+    router.skip_top = skip
+    out = router(probs.log())
+    p = probs / probs.sum(-1, keepdim=True)  # the softmax of the logits
+    for t in range(2):
+        want = _ORDER[t][skip : skip + top_k]
+        assert out.ids_TK[t].tolist() == want
+        torch.testing.assert_close(out.weights_TK[t], p[t, want])  # original affinities, not renormalised
+    # norm_topk_prob and the scaling factor apply to the chosen experts as usual
+    _, ids, w = route(probs.log(), top_k=top_k, skip_top=skip, norm_topk_prob=True, routed_scaling_factor=2.0)
+    for t in range(2):
+        want = _ORDER[t][skip : skip + top_k]
+        torch.testing.assert_close(w[t], 2.0 * p[t, want] / p[t, want].sum())
+
+
+def test_skip_top_under_device_limited_routing_masks_before_the_groups():
+    # Groups {0,1,2} and {3,4,5}, one kept group. Token 0: best expert 1 (group 0) is masked;
+    # group maxima then 0.10 (expert 2) vs 0.25 (expert 3): group 1 wins -> experts 3, 4.
+    # Token 1: best expert 5 (group 1) masked; maxima 0.22 vs 0.12: group 0 -> experts 0, 2.
+    _, ids, _ = route(torch.tensor(_PROBS).log(), top_k=2, n_groups=2, topk_groups=1, skip_top=1)
+    assert ids.tolist() == [[3, 4], [0, 2]]
+    # and against the loop reference on random scores: mask each token's top R, then route
+    torch.manual_seed(0)
+    scores = torch.rand(64, 16)
+    for skip in (1, 3):
+        _, ids, _ = route(scores.log(), top_k=3, n_groups=4, topk_groups=2, skip_top=skip)
+        masked = scores.clone()
+        for t in range(64):
+            for e in sorted(range(16), key=lambda e: -scores[t, e].item())[:skip]:
+                masked[t, e] = -1.0
+        assert [set(r) for r in ids.tolist()] == _loop_device_limited(masked, 3, 4, 2)
+
+
+def test_skip_top_zero_is_plain_routing_bitwise():
+    torch.manual_seed(0)
+    logits = torch.randn(32, 16)
+    router = _hand_router(2)
+    x = torch.randn(32, 6)
+    before = router(x)
+    router.skip_top = 2
+    router.skip_top = 0
+    after = router(x)
+    for a, b in zip(
+        (before.scores_TE, before.ids_TK, before.weights_TK),
+        (after.scores_TE, after.ids_TK, after.weights_TK),
+    ):
+        assert torch.equal(a, b)
+    scores, ids, w = route(logits, top_k=4, skip_top=0)
+    ref_ids = torch.topk(logits.softmax(-1), 4).indices
+    assert torch.equal(ids, ref_ids) and torch.equal(w, logits.softmax(-1).gather(1, ref_ids))
+
+
+def test_skip_top_limits():
+    check_skip_top(4, MoEConfig(n_routed_experts=6, top_k=2))
+    with pytest.raises(ValueError, match="at most 4"):
+        check_skip_top(5, MoEConfig(n_routed_experts=6, top_k=2))
+    # device-limited: one kept group of 3 experts holds at most 3 = R + K
+    check_skip_top(1, MoEConfig(n_routed_experts=6, top_k=2, n_groups=2, topk_groups=1))
+    with pytest.raises(ValueError, match="kept groups"):
+        check_skip_top(2, MoEConfig(n_routed_experts=6, top_k=2, n_groups=2, topk_groups=1))

@@ -50,10 +50,11 @@ line on stderr; only rank 0 prints. A user error is one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from deepseek_moe.errors import report_user_errors
 
@@ -90,11 +91,39 @@ def summary_line(result: dict[str, Any], label: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Everything written to stdout inside (DeepSpeed's log lines, a library's print, C code)
+    goes to stderr, so that stdout holds only the JSON object and `json.loads(stdout)` works."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    with stdout_to_stderr():
+        result = _evaluate(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        label = (
+            f"{result['source']} step {result['step']}" if result["step"] is not None else result["source"]
+        )
+        print(json.dumps(result), flush=True)
+        print(summary_line(result, label), file=sys.stderr, flush=True)
+    return result
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from deepseek_moe.evaluate.run import evaluate
 
-    result = report_user_errors(
+    return report_user_errors(
         evaluate,
         args.source,
         args.overrides,
@@ -107,13 +136,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ep_size=args.ep_size,
         precision=args.precision,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        label = (
-            f"{result['source']} step {result['step']}" if result["step"] is not None else result["source"]
-        )
-        print(json.dumps(result), flush=True)
-        print(summary_line(result, label), file=sys.stderr, flush=True)
-    return result
 
 
 if __name__ == "__main__":

@@ -68,3 +68,18 @@ def test_the_module_command_exits_1_with_one_line(tmp_path):
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1].startswith("Evaluate error:")
+
+
+def test_the_module_command_writes_only_json_to_stdout(ep2_run):
+    """DeepSpeed logs to stdout when imported; the command sends that to stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepseek_moe.evaluate", str(ep2_run["run"]), "--sequences", "4"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["sequences"] == 4
+    assert "val_loss" in proc.stderr.strip().splitlines()[-1]

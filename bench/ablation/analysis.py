@@ -1,13 +1,13 @@
 """From the ladder's per-run results to the paper-form table and the verdicts.
 
     agg = aggregate(runs)                 # variant -> seeds' val losses, mean, std, range
-    for v in ordering_verdicts(agg): ...  # Table 1 / Fig. 3 orderings vs seed noise
+    for v in ordering_verdicts(runs, ORDERINGS, ("gshard", "deepseek_moe")): ...  # Table 1 / Fig. 3
     for v in redundancy_verdicts(runs):   # Fig. 4: loss rise with the top-r experts disabled
 
 `runs`: run name -> {"variant", "seed", "val_loss", "fig4": {"0": loss, "1": ...}} (JSON keys
-are strings). Seed noise is the sample standard deviation over seeds; for a variant trained
-with one seed it is the pooled standard deviation of the seeded variants (said in the verdict).
-A difference counts as beyond seed noise when it exceeds twice its standard error.
+are strings). Comparisons are paired by seed (a seed fixes the initialisation and the data order
+for every variant); seed noise is the spread of the per-seed differences. A difference counts
+as beyond seed noise when it exceeds twice its standard error.
 """
 
 from __future__ import annotations
@@ -38,26 +38,11 @@ def aggregate(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def pooled_std(agg: dict[str, dict[str, Any]]) -> float | None:
-    """sqrt of the mean variance over the variants trained with several seeds."""
-    variances = [a["std"] ** 2 for a in agg.values() if a["std"] is not None]
-    return math.sqrt(mean(variances)) if variances else None
-
-
-def _stderr_of_difference(
-    a: dict[str, Any], b: dict[str, Any], pooled: float | None
-) -> tuple[float | None, bool]:
-    """(standard error of mean(a) - mean(b), whether a pooled std stood in for a one-seed side)."""
-    used_pooled = False
-    terms = []
-    for side in (a, b):
-        std = side["std"]
-        if std is None:
-            if pooled is None:
-                return None, True
-            std, used_pooled = pooled, True
-        terms.append(std**2 / len(side["val_losses"]))
-    return math.sqrt(sum(terms)), used_pooled
+def paired_differences(runs: dict[str, dict[str, Any]], higher: str, lower: str) -> dict[int, float]:
+    """seed -> loss(higher) - loss(lower), for the seeds both variants were trained with."""
+    by = {(r["variant"], r["seed"]): r["val_loss"] for r in runs.values()}
+    seeds = sorted({s for v, s in by if v == higher} & {s for v, s in by if v == lower})
+    return {s: by[(higher, s)] - by[(lower, s)] for s in seeds}
 
 
 def verdict(margin: float, se: float | None) -> str:
@@ -70,60 +55,78 @@ def verdict(margin: float, se: float | None) -> str:
     return "held, within seed noise"
 
 
-def ordering_verdicts(agg: dict[str, dict[str, Any]], orderings) -> list[dict[str, Any]]:
-    """For each (higher, lower) pair present: the margin mean(higher) - mean(lower), its
-    standard error, the ratio, and the verdict."""
-    pooled = pooled_std(agg)
+def ordering_verdicts(
+    runs: dict[str, dict[str, Any]], orderings, reference: tuple[str, str]
+) -> list[dict[str, Any]]:
+    """For each (higher, lower) pair: the paired margin (mean over the common seeds of
+    loss(higher) - loss(lower)), its standard error and the verdict.
+
+    Every variant of one seed sees the same batches, so differences are taken within a seed;
+    the data order's effect, which moves every variant of a seed together, cancels. With
+    several common seeds the standard error is stdev(differences) / sqrt(n). A pair with one
+    common seed borrows the spread of the `reference` pair's per-seed differences (the pair
+    trained with every seed) as the standard deviation of one difference."""
+    ref = list(paired_differences(runs, *reference).values())
+    ref_std = stdev(ref) if len(ref) > 1 else None
     out = []
     for higher, lower in orderings:
-        if higher not in agg or lower not in agg:
+        diffs = paired_differences(runs, higher, lower)
+        if not diffs:
             continue
-        margin = agg[higher]["mean"] - agg[lower]["mean"]
-        se, used_pooled = _stderr_of_difference(agg[higher], agg[lower], pooled)
+        values = list(diffs.values())
+        margin = mean(values)
+        borrowed = len(values) < 2
+        std = ref_std if borrowed else stdev(values)
+        se = None if std is None else std / math.sqrt(len(values))
         out.append(
             {
                 "higher": higher,
                 "lower": lower,
+                "seeds": list(diffs),
+                "differences": values,
                 "margin": margin,
                 "stderr": se,
                 "ratio": margin / se if se else None,
-                "pooled_noise": used_pooled,
+                "borrowed_noise": borrowed,
                 "verdict": verdict(margin, se),
             }
         )
     return out
 
 
-def redundancy_rises(runs: dict[str, dict[str, Any]]) -> dict[str, dict[int, list[float]]]:
-    """variant -> r -> the seeds' loss(r) - loss(0), from the runs that have Fig. 4 results."""
-    out: dict[str, dict[int, list[float]]] = {}
+def redundancy_rises(runs: dict[str, dict[str, Any]]) -> dict[str, dict[int, dict[int, float]]]:
+    """variant -> r -> seed -> loss(r) - loss(0), from the runs that have Fig. 4 results."""
+    out: dict[str, dict[int, dict[int, float]]] = {}
     for run in runs.values():
         fig4 = run.get("fig4")
         if not fig4:
             continue
         base = fig4["0"]
         for r, loss in fig4.items():
-            out.setdefault(run["variant"], {}).setdefault(int(r), []).append(loss - base)
+            out.setdefault(run["variant"], {}).setdefault(int(r), {})[run["seed"]] = loss - base
     return out
 
 
 def redundancy_verdicts(runs: dict[str, dict[str, Any]], steeper: str, flatter: str) -> list[dict[str, Any]]:
-    """Fig. 4: for each r >= 1, whether `steeper`'s mean loss rise exceeds `flatter`'s."""
+    """Fig. 4: for each r >= 1, whether `steeper`'s loss rise exceeds `flatter`'s, paired by
+    seed like `ordering_verdicts`."""
     rises = redundancy_rises(runs)
     if steeper not in rises or flatter not in rises:
         return []
     out = []
     for r in sorted(set(rises[steeper]) & set(rises[flatter]) - {0}):
         a, b = rises[steeper][r], rises[flatter][r]
-        margin = mean(a) - mean(b)
-        if len(a) > 1 and len(b) > 1:
-            se = math.sqrt(stdev(a) ** 2 / len(a) + stdev(b) ** 2 / len(b))
-        else:
-            se = None
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        diffs = [a[s] - b[s] for s in seeds]
+        margin = mean(diffs)
+        se = stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
         out.append(
             {
                 "r": r,
-                "rise": {steeper: mean(a), flatter: mean(b)},
+                "rise": {steeper: mean(a[s] for s in seeds), flatter: mean(b[s] for s in seeds)},
+                "seeds": seeds,
                 "margin": margin,
                 "stderr": se,
                 "ratio": margin / se if se else None,

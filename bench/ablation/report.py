@@ -94,7 +94,9 @@ def plot_fig4(ladder: dict[str, Any], path: Path) -> bool:
             [max(by_r[r]) - ys[i] for i, r in enumerate(rs)],
         ]
         ax.errorbar(rs, ys, yerr=err, marker="o", capsize=3, label=VARIANTS[variant].label)
-        ax_rise.plot(rs, [mean(rises[variant][r]) for r in rs], marker="o", label=VARIANTS[variant].label)
+        ax_rise.plot(
+            rs, [mean(rises[variant][r].values()) for r in rs], marker="o", label=VARIANTS[variant].label
+        )
     ax.set_xlabel("top-ranked routed experts disabled per token (r)")
     ax.set_ylabel("validation loss")
     ax.set_title("Fig. 4 at small scale (mean, seed range)")
@@ -166,16 +168,26 @@ def render(ladder: dict[str, Any], curves_png: str, fig4_png: str | None) -> str
             f"| {name} | {run['val_loss']:.4f} | {run['train_s']:.0f} | {run['eval_s'] + run.get('fig4_s', 0):.0f} | {_routing_line(run)} |"
         )
     out += ["", "## The paper's orderings", ""]
-    for v in ordering_verdicts(agg, ORDERINGS):
+    for v in ordering_verdicts(runs, ORDERINGS, SEEDED):
         ratio = (
             f"{v['ratio']:.1f}x its standard error {v['stderr']:.4f}"
             if v["ratio"] is not None
             else "no spread"
         )
-        pooled = " (one-seed side: pooled seed std of the seeded variants)" if v["pooled_noise"] else ""
+        seeds = (
+            f"seed {v['seeds'][0]}"
+            if len(v["seeds"]) == 1
+            else f"mean over seeds {', '.join(map(str, v['seeds']))}"
+        )
+        borrowed = (
+            f" (one common seed: the spread of the {' - '.join(SEEDED)} per-seed differences stands in)"
+            if v["borrowed_noise"]
+            else ""
+        )
         out.append(
             f"- {VARIANTS[v['higher']].label} > {VARIANTS[v['lower']].label}: **{v['verdict']}**; "
-            f"margin {v['margin']:+.4f} = {ratio}{pooled}."
+            f"margin {v['margin']:+.4f} ({seeds}; per seed {', '.join(f'{d:+.4f}' for d in v['differences'])}) "
+            f"= {ratio}{borrowed}."
         )
     fig4 = redundancy_verdicts(runs, "deepseek_moe", "gshard")
     if fig4:
@@ -198,9 +210,10 @@ def render(ladder: dict[str, Any], curves_png: str, fig4_png: str | None) -> str
     if fig4_png:
         out += [f"![Fig. 4 redundancy]({fig4_png})", ""]
     out += [
-        "Seeds set both the initialisation and the data order (`trainer.seed`); every variant of a seed sees the same batches. "
-        f"Only {', '.join(SEEDED)} are trained with every seed. A verdict is 'beyond seed noise' when the margin "
-        "exceeds twice the standard error of the difference of the means.",
+        "Seeds set both the initialisation and the data order (`trainer.seed`); every variant of a seed sees the same batches, "
+        "so variants are compared within a seed (paired differences) and the data order's effect, which moves all variants "
+        f"of a seed together, cancels. Only {', '.join(SEEDED)} are trained with every seed. A verdict is 'beyond seed noise' "
+        "when the mean difference exceeds twice its standard error (stdev of the per-seed differences / sqrt(seeds)).",
         "",
     ]
     return "\n".join(out)

@@ -34,24 +34,36 @@ def test_aggregate_mean_and_sample_std():
     assert agg["dense_half"]["std"] is None
 
 
-def test_ordering_verdicts_against_hand_standard_errors():
-    agg = analysis.aggregate(
-        _runs({"dense_half": [4.5], "gshard": [4.0, 4.2, 4.1], "deepseek_moe": [3.98, 4.02, 4.0]})
+def test_ordering_verdicts_are_paired_by_seed():
+    # seed 2 is harder for every variant (its data order): the paired differences cancel that
+    runs = _runs(
+        {
+            "dense_half": [4.5],
+            "gshard": [4.0, 4.3, 4.1],
+            "deepseek_moe": [3.95, 4.24, 4.06],  # per seed 0.05, 0.06, 0.04 below gshard
+        }
     )
     pairs = (("dense_half", "gshard"), ("gshard", "deepseek_moe"), ("deepseek_moe", "gshard"))
-    by_pair = {(v["higher"], v["lower"]): v for v in analysis.ordering_verdicts(agg, pairs)}
-    # one-seed side: the pooled std of the seeded variants stands in (variances 0.01 and 0.0004)
-    pooled = math.sqrt((0.01 + 0.0004) / 2)
-    v = by_pair[("dense_half", "gshard")]
-    assert v["pooled_noise"] and v["stderr"] == pytest.approx(math.sqrt(pooled**2 / 1 + 0.01 / 3))
-    assert v["margin"] == pytest.approx(0.4) and v["verdict"] == "held, beyond seed noise"
+    verdicts = analysis.ordering_verdicts(runs, pairs, ("gshard", "deepseek_moe"))
+    by_pair = {(v["higher"], v["lower"]): v for v in verdicts}
     v = by_pair[("gshard", "deepseek_moe")]
-    se = math.sqrt(0.01 / 3 + 0.0004 / 3)  # 0.0589: margin 0.1 < 2 se
-    assert v["stderr"] == pytest.approx(se) and v["verdict"] == "held, within seed noise"
+    assert v["seeds"] == [1, 2, 3] and v["margin"] == pytest.approx(0.05)
+    assert v["stderr"] == pytest.approx(0.01 / math.sqrt(3))  # stdev(0.05, 0.06, 0.04) = 0.01
+    assert v["verdict"] == "held, beyond seed noise" and not v["borrowed_noise"]
+    # unpaired, the same numbers would be within noise: the seeds' spread (0.15) dwarfs 0.05
+    assert analysis.aggregate(runs)["gshard"]["std"] > 0.15
+    # one common seed: the reference pair's spread of differences stands in
+    v = by_pair[("dense_half", "gshard")]
+    assert v["seeds"] == [1] and v["margin"] == pytest.approx(0.5) and v["borrowed_noise"]
+    assert v["stderr"] == pytest.approx(0.01)
     assert by_pair[("deepseek_moe", "gshard")]["verdict"] == "did not hold"
+    noisy = _runs({"gshard": [4.0, 4.3], "deepseek_moe": [3.9, 4.32]})  # differences 0.1, -0.02
+    (v,) = analysis.ordering_verdicts(noisy, [("gshard", "deepseek_moe")], ("gshard", "deepseek_moe"))
+    assert v["margin"] == pytest.approx(0.04) and v["stderr"] == pytest.approx(0.06)
+    assert v["verdict"] == "held, within seed noise"
 
 
-def test_redundancy_verdicts_compare_mean_rises():
+def test_redundancy_verdicts_pair_the_rises_by_seed():
     runs = _runs({"gshard": [0, 0], "deepseek_moe": [0, 0]})
     fig4 = {
         "gshard_s1": [4.0, 4.1, 4.3],
@@ -66,8 +78,8 @@ def test_redundancy_verdicts_compare_mean_rises():
     assert out[0]["rise"]["deepseek_moe"] == pytest.approx(0.31)
     assert out[0]["rise"]["gshard"] == pytest.approx(0.1)
     assert out[1]["margin"] == pytest.approx(0.615 - 0.3)
-    se = math.sqrt((0.015 * math.sqrt(2)) ** 2 / 2 + 0.0)  # gshard's rises have no spread
-    assert out[1]["stderr"] == pytest.approx(se) and out[1]["verdict"] == "held, beyond seed noise"
+    # per-seed differences of the rises at r = 2: 0.3 and 0.33
+    assert out[1]["stderr"] == pytest.approx(0.015) and out[1]["verdict"] == "held, beyond seed noise"
 
 
 def test_moe_variants_are_matched_within_two_percent():

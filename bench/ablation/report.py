@@ -30,43 +30,53 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(ladder: dict[str, Any], path: Path) -> None:
-    """Validation loss against training tokens; per variant the mean over seeds and the range."""
+def plot_curves(ladder: dict[str, Any], path: Path, reference: str = "gshard") -> None:
+    """Left: validation loss against training tokens, per variant the mean over seeds and the
+    range. Right: each variant minus `reference` at the same seed and step (the data order,
+    which moves every variant of a seed together, cancels), mean over the common seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    runs = ladder["runs"].values()
+    curve = {(r["variant"], r["seed"]): dict(r["curve"]) for r in runs if r["curve"]}
+    fig, (ax, ax_rel) = plt.subplots(1, 2, figsize=(13, 4.8))
     for variant in VARIANTS:
-        curves = [r["curve"] for r in ladder["runs"].values() if r["variant"] == variant and r["curve"]]
-        if not curves:
+        seeds = sorted(s for v, s in curve if v == variant)
+        if not seeds:
             continue
-        n = min(len(c) for c in curves)
-        tokens = [c[0] / 1e6 for c in curves[0][:n]]
-        per_point = [[c[i][1] for c in curves] for i in range(n)]
-        line = ax.plot(
-            tokens,
-            [mean(v) for v in per_point],
-            marker=".",
-            label=f"{VARIANTS[variant].label} ({len(curves)} seed{'s' * (len(curves) > 1)})",
-        )
-        if len(curves) > 1:
+        tokens = sorted(set.intersection(*(set(curve[(variant, s)]) for s in seeds)))
+        per_point = [[curve[(variant, s)][t] for s in seeds] for t in tokens]
+        label = f"{VARIANTS[variant].label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
+        xs = [t / 1e6 for t in tokens]
+        line = ax.plot(xs, [mean(v) for v in per_point], marker=".", label=label)
+        color = line[0].get_color()
+        if len(seeds) > 1:
             ax.fill_between(
-                tokens,
-                [min(v) for v in per_point],
-                [max(v) for v in per_point],
-                color=line[0].get_color(),
-                alpha=0.2,
+                xs, [min(v) for v in per_point], [max(v) for v in per_point], color=color, alpha=0.2
             )
+        common = [s for s in seeds if (reference, s) in curve]
+        rel_tokens = [t for t in tokens if all(t in curve[(reference, s)] for s in common)]
+        if common and rel_tokens:
+            rel = [
+                mean(curve[(variant, s)][t] - curve[(reference, s)][t] for s in common) for t in rel_tokens
+            ]
+            ax_rel.plot([t / 1e6 for t in rel_tokens], rel, marker=".", color=color, label=label)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss (trainer's sample)")
-    ax.set_title("Ablation ladder: validation loss during training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    lows = [r["val_loss"] for r in ladder["runs"].values()]
+    ax.set_title("validation loss (mean over seeds, seed range shaded)")
+    lows = [r["val_loss"] for r in runs]
     if lows:  # the interesting part: the late curves, not the first steps' drop from ln(vocab)
         ax.set_ylim(min(lows) - 0.1, min(lows) + 1.5)
+    ax_rel.axhline(0.0, color="grey", lw=0.8)
+    ax_rel.set_xlabel("training tokens (M)")
+    ax_rel.set_ylabel(f"loss minus {VARIANTS[reference].label.split(' (')[0]}'s, same seed")
+    ax_rel.set_title("paired by seed: below 0 = better than GShard")
+    ax_rel.set_ylim(-0.3, 0.3)
+    for a in (ax, ax_rel):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
     _save(fig, path)
     plt.close(fig)
 

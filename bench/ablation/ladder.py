@@ -15,7 +15,8 @@ What it does, in order (bench/ablation/README.md has the details and the numbers
    (only `model=` differs); `trainer.seed` = the seed, which sets both the initialisation and
    the data order. GShard and DeepSeekMoE get every seed, the other variants the first;
 4. `python -m deepseek_moe.evaluate RUN --all --routing-stats` for the table, and for the
-   seeded pair `--disable-top-experts r` for r = 0..3 (Fig. 4);
+   seeded pair `--disable-top-experts R` at the ratios 0, 1/16, 2/16, 3/16 of the routed experts
+   (Fig. 4; GShard R = 0..3, DeepSeekMoE R = 0, 4, 8, 12);
 5. `results.json`, `loss_curves.png`, `fig4_redundancy.png` and `report.md` in `--out`
    (with `--report PATH` the report and its PNGs are also written there).
 
@@ -44,7 +45,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from analysis import aggregate  # noqa: E402
-from variants import SEEDED, VARIANTS, moe_mismatches, summaries  # noqa: E402
+from variants import FIG4_RATIO_DENOMINATOR, SEEDED, VARIANTS, moe_mismatches, summaries  # noqa: E402
 
 DEFAULT_DATA_ARGS = [
     "data=local_text",
@@ -151,45 +152,57 @@ def train(variant: str, seed: int, opts, train_args: list[str]) -> float:
     return train_s
 
 
+def fig4_disabled(variant: str, max_step: int) -> dict[str, int]:
+    """Fig. 4's x-axis is the ratio of the routed experts disabled, in steps of 1/16 (one of
+    GShard's 16 experts): step k disables round(k * E / 16) of a variant's E routed experts
+    (DeepSeekMoE's 63: 0, 4, 8, 12), the same share of expert parameters in every variant."""
+    E = VARIANTS[variant].routed_experts
+    return {str(k): round(k * E / FIG4_RATIO_DENOMINATOR) for k in range(max_step + 1)}
+
+
 def evaluate_run(variant: str, seed: int, opts, train_s: float) -> dict[str, Any]:
     """The run's table value (whole validation split, routing statistics) and, for the seeded
-    pair, the Fig. 4 losses; kept in the run directory so a relaunch skips it."""
+    pair, the Fig. 4 losses; kept in the run directory so a relaunch skips what is done."""
     name = run_name(variant, seed)
     run_dir = opts.out / name
     result_path = run_dir / RESULT_FILE
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
     log_path = opts.out / "logs" / f"{name}.log"
-    eval_args = ["--all"] + (["--routing-stats"] if VARIANTS[variant].moe else [])
-    main_eval, eval_s = evaluate(run_dir, eval_args, log_path)
-    result: dict[str, Any] = {
-        "variant": variant,
-        "seed": seed,
-        "val_loss": main_eval["val_loss"],
-        "perplexity": main_eval["perplexity"],
-        "eval_tokens": main_eval["tokens"],
-        "step": main_eval.get("step"),
-        "routing": main_eval.get("routing"),
-        "curve": val_curve(run_dir),
-        "train_s": train_s,
-        "eval_s": eval_s,
-    }
-    if variant in SEEDED and opts.fig4_max_r > 0:
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+    else:
+        eval_args = ["--all"] + (["--routing-stats"] if VARIANTS[variant].moe else [])
+        main_eval, eval_s = evaluate(run_dir, eval_args, log_path)
+        result = {
+            "variant": variant,
+            "seed": seed,
+            "val_loss": main_eval["val_loss"],
+            "perplexity": main_eval["perplexity"],
+            "eval_tokens": main_eval["tokens"],
+            "step": main_eval.get("step"),
+            "routing": main_eval.get("routing"),
+            "curve": val_curve(run_dir),
+            "train_s": train_s,
+            "eval_s": eval_s,
+        }
+        _write_json(result_path, result)
+        print(f"[ladder] {name}: val_loss {result['val_loss']:.4f}, eval {eval_s:.0f} s", flush=True)
+    planned = fig4_disabled(variant, opts.fig4_max_r) if variant in SEEDED and opts.fig4_max_r > 0 else None
+    fig4_sample = {"sequences": opts.fig4_sequences}
+    if planned and (result.get("fig4_disabled") != planned or result.get("fig4_sample") != fig4_sample):
         fig4_args = ["--all"] if opts.fig4_sequences == 0 else ["--sequences", str(opts.fig4_sequences)]
         fig4, fig4_s = {}, 0.0
-        for r in range(opts.fig4_max_r + 1):
+        for k, r in planned.items():
             if r == 0 and opts.fig4_sequences == 0:
-                fig4["0"] = main_eval["val_loss"]
+                fig4[k] = result["val_loss"]
                 continue
             out, seconds = evaluate(run_dir, [*fig4_args, "--disable-top-experts", str(r)], log_path)
-            fig4[str(r)], fig4_s = out["val_loss"], fig4_s + seconds
-        result["fig4"], result["fig4_s"] = fig4, fig4_s
-    _write_json(result_path, result)
-    print(
-        f"[ladder] {name}: val_loss {result['val_loss']:.4f}, eval {eval_s:.0f} s"
-        + (f", fig4 {result['fig4_s']:.0f} s" if "fig4_s" in result else ""),
-        flush=True,
-    )
+            fig4[k], fig4_s = out["val_loss"], fig4_s + seconds
+        result.update(fig4=fig4, fig4_disabled=planned, fig4_sample=fig4_sample, fig4_s=fig4_s)
+        _write_json(result_path, result)
+        print(
+            f"[ladder] {name}: Fig. 4 ({', '.join(map(str, planned.values()))} experts disabled), {fig4_s:.0f} s",
+            flush=True,
+        )
     return result
 
 
@@ -226,7 +239,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument(
         "--eval-every", type=int, default=50, help="steps between the trainer's val evaluations (curves)"
     )
-    p.add_argument("--fig4-max-r", type=int, default=3)
+    p.add_argument(
+        "--fig4-max-r", type=int, default=3, help="Fig. 4 up to this many 1/16 shares of the routed experts"
+    )
     p.add_argument(
         "--fig4-sequences", type=int, default=256, help="val sequences for Fig. 4 (0: the whole split)"
     )

@@ -15,7 +15,7 @@ from statistics import mean
 from typing import Any
 
 from analysis import ordering_verdicts, redundancy_rises, redundancy_verdicts
-from variants import ORDERINGS, SEEDED, VARIANTS
+from variants import FIG4_RATIO_DENOMINATOR, ORDERINGS, SEEDED, VARIANTS
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -103,18 +103,22 @@ def plot_fig4(ladder: dict[str, Any], path: Path) -> bool:
             [ys[i] - min(by_r[r]) for i, r in enumerate(rs)],
             [max(by_r[r]) - ys[i] for i, r in enumerate(rs)],
         ]
-        ax.errorbar(rs, ys, yerr=err, marker="o", capsize=3, label=VARIANTS[variant].label)
+        xs = [k / FIG4_RATIO_DENOMINATOR for k in rs]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=VARIANTS[variant].label)
         ax_rise.plot(
-            rs, [mean(rises[variant][r].values()) for r in rs], marker="o", label=VARIANTS[variant].label
+            xs, [mean(rises[variant][r].values()) for r in rs], marker="o", label=VARIANTS[variant].label
         )
-    ax.set_xlabel("top-ranked routed experts disabled per token (r)")
+    ax.set_xlabel("ratio of disabled top routed experts")
     ax.set_ylabel("validation loss")
     ax.set_title("Fig. 4 at small scale (mean, seed range)")
-    ax_rise.set_xlabel("r")
+    ax_rise.set_xlabel("ratio of disabled top routed experts")
     ax_rise.set_ylabel("loss(r) - loss(0)")
     ax_rise.set_title("rise over the intact model")
     for a in (ax, ax_rise):
-        a.set_xticks(sorted({r for v in losses.values() for r in v}))
+        ticks = sorted({r for v in losses.values() for r in v})
+        a.set_xticks(
+            [k / FIG4_RATIO_DENOMINATOR for k in ticks], [f"{k}/{FIG4_RATIO_DENOMINATOR}" for k in ticks]
+        )
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     _save(fig, path)
@@ -203,7 +207,9 @@ def render(ladder: dict[str, Any], curves_png: str, fig4_png: str | None) -> str
     if fig4:
         out += [
             "",
-            "Fig. 4 (DeepSeekMoE's loss rises more steeply than GShard's when its top experts are disabled):",
+            "Fig. 4 (DeepSeekMoE's loss rises more steeply than GShard's when the same share of its routed experts, "
+            "the top-ranked ones of each token, is disabled; the paper compares against GShard x1.5, matched in loss, "
+            "this ladder against GShard, matched in parameters):",
             "",
         ]
         for v in fig4:
@@ -212,8 +218,15 @@ def render(ladder: dict[str, Any], curves_png: str, fig4_png: str | None) -> str
                 if v["ratio"] is not None
                 else "no spread"
             )
+            disabled = {
+                run["variant"]: run["fig4_disabled"][str(v["r"])]
+                for run in runs.values()
+                if run.get("fig4_disabled")
+            }
             out.append(
-                f"- r = {v['r']}: rise DeepSeekMoE {v['rise']['deepseek_moe']:+.4f}, GShard {v['rise']['gshard']:+.4f}; "
+                f"- {v['r']}/{FIG4_RATIO_DENOMINATOR} disabled (DeepSeekMoE {disabled['deepseek_moe']} of 63 experts, "
+                f"GShard {disabled['gshard']} of 16): rise DeepSeekMoE {v['rise']['deepseek_moe']:+.4f}, "
+                f"GShard {v['rise']['gshard']:+.4f}; "
                 f"**{v['verdict']}**, margin {v['margin']:+.4f} = {ratio}."
             )
     out += ["", f"![validation loss curves]({curves_png})", ""]

@@ -26,7 +26,12 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 class Variant:
     name: str
     label: str
-    moe: bool
+    routed_experts: int = 0
+    """0: dense."""
+
+    @property
+    def moe(self) -> bool:
+        return self.routed_experts > 0
 
     @property
     def model_yaml(self) -> Path:
@@ -41,11 +46,11 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in (
-        Variant("dense_half", "Dense (half activated width)", moe=False),
-        Variant("gshard", "GShard (top-2 of 16)", moe=True),
-        Variant("gshard_shared", "GShard + shared expert", moe=True),
-        Variant("deepseek_moe", "DeepSeekMoE (1 shared + 63 routed, top-7)", moe=True),
-        Variant("dense_equal", "Dense (equal activated width)", moe=False),
+        Variant("dense_half", "Dense (half activated width)"),
+        Variant("gshard", "GShard (top-2 of 16)", routed_experts=16),
+        Variant("gshard_shared", "GShard + shared expert", routed_experts=15),
+        Variant("deepseek_moe", "DeepSeekMoE (1 shared + 63 routed, top-7)", routed_experts=63),
+        Variant("dense_equal", "Dense (equal activated width)"),
     )
 }
 SEEDED = ("gshard", "deepseek_moe")
@@ -60,6 +65,9 @@ ORDERINGS = (
 """The paper's orderings of validation loss, (higher, lower): Table 1 and Fig. 3."""
 
 MOE_MATCH_TOLERANCE = 0.02
+FIG4_RATIO_DENOMINATOR = 16
+"""Fig. 4 disables routed experts in steps of 1/16 of a variant's routed experts (the paper's
+x-axis is the ratio disabled, so the variants lose the same share of expert parameters)."""
 
 
 def summaries(names: Sequence[str], *, vocab_size: int, seq_len: int) -> dict[str, dict]:
@@ -71,6 +79,7 @@ def summaries(names: Sequence[str], *, vocab_size: int, seq_len: int) -> dict[st
         cfg = load_model_config(str(VARIANTS[name].model_yaml), [f"vocab_size={vocab_size}"])
         s = summarize(cfg, seq_len)
         out[name] = {k: s[k] for k in ("total_params", "active_params", "flops_per_token")}
+        out[name]["routed_experts"] = s["experts"]["routed"] if "experts" in s else 0
     return out
 
 

@@ -85,6 +85,10 @@ def test_redundancy_verdicts_pair_the_rises_by_seed():
 def test_moe_variants_are_matched_within_two_percent():
     summary = variants.summaries(list(variants.VARIANTS), vocab_size=8192, seq_len=256)
     assert variants.moe_mismatches(summary) == []
+    # Fig. 4's shares of routed experts are computed from these counts
+    assert {n: s["routed_experts"] for n, s in summary.items()} == {
+        n: v.routed_experts for n, v in variants.VARIANTS.items()
+    }
     # the three MoE variants have equal totals and activated FFN width 2F (hand count, F = 344)
     D, F, layers = 128, 344, 4
     gshard_ffn = 16 * 3 * D * F
@@ -124,9 +128,16 @@ def test_smoke_ladder_two_variants(tmp_path):
         assert math.isfinite(run["val_loss"]) and run["step"] == 4
         assert run["fig4"]["0"] == run["val_loss"]  # r = 0 is the plain evaluation
         assert run["fig4"]["2"] != run["fig4"]["0"]
+        # 2/16 of the routed experts: GShard 2 of 16, DeepSeekMoE round(2 * 63 / 16) = 8 of 63
+        assert run["fig4_disabled"] == (
+            {"0": 0, "1": 1, "2": 2} if run["variant"] == "gshard" else {"0": 0, "1": 4, "2": 8}
+        )
         assert len(run["routing"]) == 2 and len(run["curve"]) == 2  # steps 2 and 4
     text = report.read_text()
-    assert "| GShard (top-2 of 16) |" in text and "r = 2:" in text
+    assert (
+        "| GShard (top-2 of 16) |" in text
+        and "- 2/16 disabled (DeepSeekMoE 8 of 63 experts, GShard 2 of 16)" in text
+    )
     for png in ("ablation_smoke_loss_curves.png", "ablation_smoke_fig4.png"):
         assert (report.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a relaunch finds everything done: no training, no evaluation

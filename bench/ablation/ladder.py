@@ -1,7 +1,7 @@
 """The DeepSeekMoE ablation ladder at small scale: one command trains every variant on the same
 data, evaluates it, runs the Fig. 4 redundancy test and writes the table, plots and report.
 
-    python bench/ablation/ladder.py                          # the whole ladder (~1 h on 2 CPU cores)
+    python bench/ablation/ladder.py                          # the whole ladder (~75 min on 2 CPU cores)
     python bench/ablation/ladder.py --report bench/reports/ablation_<machine>_<date>.md
     python bench/ablation/ladder.py --variants gshard,deepseek_moe --seeds 1 --steps 1600 \
         --out runs/ablation_long                             # one pair, longer

@@ -132,7 +132,7 @@ def test_smoke_ladder_two_variants(tmp_path):
         assert run["fig4_disabled"] == (
             {"0": 0, "1": 1, "2": 2} if run["variant"] == "gshard" else {"0": 0, "1": 4, "2": 8}
         )
-        assert len(run["routing"]) == 2 and len(run["curve"]) == 2  # steps 2 and 4
+        assert len(run["routing"]) == 4 and len(run["curve"]) == 2  # 4 MoE layers; evals at steps 2, 4
     text = report.read_text()
     assert (
         "| GShard (top-2 of 16) |" in text
